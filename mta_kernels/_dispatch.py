@@ -1,0 +1,47 @@
+"""Which implementation an op runs: the Triton kernels or the plain-torch path.
+
+CUDA tensors run the Triton kernels. CPU tensors run the torch path, except under
+``TRITON_INTERPRET=1`` where the Triton kernels themselves run on the CPU (that is how CI tests
+them). ``use_backend`` overrides the choice, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+import torch
+
+_BACKENDS = ("auto", "triton", "torch")
+_forced: contextvars.ContextVar[str] = contextvars.ContextVar("mta_kernels_backend", default="auto")
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``"triton"`` or ``"torch"`` for ops called inside the block (``"auto"`` restores the rule)."""
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on tensor ``t`` should launch the Triton kernels."""
+    forced = _forced.get()
+    if forced != "auto":
+        if forced == "triton" and not (t.is_cuda or triton_interpreting()):
+            raise RuntimeError(
+                "use_backend('triton') on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        return forced == "triton"
+    return t.is_cuda or (t.device.type == "cpu" and triton_interpreting())
