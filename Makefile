@@ -23,10 +23,10 @@ $(STAMP): $(BUILD_INPUTS)
 	@touch $(STAMP)
 
 test: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m mta_kernels.demo
+	$(PY) -m mta_kernels.distill demo
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)

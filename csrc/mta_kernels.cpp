@@ -1,20 +1,50 @@
-// Dispatching front of the mta_kernels._C extension: op schemas (TORCH_LIBRARY) and the Python module.
+// Dispatching front of the mta_kernels._C extension: op schemas (TORCH_LIBRARY), CPU and CUDA
+// implementations (TORCH_LIBRARY_IMPL), and an importable Python module.
+//
+// The layout ops of SPEC §2 live here; the Python wrappers, fake (meta) implementations and
+// docstrings with shapes are in mta_kernels/layout.py.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "segments.h"
+#ifdef WITH_CUDA
+#include "cuda/layout_cuda.h"
+#endif
 
 // An importable module, so that `from mta_kernels import _C` loads the library and runs the
 // registrations below.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "mta_kernels segment ops", -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "mta_kernels layout ops", -1, nullptr};
   return PyModule_Create(&module);
 }
 
 TORCH_LIBRARY(mta_kernels, m) {
+  m.def("validate_layout(Tensor ranges, Tensor cu_units, int num_tokens, int seq_len) -> ()");
+  m.def("token_to_unit(Tensor ranges, int num_tokens) -> Tensor");
+  m.def("unit_to_seq(Tensor cu_units, int? num_units=None) -> Tensor");
   m.def("offsets_from_lengths(Tensor lengths) -> Tensor");
+  m.def("block_diagonal_work_list(Tensor cu_units, int block_m) -> Tensor");
+  m.def(
+      "char_spans_to_token_ranges(Tensor codepoints, Tensor cu_chars, Tensor offsets, Tensor spans, "
+      "Tensor cu_spans) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mta_kernels, CPU, m) {
+  m.impl("validate_layout", &mta_kernels::cpu::validate_layout);
+  m.impl("token_to_unit", &mta_kernels::cpu::token_to_unit);
+  m.impl("unit_to_seq", &mta_kernels::cpu::unit_to_seq);
   m.impl("offsets_from_lengths", &mta_kernels::cpu::offsets_from_lengths);
+  m.impl("block_diagonal_work_list", &mta_kernels::cpu::block_diagonal_work_list);
+  m.impl("char_spans_to_token_ranges", &mta_kernels::cpu::char_spans_to_token_ranges);
 }
+
+#ifdef WITH_CUDA
+// char_spans_to_token_ranges is CPU only: it is host preprocessing of tokenizer output.
+TORCH_LIBRARY_IMPL(mta_kernels, CUDA, m) {
+  m.impl("validate_layout", &mta_kernels::cuda::validate_layout);
+  m.impl("token_to_unit", &mta_kernels::cuda::token_to_unit);
+  m.impl("unit_to_seq", &mta_kernels::cuda::unit_to_seq);
+  m.impl("offsets_from_lengths", &mta_kernels::cuda::offsets_from_lengths);
+  m.impl("block_diagonal_work_list", &mta_kernels::cuda::block_diagonal_work_list);
+}
+#endif

@@ -1,0 +1,270 @@
+"""The full MTA loss (saliency + pooling + DSA + HRA over all layer pairs), forward + backward.
+
+Providers:
+    eager_stacked  the published formulation: reference saliency and pooling per pair, DSA as one
+                   (ΣU)×(ΣU) matrix per side with cross-sequence pairs masked (structural_loss_stacked);
+    eager          the same composition with the block-diagonal reference DSA;
+    compile        torch.compile of ``eager``;
+    mta_kernels    ``mta_kernels.losses.MTALoss`` (stacked pairs, fused ops).
+All four share the MTALoss module's settings and HRA projectors, so they compute the same number (the
+harness checks loss and gradients against ``eager``).
+
+    python benchmarks/bench_mta_loss.py --quick --device cpu
+    python benchmarks/bench_mta_loss.py --case target        # GPT-2-XL -> GPT-2, B=16, T=512, 3 pairs
+    python benchmarks/bench_mta_loss.py --case sweep --max-seconds 120
+    python benchmarks/bench_mta_loss.py --print-floors         # floors of the cases, no run
+
+Floor (per pair k with units of its granularity; e bytes per hidden element, C_k covered tokens):
+    bytes = B·T·(2·Ds + Dt)·e                 read H_s, H_t; write dH_s (dense)
+    FLOPs = 4·B·T²·(Ds + Dt)                  saliency, student and teacher (two-pass, see bench_saliency)
+          + DSA fwd+bwd floor                 (bench_structural.structural_floor)
+          + 6·M_k·Ds·Dt                        HRA projector fwd + bwd (dX, dW); M_k = C_k covered tokens
+                                               (token level) or U_k units (unit level)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import harness
+from bench_structural import structural_floor
+
+PROVIDERS = ("eager_stacked", "eager", "compile", "mta_kernels")
+
+
+# --------------------------------------------------------------------------- eager composition
+def _unit_weight_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """W_u = Σ_{i in u} w_i: gather the covered tokens, scatter-add into units (the published way)."""
+    from mta_kernels.reference import _unit_token_index
+
+    token, unit = _unit_token_index(ranges)
+    return torch.zeros(ranges.shape[0], dtype=token_weights.dtype, device=token_weights.device).index_add(
+        0, unit, token_weights[token]
+    )
+
+
+def _project(projector: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return projector(x.to(projector.weight.dtype))
+
+
+def eager_mta_loss(
+    student_states: Sequence[torch.Tensor],
+    teacher_states: Sequence[torch.Tensor],
+    units: dict[str, Any],
+    student_mask: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    *,
+    pairs: Sequence[tuple[int, int, str]],
+    projectors: Sequence[nn.Linear],
+    hra_level: str,
+    gamma: float,
+    stacked: bool,
+) -> torch.Tensor:
+    """L_MTA (SPEC §4–§7, attention pooling, weighted) from the eager reference ops, one pair at a time."""
+    from mta_kernels import reference as ref
+
+    dsa_fn = ref.structural_loss_stacked if stacked else ref.structural_loss
+    terms = []
+    for k, (ls, lt, g) in enumerate(pairs):
+        ub = units[g]
+        hs, ht = student_states[ls], teacher_states[lt].detach()
+        B, Ts, Ds = hs.shape
+        Tt = ht.shape[1]
+        with torch.no_grad():
+            w_t = ref.covered_token_weights(ref.token_saliency(ht, teacher_mask), ub.teacher_ranges, ub.cu_units, Tt)
+            w_s = ref.covered_token_weights(
+                ref.token_saliency(hs.detach(), student_mask), ub.student_ranges, ub.cu_units, Ts
+            )
+            h_t = ref.span_pool(ht.reshape(B * Tt, -1), ub.teacher_ranges, w_t)
+            unit_w = _unit_weight_sums(w_t, ub.teacher_ranges)
+        h_s = ref.span_pool(hs.reshape(B * Ts, Ds), ub.student_ranges, w_s)
+        dsa = dsa_fn(h_s, h_t, ub.cu_units, unit_w)
+        if hra_level == "unit":
+            hra = ref.hra_loss(_project(projectors[k], h_s), h_t, unit_w)
+        else:  # token level: covered tokens weighted by the teacher's normalised saliency
+            hra = ref.hra_loss(_project(projectors[k], hs.reshape(B * Ts, Ds)), ht.reshape(B * Tt, -1), w_t)
+        terms.append(dsa + gamma * hra)
+    return torch.stack(terms).mean()
+
+
+# ------------------------------------------------------------------------------------- cases
+def cases(which: str, quick: bool) -> list[dict[str, Any]]:
+    if quick:
+        return [dict(case="quick", preset="tiny", B=2, T=t) for t in (32, 64)]
+    if which == "target":
+        return [dict(case="target", preset="gpt2", B=16, T=512)]
+    out = [dict(case="sweep", preset="gpt2", B=16, T=T) for T in (256, 1024, 2048)]
+    out += [dict(case="sweep", preset="gpt2", B=8, T=T) for T in (512, 2048)]
+    out += [dict(case="sweep", preset="qwen", B=8, T=T) for T in (512, 2048)]
+    out += [dict(case="sweep", preset="mistral", B=8, T=T) for T in (512, 2048)]
+    return out
+
+
+def complete(p: dict[str, Any]) -> dict[str, Any]:
+    pre = harness.PRESETS[p["preset"]]
+    return {**p, "K": pre.num_pairs, "Ds": pre.d_student, "Dt": pre.d_teacher}
+
+
+def compile_only_at_selected(provider: str, p: dict[str, Any]) -> str | None:
+    """torch.compile of the whole composition costs minutes of compilation per new shape (the per-
+    sequence loops are unrolled and specialised): on the GPU it runs at the target and one sweep shape."""
+    if provider != "compile" or p["case"] in ("quick", "target"):
+        return None
+    if p["preset"] == "gpt2" and p["B"] == 16 and p["T"] == 2048:
+        return None
+    return "compile measured at selected shapes only (GPU time budget)"
+
+
+def layout_inputs(p: dict[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
+    """Layer pairs, HRA level and synthetic units of a case (what the floor needs; no hidden states)."""
+    pre = harness.PRESETS[p["preset"]]
+    B, T = p["B"], p["T"]
+    units = {
+        g: harness.synth_unit_batch(B, T, g, pre.same_tokenizer, seed + i, device)
+        for i, g in enumerate(("word", "phrase"))
+    }
+    return {
+        "pairs": list(zip(pre.student_layers, pre.teacher_layers, pre.granularities())),
+        "hra_level": "token" if pre.same_tokenizer else "unit",
+        "units": units,
+    }
+
+
+def build_inputs(p: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
+    """Hidden-state tuples (only the mapped layers are distinct tensors), units, masks, the MTALoss."""
+    from mta_kernels.losses import MTALoss
+
+    pre = harness.PRESETS[p["preset"]]
+    B, T = p["B"], p["T"]
+    lay = layout_inputs(p, device, seed)
+    pairs, hra_level, units = lay["pairs"], lay["hra_level"], lay["units"]
+    torch.manual_seed(seed)
+    module = MTALoss(pairs, pre.d_student, pre.d_teacher, hra=hra_level).to(device)
+    s_filler = torch.zeros(B, T, pre.d_student, dtype=dtype, device=device)
+    t_filler = torch.zeros(B, T, pre.d_teacher, dtype=dtype, device=device)
+    s_states: list[torch.Tensor] = [s_filler] * (max(pre.student_layers) + 1)
+    t_states: list[torch.Tensor] = [t_filler] * (max(pre.teacher_layers) + 1)
+    leaves = []
+    for k, (ls, lt, _) in enumerate(pairs):
+        s_states[ls] = harness.random_hidden((B, T, pre.d_student), dtype, device, seed + 10 + k).requires_grad_()
+        t_states[lt] = harness.random_hidden((B, T, pre.d_teacher), dtype, device, seed + 100 + k)
+        leaves.append(s_states[ls])
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    return {
+        "module": module,
+        "pairs": pairs,
+        "hra_level": hra_level,
+        "s_states": tuple(s_states),
+        "t_states": tuple(t_states),
+        "units": units,
+        "mask": mask,
+        "grad_leaves": leaves + list(module.parameters()),
+        "element_size": s_filler.element_size(),
+    }
+
+
+def make_loss_fn(provider: str, x: dict[str, Any], compiled_cache: dict[str, Any] | None = None):
+    """A zero-argument callable returning the scalar loss of ``provider`` on inputs ``x`` (no backward)."""
+    module = x["module"]
+    if provider == "mta_kernels":
+        return lambda: module(x["s_states"], x["t_states"], x["units"], x["mask"], x["mask"]).loss
+    kwargs = dict(
+        pairs=x["pairs"],
+        projectors=list(module.projectors),
+        hra_level=x["hra_level"],
+        gamma=module.gamma,
+        stacked=provider == "eager_stacked",
+    )
+    if provider in ("eager", "eager_stacked"):
+        f = eager_mta_loss
+    elif provider == "compile":
+        cache = compiled_cache if compiled_cache is not None else {}
+        if "f" not in cache:
+            cache["f"] = torch.compile(eager_mta_loss)
+        f = cache["f"]
+    else:
+        raise ValueError(provider)
+    return lambda: f(x["s_states"], x["t_states"], x["units"], x["mask"], x["mask"], **kwargs)
+
+
+def mta_floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:
+    pre = harness.PRESETS[p["preset"]]
+    B, T, Ds, Dt, e = p["B"], p["T"], pre.d_student, pre.d_teacher, x["element_size"]
+    total_bytes, total_flops = 0.0, 0.0
+    for _, _, g in x["pairs"]:
+        ub = x["units"][g]
+        counts = (ub.cu_units[1:] - ub.cu_units[:-1]).tolist()
+        covered = int((ub.student_ranges[:, 1] - ub.student_ranges[:, 0]).sum())
+        total_bytes += B * T * (2 * Ds + Dt) * e
+        total_flops += 4.0 * B * T * T * (Ds + Dt)
+        total_flops += structural_floor("fwd+bwd", 1, counts, Ds, Dt, e)[1]
+        m = covered if x["hra_level"] == "token" else ub.num_units
+        total_flops += 6.0 * m * Ds * Dt
+    return total_bytes, total_flops
+
+
+def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
+    device = harness.pick_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    cache: dict[str, Any] = {}
+
+    def make_fn(provider: str, p: dict[str, Any], x: dict[str, Any]):
+        loss_fn = make_loss_fn(provider, x, cache)
+
+        def fwd_bwd():
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        return fwd_bwd
+
+    return harness.BenchSpec(
+        "mta_loss", functools.partial(_build, device=device, dtype=dtype, seed=args.seed), make_fn, mta_floor, PROVIDERS
+    )
+
+
+def _build(p: dict[str, Any], *, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
+    return build_inputs(p, device, dtype, seed)
+
+
+def print_floors(args: argparse.Namespace) -> None:
+    """Floors of the cases on the CPU (no GPU needed): bytes, FLOPs and times at the PERF-NOTES ceilings."""
+    harness.apply_unit_overrides(args)
+    e = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
+    h100 = {"bandwidth_GBps": 3000.0, "matmul_TFLOPs": 800.0}
+    print(f"unit statistics: {harness.UNIT_STATS_SOURCE}: {harness.UNITS_PER_TOKEN} {harness.TOKEN_COVERAGE}")
+    print("| case | preset | B | T | K | bytes (MB) | GFLOP | bytes/3.0 TB/s (µs) | FLOPs/800 TFLOP/s (µs) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for which in ("target", "sweep"):
+        for p in cases(which, args.quick):
+            p = complete(p)
+            x = {**layout_inputs(p, torch.device("cpu"), args.seed), "element_size": e}
+            b, f = mta_floor(p, x)
+            print(
+                f"| {p['case']} | {p['preset']} | {p['B']} | {p['T']} | {p['K']} | {b / 1e6:.1f} | {f / 1e9:.1f} |"
+                f" {b / (h100['bandwidth_GBps'] * 1e9) * 1e6:.1f} | {f / (h100['matmul_TFLOPs'] * 1e12) * 1e6:.1f} |"
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_common_args(parser)
+    parser.add_argument("--case", default="sweep", choices=["sweep", "target"])
+    parser.add_argument("--print-floors", action="store_true")
+    args = parser.parse_args(argv)
+    if args.print_floors:
+        print_floors(args)
+        return
+    if args.tag is None and not args.quick:
+        args.tag = args.case
+    harness.run_bench(make_spec(args), [complete(p) for p in cases(args.case, args.quick)], args, skip=compile_only_at_selected)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Token saliency (SPEC §3), forward only: eager reference vs torch.compile vs the fused op.
+
+    python benchmarks/bench_saliency.py --quick --device cpu      # tiny CPU smoke run
+    python benchmarks/bench_saliency.py --case issue               # T=4096, D=2048, B=8, six stacked layers
+    python benchmarks/bench_saliency.py --case sweep --max-seconds 60
+
+Floor per call (L stacked layers, B sequences of T tokens, width D, e bytes per element):
+    bytes = L·B·T·D·e (read hidden) + 4·L·B·T (write float32 saliency) + B·T (mask)
+    FLOPs = 4·L·B·T²·D: two passes of a T×T Gram product (the column sums of a row-softmax need the row
+            statistics first, so a kernel that never stores the T×T matrix computes the scores twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from typing import Any
+
+import torch
+
+import harness
+
+PROVIDERS = ("eager", "compile", "mta_kernels")
+
+
+def cases(which: str, quick: bool) -> list[dict[str, Any]]:
+    if quick:
+        return [dict(case="quick", L=2, B=2, T=t, D=64) for t in (32, 64)]
+    if which == "issue":
+        # The saliency issue's case: peak memory of six stacked layers at T=4096.
+        return [dict(case="issue", L=6, B=8, T=4096, D=2048)]
+    out = []
+    for D, B in ((768, 16), (1600, 16)):  # GPT-2 student / GPT-2-XL teacher widths
+        out += [dict(case="sweep", L=1, B=B, T=T, D=D) for T in (256, 512, 1024, 2048)]
+    for D, B in ((2048, 8), (4096, 8)):  # TinyLlama / Mistral widths
+        out += [dict(case="sweep", L=1, B=B, T=T, D=D) for T in (512, 2048)]
+    return out
+
+
+def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
+    device = harness.pick_device(args.device)
+    dtype = getattr(torch, args.dtype)
+
+    def build(p: dict[str, Any]) -> dict[str, Any]:
+        hidden = harness.random_hidden((p["L"], p["B"], p["T"], p["D"]), dtype, device, args.seed)
+        mask = torch.ones(p["B"], p["T"], dtype=torch.bool, device=device)
+        return {"hidden": hidden, "mask": mask}
+
+    @functools.cache
+    def compiled():
+        from mta_kernels import reference
+
+        return torch.compile(reference.token_saliency)
+
+    def make_fn(provider: str, p: dict[str, Any], x: dict[str, Any]):
+        from mta_kernels import reference
+
+        if provider == "eager":
+            f = reference.token_saliency
+        elif provider == "compile":
+            f = compiled()
+        elif provider == "mta_kernels":
+            from mta_kernels.ops.saliency import token_saliency as f
+        else:
+            raise ValueError(provider)
+        return lambda: f(x["hidden"], x["mask"])
+
+    def floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:
+        L, B, T, D = p["L"], p["B"], p["T"], p["D"]
+        e = x["hidden"].element_size()
+        return L * B * T * D * e + 4 * L * B * T + B * T, 4.0 * L * B * T * T * D
+
+    return harness.BenchSpec("saliency", build, make_fn, floor, PROVIDERS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_common_args(parser)
+    parser.add_argument("--case", default="sweep", choices=["sweep", "issue"])
+    args = parser.parse_args(argv)
+    if args.tag is None and not args.quick:
+        args.tag = args.case
+    harness.run_bench(make_spec(args), cases(args.case, args.quick), args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Span pooling (SPEC §4), attention-weighted, forward and forward+backward: eager vs compile vs fused.
+
+    python benchmarks/bench_span_pool.py --quick --device cpu
+    python benchmarks/bench_span_pool.py --max-seconds 60
+
+Floor per call (L stacked layers, N = B·T tokens of which C are covered by U units, width D, e bytes):
+    fwd      bytes = L·(C·D·e + 4·C + U·D·e) + 8·U       FLOPs = 2·L·C·D
+    fwd+bwd  bytes = fwd + L·(U·D·e + N·D·e + 4·C)       FLOPs = 4·L·C·D
+(the backward reads dh_u and writes the dense gradient [L, N, D], zeros included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from typing import Any
+
+import torch
+
+import harness
+
+PROVIDERS = ("eager", "compile", "mta_kernels")
+
+
+def cases(quick: bool) -> list[dict[str, Any]]:
+    modes = ("fwd", "fwd+bwd")
+    if quick:
+        return [dict(case="quick", mode=m, gran="word", L=2, B=2, T=t, D=64) for m in modes for t in (32, 64)]
+    out = []
+    for m in modes:
+        for D in (768, 1600):
+            out += [dict(case="sweep", mode=m, gran="word", L=1, B=16, T=T, D=D) for T in (256, 512, 1024, 2048)]
+        out += [dict(case="sweep", mode=m, gran="phrase", L=1, B=16, T=T, D=1600) for T in (512, 2048)]
+        out += [dict(case="sweep", mode=m, gran="word", L=1, B=8, T=T, D=4096) for T in (512, 2048)]
+    return out
+
+
+def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
+    device = harness.pick_device(args.device)
+    dtype = getattr(torch, args.dtype)
+
+    def build(p: dict[str, Any]) -> dict[str, Any]:
+        L, B, T, D = p["L"], p["B"], p["T"], p["D"]
+        units = harness.synth_unit_batch(B, T, p["gran"], True, args.seed, device)
+        ranges = units.student_ranges
+        train = p["mode"] == "fwd+bwd"
+        hidden = harness.random_hidden((L, B * T, D), dtype, device, args.seed).requires_grad_(train)
+        gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+        weights = torch.rand(L, B * T, device=device, generator=gen) + 0.05  # saliency-like, positive
+        U = ranges.shape[0]
+        grad_out = torch.randn(L, U, D, device=device, generator=gen).to(dtype) if train else None
+        covered = int((ranges[:, 1] - ranges[:, 0]).sum())
+        x = {"hidden": hidden, "ranges": ranges, "weights": weights, "grad_out": grad_out, "covered": covered}
+        x["grad_leaves"] = [hidden] if train else []
+        return x
+
+    @functools.cache
+    def compiled():
+        from mta_kernels import reference
+
+        return torch.compile(reference.span_pool)
+
+    def make_fn(provider: str, p: dict[str, Any], x: dict[str, Any]):
+        from mta_kernels import reference
+
+        if provider == "eager":
+            f = reference.span_pool
+        elif provider == "compile":
+            f = compiled()
+        elif provider == "mta_kernels":
+            from mta_kernels.ops.span_pool import span_pool as f
+        else:
+            raise ValueError(provider)
+        if p["mode"] == "fwd":
+            return lambda: f(x["hidden"], x["ranges"], x["weights"])
+
+        def fwd_bwd():
+            out = f(x["hidden"], x["ranges"], x["weights"])
+            out.backward(x["grad_out"])
+            return out
+
+        return fwd_bwd
+
+    def floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:
+        L, B, T, D = p["L"], p["B"], p["T"], p["D"]
+        e, C, U, N = x["hidden"].element_size(), x["covered"], x["ranges"].shape[0], B * T
+        fwd_bytes = L * (C * D * e + 4 * C + U * D * e) + 8 * U
+        if p["mode"] == "fwd":
+            return fwd_bytes, 2.0 * L * C * D
+        return fwd_bytes + L * (U * D * e + N * D * e + 4 * C), 4.0 * L * C * D
+
+    return harness.BenchSpec("span_pool", build, make_fn, floor, PROVIDERS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_common_args(parser)
+    args = parser.parse_args(argv)
+    if args.tag is None and not args.quick:
+        args.tag = "sweep"
+    harness.run_bench(make_spec(args), cases(args.quick), args)
+
+
+if __name__ == "__main__":
+    main()

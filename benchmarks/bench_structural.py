@@ -1,0 +1,140 @@
+"""DSA structural loss (SPEC §5): stacked (ΣU)² eager, block-diagonal eager, torch.compile, fused op.
+
+    python benchmarks/bench_structural.py --quick --device cpu
+    python benchmarks/bench_structural.py --max-seconds 90
+
+Floor per call (L layer pairs, B sequences of N_b units, widths Ds/Dt, e bytes per element):
+    bytes    = L·U·(Ds + Dt)·e + 4·L·U + 4·(B+1)      (+ L·U·Ds·e for the gradient with fwd+bwd)
+    FLOPs    = L·Σ_b min(pairwise, feature-space):
+      fwd      pairwise 2·N_b²·(Ds + Dt)          feature 2·N_b·(Ds² + Dt² + Ds·Dt)
+      fwd+bwd  pairwise 2·N_b²·(2·Ds + Dt)        feature 2·N_b·(2·Ds² + Dt² + 2·Ds·Dt)
+(the feature-space identity of SPEC §5 wins when a sequence has more units than dimensions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from typing import Any
+
+import torch
+
+import harness
+
+PROVIDERS = ("eager_stacked", "eager", "compile", "mta_kernels")
+
+
+def cases(quick: bool) -> list[dict[str, Any]]:
+    if quick:
+        return [
+            dict(case="quick", mode=m, preset="tiny", gran="word", L=2, B=3, T=t, Ds=48, Dt=80)
+            for m in ("fwd", "fwd+bwd")
+            for t in (32, 64)
+        ]
+    out = []
+    gpt2 = dict(preset="gpt2", Ds=768, Dt=1600)
+    for B in (16, 8):
+        out += [dict(case="sweep", mode="fwd+bwd", gran="word", L=1, B=B, T=T, **gpt2) for T in (256, 512, 1024, 2048)]
+    out += [dict(case="sweep", mode="fwd", gran="word", L=1, B=16, T=T, **gpt2) for T in (256, 512, 1024, 2048)]
+    out += [dict(case="sweep", mode="fwd+bwd", gran="phrase", L=2, B=16, T=T, **gpt2) for T in (512, 2048)]
+    mistral = dict(preset="mistral", Ds=2048, Dt=4096)
+    out += [dict(case="sweep", mode="fwd+bwd", gran="word", L=1, B=8, T=T, **mistral) for T in (512, 2048)]
+    return out
+
+
+def compile_only_at_selected(provider: str, p: dict[str, Any]) -> str | None:
+    """torch.compile of the per-sequence loop recompiles for every new cu_units (its values are
+    specialised): on the GPU run it is measured at a few shapes only, to fit the time budget."""
+    if provider != "compile" or p["case"] == "quick":
+        return None
+    if p["preset"] == "gpt2" and p["B"] == 16 and p["gran"] == "word" and p["T"] in (512, 2048):
+        return None
+    return "compile measured at selected shapes only (GPU time budget)"
+
+
+def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
+    device = harness.pick_device(args.device)
+    dtype = getattr(torch, args.dtype)
+
+    def build(p: dict[str, Any]) -> dict[str, Any]:
+        L, B, T = p["L"], p["B"], p["T"]
+        n, _ = harness.units_per_sequence(T, p["gran"])
+        U = n * B
+        train = p["mode"] == "fwd+bwd"
+        student = harness.random_hidden((L, U, p["Ds"]), dtype, device, args.seed).requires_grad_(train)
+        teacher = harness.random_hidden((L, U, p["Dt"]), dtype, device, args.seed + 1)
+        cu = torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=device)
+        gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+        weights = torch.rand(L, U, device=device, generator=gen) + 0.05
+        return {
+            "student": student,
+            "teacher": teacher,
+            "cu": cu,
+            "weights": weights,
+            "counts": [n] * B,
+            "grad_leaves": [student] if train else [],
+        }
+
+    @functools.cache
+    def compiled():
+        from mta_kernels import reference
+
+        return torch.compile(reference.structural_loss)
+
+    def make_fn(provider: str, p: dict[str, Any], x: dict[str, Any]):
+        from mta_kernels import reference
+
+        if provider == "eager_stacked":
+            f = reference.structural_loss_stacked
+        elif provider == "eager":
+            f = reference.structural_loss
+        elif provider == "compile":
+            f = compiled()
+        elif provider == "mta_kernels":
+            from mta_kernels.ops.structural import structural_loss as f
+        else:
+            raise ValueError(provider)
+        if p["mode"] == "fwd":
+            return lambda: f(x["student"], x["teacher"], x["cu"], x["weights"])
+
+        def fwd_bwd():
+            loss = f(x["student"], x["teacher"], x["cu"], x["weights"])
+            loss.sum().backward()
+            return loss
+
+        return fwd_bwd
+
+    def floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:
+        return structural_floor(p["mode"], p["L"], x["counts"], p["Ds"], p["Dt"], x["student"].element_size())
+
+    return harness.BenchSpec("structural", build, make_fn, floor, PROVIDERS)
+
+
+def structural_floor(mode: str, L: int, counts: list[int], Ds: int, Dt: int, e: int) -> tuple[float, float]:
+    """(bytes, FLOPs) floor of the DSA loss over L layer pairs with ``counts[b]`` units in sequence b."""
+    U, B = sum(counts), len(counts)
+    bytes_ = L * U * (Ds + Dt) * e + 4 * L * U + 4 * (B + 1)
+    flops = 0.0
+    for n in counts:
+        if n < 2:
+            continue
+        if mode == "fwd":
+            flops += min(2.0 * n * n * (Ds + Dt), 2.0 * n * (Ds * Ds + Dt * Dt + Ds * Dt))
+        else:
+            flops += min(2.0 * n * n * (2 * Ds + Dt), 2.0 * n * (2 * Ds * Ds + Dt * Dt + 2 * Ds * Dt))
+    if mode != "fwd":
+        bytes_ += L * U * Ds * e
+    return bytes_, L * flops
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_common_args(parser)
+    args = parser.parse_args(argv)
+    if args.tag is None and not args.quick:
+        args.tag = "sweep"
+    harness.run_bench(make_spec(args), cases(args.quick), args, skip=compile_only_at_selected)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Training data: Dolly-style JSONL (``prompt`` + ``output``) or plain text lines, and the collators.
+
+JSONL (``.jsonl``/``.json``): one object a line with string fields ``prompt`` and ``output``; the text
+the models see is ``prompt + output`` and the LM/KD losses are taken on the response tokens only (the
+tokens that start at or after the end of the prompt get labels, the others -100). Plain text (any other
+suffix): one example a non-empty line, every token a target. Units (SPEC §2) are extracted from the
+whole text, inside the DataLoader workers (:class:`mta_kernels.units.UnitCollator`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mta_kernels.distill.config import DistillError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: the model reads ``prompt + output`` and learns ``output``."""
+
+    prompt: str
+    output: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.output
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "prompt_length_chars": len(self.prompt)}
+
+
+def is_jsonl(path: str) -> bool:
+    return path.endswith((".jsonl", ".json"))
+
+
+def load_examples(path: str) -> list[Example]:
+    """Read a data file; any problem is a :class:`DistillError` naming the file and line."""
+    if not os.path.isfile(path):
+        raise DistillError(f"data file {path!r} does not exist (or is not a file)")
+    examples: list[Example] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as exc:
+        raise DistillError(f"data file {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    jsonl = is_jsonl(path)
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            examples.append(Example("", line.rstrip("\n")))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DistillError(f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise DistillError(f"{path}, line {lineno}: expected a JSON object with 'prompt' and 'output'")
+        for key in ("prompt", "output"):
+            if not isinstance(obj.get(key), str):
+                found = "missing" if key not in obj else f"a {type(obj[key]).__name__}"
+                raise DistillError(
+                    f"{path}, line {lineno}: field {key!r} must be a string but is {found} "
+                    f"(keys present: {sorted(obj)}); the Dolly format has 'prompt' and 'output'"
+                )
+        if not obj["output"].strip():
+            raise DistillError(f"{path}, line {lineno}: 'output' is empty, there is nothing to learn")
+        examples.append(Example(obj["prompt"], obj["output"]))
+    if not examples:
+        raise DistillError(f"data file {path!r} holds no example (it is empty or only blank lines)")
+    return examples
+
+
+def split_examples(
+    train: list[Example], eval_path: str | None, eval_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Held-out set: ``eval_path`` when given, else a seeded random ``eval_fraction`` of ``train``."""
+    if eval_path:
+        return train, load_examples(eval_path)
+    if eval_fraction <= 0 or len(train) < 2:
+        return train, []
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(eval_fraction * len(train))))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+class TextDataset(torch.utils.data.Dataset):
+    """Examples as the dicts the collators take (``text``, ``prompt_length_chars``)."""
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.items = [e.as_dict() for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def _response_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, offsets: torch.Tensor, prompt_lengths: list[int]
+) -> torch.Tensor:
+    """``input_ids`` with padding and prompt tokens set to -100 (same rule as ``UnitCollator``)."""
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    nonempty = (offsets[..., 1] > offsets[..., 0]) & (attention_mask != 0)
+    for b, prompt_length in enumerate(prompt_lengths):
+        if prompt_length == 0:
+            continue
+        response = (nonempty[b] & (offsets[b, :, 0] >= prompt_length)).nonzero()
+        first = int(response[0, 0]) if response.numel() else labels.shape[1]
+        labels[b, :first] = -100
+    return labels
+
+
+class LMCollator:
+    """Collator without units (teacher training, ``--no-mta``): tokenizes for the student and teacher.
+
+    Returns the keys of ``UnitCollator`` without ``units``: ``input_ids``, ``attention_mask``,
+    ``labels``, ``teacher_input_ids``, ``teacher_attention_mask`` (the student's when shared).
+    """
+
+    def __init__(self, student_tokenizer: Any, teacher_tokenizer: Any = None, max_length: int = 256) -> None:
+        self.student_tokenizer = student_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
+        self.max_length = max_length
+
+    def _encode(self, tokenizer: Any, texts: list[str]) -> Any:
+        return tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_offsets_mapping=True,
+            return_tensors="pt",
+        )
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, Any]:
+        texts = [e["text"] for e in examples]
+        student = self._encode(self.student_tokenizer, texts)
+        labels = _response_labels(
+            student["input_ids"],
+            student["attention_mask"],
+            student["offset_mapping"],
+            [e["prompt_length_chars"] for e in examples],
+        )
+        batch = {"input_ids": student["input_ids"], "attention_mask": student["attention_mask"], "labels": labels}
+        if self.teacher_tokenizer is not None:
+            teacher = self._encode(self.teacher_tokenizer, texts)
+            batch["teacher_input_ids"] = teacher["input_ids"]
+            batch["teacher_attention_mask"] = teacher["attention_mask"]
+        else:
+            batch["teacher_input_ids"] = student["input_ids"]
+            batch["teacher_attention_mask"] = student["attention_mask"]
+        return batch
+
+
+def epoch_batches(n_items: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's batches of one epoch: a seeded permutation, dealt round-robin, full batches only.
+
+    Rank r of W takes ``perm[r::W]`` (as ``DistributedSampler``), so W processes with batch b see the
+    same examples per step as one process with batch W·b.
+    """
+    sampler = torch.utils.data.DistributedSampler(
+        range(n_items), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    n_full = len(order) // batch_size
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_full)]

@@ -1,0 +1,740 @@
+"""MTA loss modules (SPEC §4–§7): layer pairs, granularity split, pooling, unit weighting, HRA projectors.
+
+``MTALoss`` turns the ``hidden_states`` tuples of a student and a teacher (Hugging Face,
+``output_hidden_states=True``) and the packed units of each granularity into
+
+    L_MTA = (1/K) Σ_k ( L_DSA^k + γ · L_HRA^k )
+
+The pairs of one granularity are stacked into ``[L, B, T, D]`` and go through token saliency, span
+pooling and the structural (DSA) loss in ONE call each per side; the teacher side runs under
+``torch.no_grad()``. Everything between the ops (covered-token masks, per-sequence normalisation, unit
+importances) is vectorised with static shapes: no Python loop over sequences or units and no
+host-device synchronisation (except the one check ``hra="token"`` needs when the student's and the
+teacher's ranges are two different tensors).
+
+``DSALoss`` and ``HRALoss`` compute one term for one layer pair (``[B, T, D]`` inputs) or for stacked
+layer pairs (``[L, B, T, D]`` inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mta_kernels.layout import UnitBatch
+
+# ---- DEV SHIM (remove before finishing): fall back to the reference while the ops are being written.
+import os as _os
+
+if _os.environ.get("MTA_LOSSES_DEV_REF"):
+    from mta_kernels.reference import span_pool, structural_loss, token_saliency
+else:
+    from mta_kernels.ops.saliency import token_saliency
+    from mta_kernels.ops.span_pool import span_pool
+    from mta_kernels.ops.structural import structural_loss
+# ---- END DEV SHIM
+
+__all__ = ["MTALoss", "MTALossOutput", "MTAPreset", "DSALoss", "HRALoss", "PRESETS", "auto_pairs"]
+
+GRANULARITIES = ("word", "phrase")
+POOLINGS = ("attention", "mean")
+HRA_LEVELS = ("token", "unit", None)
+COSINE_EPS = 1e-8  # SPEC §6: torch.nn.functional.cosine_similarity's default
+
+
+# ------------------------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class MTAPreset:
+    """One row of SPEC §7's table: layer indices are Hugging Face ``hidden_states`` indices."""
+
+    student_layers: tuple[int, ...]
+    teacher_layers: tuple[int, ...]
+    n_word: int
+    student_dim: int
+    teacher_dim: int
+    student_num_layers: int
+    teacher_num_layers: int
+    same_tokenizer: bool
+
+    @property
+    def pairs(self) -> list[tuple[int, int, str]]:
+        return [
+            (s, t, "word" if k < self.n_word else "phrase")
+            for k, (s, t) in enumerate(zip(self.student_layers, self.teacher_layers))
+        ]
+
+
+# Widths: GPT-2 768, GPT-2-XL 1600, OPT-1.3B 2048, OPT-6.7B 4096, Qwen1.5-0.5B 1024, Qwen1.5-1.8B 2048,
+# TinyLlama 2048, Mistral-7B 4096. Depths: GPT-2 12, GPT-2-XL 48, OPT-1.3B 24, OPT-6.7B 32,
+# Qwen1.5-0.5B 24, Qwen1.5-1.8B 24, TinyLlama 22, Mistral-7B 32.
+PRESETS: dict[str, MTAPreset] = {
+    "gpt2-xl->gpt2": MTAPreset((6, 9, 12), (24, 36, 48), 1, 768, 1600, 12, 48, True),
+    "opt-6.7b->opt-1.3b": MTAPreset((16, 18, 20, 22, 24), (20, 23, 26, 29, 32), 1, 2048, 4096, 24, 32, True),
+    "qwen1.5-1.8b->qwen1.5-0.5b": MTAPreset(
+        (14, 16, 18, 20, 22, 24), (14, 16, 18, 20, 22, 24), 1, 1024, 2048, 24, 24, True
+    ),
+    "qwen1.5-1.8b->gpt2": MTAPreset((2, 4, 6, 8), (6, 12, 18, 24), 1, 768, 2048, 12, 24, False),
+    "mistral-7b->tinyllama": MTAPreset(
+        (6, 10, 14, 18, 22), (8, 14, 20, 26, 32), 1, 2048, 4096, 22, 32, False
+    ),
+}
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def auto_pairs(
+    student_num_layers: int,
+    teacher_num_layers: int,
+    num_pairs: int = 3,
+    n_word: int = 1,
+    start_fraction: float = 0.5,
+) -> list[tuple[int, int, str]]:
+    """Depth-proportional layer mapping for any two models.
+
+    Rule: ``K = num_pairs`` student layers evenly spaced from ``start_fraction · L_s`` to the top layer
+    ``L_s`` (both ends included), each matched to the teacher layer at the same relative depth;
+    all positions rounded half up::
+
+        s_k = round(L_s · (f + (1 − f) · k / (K − 1)))      k = 0 .. K−1   (s_0 = L_s when K == 1)
+        t_k = round(s_k · L_t / L_s)
+
+    The first ``n_word`` pairs are word level, the rest phrase level. With the defaults
+    (f = 0.5, K = 3) GPT-2 (12 layers) ← GPT-2-XL (48) gives ``6 9 12 ← 24 36 48``: SPEC §7's preset.
+    Indices are Hugging Face ``hidden_states`` indices (0 = embeddings), so a model with L layers has
+    valid indices 0..L. Raises ValueError when the rule would map two pairs to the same layer.
+    """
+    for name, v in (("student_num_layers", student_num_layers), ("teacher_num_layers", teacher_num_layers)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not isinstance(num_pairs, int) or num_pairs < 1:
+        raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
+    if not isinstance(n_word, int) or not 0 <= n_word <= num_pairs:
+        raise ValueError(f"n_word must be an int in [0, num_pairs={num_pairs}], got {n_word!r}")
+    if not 0.0 <= start_fraction <= 1.0:
+        raise ValueError(f"start_fraction must lie in [0, 1], got {start_fraction!r}")
+    Ls, Lt, K, f = student_num_layers, teacher_num_layers, num_pairs, start_fraction
+    rel = [1.0] if K == 1 else [f + (1.0 - f) * k / (K - 1) for k in range(K)]
+    student = [_round_half_up(Ls * r) for r in rel]
+    teacher = [_round_half_up(s * Lt / Ls) for s in student]
+    if len(set(student)) < K or len(set(teacher)) < K:
+        raise ValueError(
+            f"auto mapping of {K} pairs onto {Ls} student / {Lt} teacher layers (start_fraction={f}) repeats "
+            f"a layer (student {student}, teacher {teacher}): use fewer pairs or a lower start_fraction"
+        )
+    return [(s, t, "word" if k < n_word else "phrase") for k, (s, t) in enumerate(zip(student, teacher))]
+
+
+# ----------------------------------------------------------------------------- vectorised helpers
+def _stack_layers(layers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[L, B, T, D]`` from L tensors ``[B, T, D]``: a view when L == 1, one copy otherwise."""
+    if len(layers) == 1:
+        return layers[0].unsqueeze(0)
+    return torch.stack(list(layers))
+
+
+def _covered_mask(ranges: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """bool ``[N]``: token lies in some unit. Difference array + cumsum: O(N + U), no host sync."""
+    r = ranges.long()
+    delta = torch.zeros(num_tokens + 1, dtype=torch.int32, device=ranges.device)
+    ones = torch.ones(r.shape[0], dtype=torch.int32, device=ranges.device)
+    delta.index_add_(0, r[:, 0], ones)
+    delta.index_add_(0, r[:, 1], -ones)
+    return delta.cumsum(0)[:num_tokens] > 0
+
+
+def _normalised_weights(saliency: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """``ŵ_i = a_i / Σ_{k covered, same sequence} a_k`` on covered tokens, 0 elsewhere (SPEC §4).
+
+    saliency ``[L, B, T]``, covered bool ``[B*T]`` -> ``[L, B, T]`` (a sequence whose covered
+    saliency sums to 0 gets weights 0, never 0/0). The layout is padded, so the per-sequence segment
+    sum is a plain reduction over T.
+    """
+    L, B, T = saliency.shape
+    a = saliency * covered.view(1, B, T)
+    per_seq = a.sum(-1, keepdim=True)  # [L, B, 1]
+    return a / torch.where(per_seq > 0, per_seq, torch.ones_like(per_seq))
+
+
+def _unit_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """``W_u = Σ_{i in u} w_i`` for every unit, from per-sequence prefix sums (no loop, no host sync).
+
+    token_weights ``[L, B, T]``, ranges int32 ``[U, 2]`` flat into ``B*T`` -> ``[L, U]``.
+    The prefix sums run per sequence and in float64, so ``c[end] − c[start]`` loses nothing to
+    cancellation; each sequence gets a leading 0, hence flat token f of sequence b sits at f + b.
+    """
+    L, B, T = token_weights.shape
+    prefix = F.pad(token_weights.to(torch.float64).cumsum(-1), (1, 0)).reshape(L, B * (T + 1))
+    start, end = ranges[:, 0].long(), ranges[:, 1].long()
+    seq = torch.div(start, T, rounding_mode="floor")  # a unit never crosses a sequence
+    sums = prefix[:, end + seq] - prefix[:, start + seq]  # [L, U]
+    return sums.to(token_weights.dtype)
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise (SPEC §8: losses accumulate in float32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _weighted_cosine_distance(
+    projected: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """``Σ_i w_i (1 − cos(x_i, y_i)) / Σ_i w_i`` over the rows of ``[M, D]`` (0 when Σ w = 0)."""
+    acc = _acc_dtype(projected, teacher)
+    cos = F.cosine_similarity(projected.to(acc), teacher.to(acc), dim=-1, eps=COSINE_EPS)  # [M]
+    w = torch.ones_like(cos) if weights is None else weights.to(acc)
+    # where, not a product: a row of weight 0 (padding, uncovered token) never leaks a non-finite value.
+    term = torch.where(w > 0, w * (1.0 - cos), torch.zeros_like(cos))
+    den = w.sum()
+    return term.sum() / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def _project(projector: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``projector`` to student rows of any float dtype (cast to the projector's dtype)."""
+    return projector(x.to(projector.weight.dtype)) if not torch.is_autocast_enabled() else projector(x)
+
+
+# ------------------------------------------------------------------------------- input validation
+def _check_float(t: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_mask(mask: torch.Tensor | None, B: int, T: int, device: torch.device, what: str) -> torch.Tensor:
+    """The attention mask ``[B, T]``; ``None`` means every token is valid."""
+    if mask is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor [B, T] or None, got {type(mask).__name__}")
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(
+            f"{what} must have shape [B, T] = {[B, T]} like its hidden states, got {list(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(f"{what} is on {mask.device} but its hidden states are on {device}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{what} must be bool or 0/1 integers, got {mask.dtype}")
+    return mask
+
+
+def _check_units(units: UnitBatch, B: int, Ts: int, Tt: int, device: torch.device, what: str) -> None:
+    """Metadata of a UnitBatch against the hidden states (the ops check the values of the ranges)."""
+    for name in ("student_ranges", "teacher_ranges", "cu_units", "seq_len_student", "seq_len_teacher"):
+        if not hasattr(units, name):
+            raise TypeError(f"{what}: expected a UnitBatch, got {type(units).__name__} without .{name}")
+    sr, tr, cu = units.student_ranges, units.teacher_ranges, units.cu_units
+    for name, r in (("student_ranges", sr), ("teacher_ranges", tr)):
+        if r.dim() != 2 or r.shape[1] != 2:
+            raise ValueError(f"{what}: units.{name} must be [U, 2], got {list(r.shape)}")
+        if r.dtype != torch.int32:
+            raise TypeError(f"{what}: units.{name} must be int32, got {r.dtype}")
+    if sr.shape[0] != tr.shape[0]:
+        raise ValueError(
+            f"{what}: {sr.shape[0]} student units but {tr.shape[0]} teacher units; unit u must be the same "
+            "unit in both tokenizations"
+        )
+    if cu.dim() != 1 or cu.dtype != torch.int32:
+        raise ValueError(f"{what}: units.cu_units must be int32 [B+1], got {cu.dtype} {list(cu.shape)}")
+    if cu.shape[0] != B + 1:
+        raise ValueError(
+            f"{what}: units.cu_units has {cu.shape[0] - 1} sequences but the hidden states have B={B}"
+        )
+    if units.seq_len_student != Ts:
+        raise ValueError(f"{what}: units.seq_len_student={units.seq_len_student} but the student's T is {Ts}")
+    if units.seq_len_teacher != Tt:
+        raise ValueError(f"{what}: units.seq_len_teacher={units.seq_len_teacher} but the teacher's T is {Tt}")
+    for name, t in (("student_ranges", sr), ("teacher_ranges", tr), ("cu_units", cu)):
+        if t.device != device:
+            raise ValueError(f"{what}: units.{name} is on {t.device} but the hidden states are on {device}")
+
+
+def _check_same_tokenization(units: UnitBatch, what: str) -> None:
+    """Token-level HRA compares token i of the student with token i of the teacher."""
+    sr, tr = units.student_ranges, units.teacher_ranges
+    same = units.seq_len_student == units.seq_len_teacher and (sr is tr or torch.equal(sr, tr))
+    if not same:
+        raise ValueError(
+            f"{what}: hra level 'token' needs the student and the teacher to share one tokenizer, but their "
+            f"units differ (T {units.seq_len_student} vs {units.seq_len_teacher}"
+            f"{'' if units.seq_len_student != units.seq_len_teacher else ', different ranges'}); "
+            "use hra='unit' for different tokenizers"
+        )
+
+
+def _check_stacked_pair(
+    student: torch.Tensor, teacher: torch.Tensor, student_dim: int | None, teacher_dim: int | None, what: str
+) -> None:
+    """student ``[L, B, Ts, Ds]`` and teacher ``[L, B, Tt, Dt]``."""
+    _check_float(student, f"{what}: student hidden states")
+    _check_float(teacher, f"{what}: teacher hidden states")
+    if student.dim() != 4 or teacher.dim() != 4:
+        raise ValueError(
+            f"{what}: hidden states must be [B, T, D] (or stacked [L, B, T, D]), got student "
+            f"{list(student.shape[1:])} and teacher {list(teacher.shape[1:])}"
+        )
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"{what}: {student.shape[0]} student layers but {teacher.shape[0]} teacher layers")
+    if student.shape[1] != teacher.shape[1]:
+        raise ValueError(
+            f"{what}: student batch size {student.shape[1]} != teacher batch size {teacher.shape[1]}"
+        )
+    if student.device != teacher.device:
+        raise ValueError(f"{what}: student on {student.device} but teacher on {teacher.device}")
+    if student_dim is not None and student.shape[-1] != student_dim:
+        raise ValueError(
+            f"{what}: student hidden size {student.shape[-1]} != declared student_dim {student_dim}"
+        )
+    if teacher_dim is not None and teacher.shape[-1] != teacher_dim:
+        raise ValueError(
+            f"{what}: teacher hidden size {teacher.shape[-1]} != declared teacher_dim {teacher_dim}"
+        )
+
+
+def _check_choices(pooling: str, hra: str | None = "unit") -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if hra not in HRA_LEVELS:
+        raise ValueError(f"hra must be one of {HRA_LEVELS}, got {hra!r}")
+
+
+# --------------------------------------------------------------------------------------- the core
+def _stacked_terms(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    units: UnitBatch,
+    student_mask: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    *,
+    pooling: str,
+    weighted: bool,
+    with_dsa: bool,
+    hra_level: str | None,
+    projectors: Sequence[nn.Linear],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """DSA and HRA of L stacked layer pairs of one granularity (inputs already validated).
+
+    Args:
+        student: ``[L, B, Ts, Ds]`` (gradient flows here); teacher: ``[L, B, Tt, Dt]`` (constant).
+        units: the granularity's UnitBatch; masks ``[B, Ts]`` / ``[B, Tt]``.
+        projectors: L Linear(Ds → Dt), used when ``hra_level`` is not None.
+    Returns:
+        ``(dsa [L] or None, hra [L] or None)``, float32 (float64 for float64 inputs).
+    """
+    L, B, Ts, Ds = student.shape
+    Tt, Dt = teacher.shape[2], teacher.shape[3]
+    need_units = with_dsa or hra_level == "unit"  # token-level HRA alone pools nothing
+    attention = pooling == "attention" and need_units
+    student_flat = student.reshape(L, B * Ts, Ds)  # a view for stacked / contiguous layers
+
+    teacher_units = student_units = unit_w = None
+    with torch.no_grad():
+        teacher = teacher.detach()
+        teacher_flat = teacher.reshape(L, B * Tt, Dt)
+        # ŵ^T: the teacher's attention weights normalised over the covered tokens of each sequence. It
+        # drives the teacher's pooling, the unit importance W and the token-level HRA weights.
+        teacher_w = None  # [L, B, Tt]
+        if attention or weighted:
+            covered_t = _covered_mask(units.teacher_ranges, B * Tt)
+            teacher_w = _normalised_weights(token_saliency(teacher, teacher_mask), covered_t)
+        if need_units:
+            teacher_units = span_pool(
+                teacher_flat, units.teacher_ranges, teacher_w.reshape(L, B * Tt) if attention else None
+            )  # [L, U, Dt]
+            unit_w = _unit_sums(teacher_w, units.teacher_ranges) if weighted else None  # [L, U]
+        # The student's pooling needs a_i only up to a per-sequence factor, which cancels in h_u: the raw
+        # saliency (a view) pools exactly like its normalised version and saves the normalisation.
+        student_w = token_saliency(student.detach(), student_mask).reshape(L, B * Ts) if attention else None
+
+    if need_units:
+        student_units = span_pool(student_flat, units.student_ranges, student_w)  # [L, U, Ds]
+
+    dsa = structural_loss(student_units, teacher_units, units.cu_units, unit_w) if with_dsa else None
+
+    hra = None
+    if hra_level == "unit":
+        hra = torch.stack(
+            [
+                _weighted_cosine_distance(
+                    _project(projectors[l], student_units[l]),
+                    teacher_units[l],
+                    None if unit_w is None else unit_w[l],
+                )
+                for l in range(L)
+            ]
+        )
+    elif hra_level == "token":
+        if weighted:
+            token_w = teacher_w.reshape(L, B * Ts)
+        else:  # unweighted: every covered token counts 1
+            token_w = _covered_mask(units.student_ranges, B * Ts).to(torch.float32).expand(L, -1)
+        # All B*T tokens go through the projector with weight 0 off the covered set: static shapes and
+        # no host sync, at the price of projecting the uncovered tokens too (see docs/design/losses.md).
+        hra = torch.stack(
+            [
+                _weighted_cosine_distance(
+                    _project(projectors[l], student_flat[l]), teacher_flat[l], token_w[l]
+                )
+                for l in range(L)
+            ]
+        )
+    return dsa, hra
+
+
+# ----------------------------------------------------------------------------------------- modules
+@dataclass
+class MTALossOutput:
+    """What :class:`MTALoss` returns.
+
+    Attributes:
+        loss: float32 scalar with grad, ``(1/K) Σ_k (dsa_k + γ · hra_k)``.
+        dsa: ``[K]`` DSA loss of each pair, detached, in the order of ``pairs``.
+        hra: ``[K]`` HRA loss of each pair, detached, in the order of ``pairs``; ``None`` when the
+            module was built with ``hra=None`` (the term is absent, not zero).
+    """
+
+    loss: torch.Tensor
+    dsa: torch.Tensor
+    hra: torch.Tensor | None
+
+
+class MTALoss(nn.Module):
+    """The MTA objective over K mapped layer pairs (SPEC §4–§7).
+
+    Args:
+        pairs: ``[(student_layer, teacher_layer, granularity), ...]``: Hugging Face ``hidden_states``
+            indices (0 = embeddings) and ``"word"`` or ``"phrase"``.
+        student_dim, teacher_dim: hidden sizes D_s and D_t (checked against the hidden states).
+        pooling: ``"attention"`` (saliency-weighted mean, the published default) or ``"mean"``.
+        weighted: weight units (DSA, unit HRA) and tokens (token HRA) by the teacher's normalised
+            attention weights; False weights everything 1.
+        hra: ``"token"`` (shared tokenizer only), ``"unit"`` (any tokenizers) or ``None`` (DSA only).
+        gamma: weight γ of the HRA term.
+
+    ``self.projectors`` is an ``nn.ModuleList`` of K ``nn.Linear(student_dim, teacher_dim)`` (bias),
+    one per pair, present only when ``hra`` is not None: train them with the student.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[int, int, str]],
+        student_dim: int,
+        teacher_dim: int,
+        pooling: str = "attention",
+        weighted: bool = True,
+        hra: str | None = "unit",
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        _check_choices(pooling, hra)
+        for name, v in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(weighted, bool):
+            raise TypeError(f"weighted must be a bool, got {weighted!r}")
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma):
+            raise ValueError(f"gamma must be a finite number, got {gamma!r}")
+        pairs = [tuple(p) for p in pairs]
+        if not pairs:
+            raise ValueError("pairs must name at least one (student_layer, teacher_layer, granularity)")
+        for k, p in enumerate(pairs):
+            ok = (
+                len(p) == 3
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in p[:2])
+                and p[2] in GRANULARITIES
+            )
+            if not ok:
+                raise ValueError(
+                    f"pair {k} {p!r} must be (student_layer >= 0, teacher_layer >= 0, "
+                    f"granularity in {GRANULARITIES})"
+                )
+        self.pairs: tuple[tuple[int, int, str], ...] = tuple(pairs)  # type: ignore[assignment]
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
+        self.pooling, self.weighted, self.hra_level, self.gamma = pooling, weighted, hra, float(gamma)
+        if hra is not None:
+            self.projectors = nn.ModuleList(nn.Linear(student_dim, teacher_dim, bias=True) for _ in pairs)
+        # Pairs grouped by granularity (first-appearance order): one stacked call per group and side.
+        self._groups: list[tuple[str, list[int]]] = []
+        for g in dict.fromkeys(p[2] for p in self.pairs):
+            self._groups.append((g, [k for k, p in enumerate(self.pairs) if p[2] == g]))
+        # out[k] = concatenation-of-groups[_order[k]]
+        flat = [k for _, ks in self._groups for k in ks]
+        self.register_buffer(
+            "_order", torch.tensor([flat.index(k) for k in range(len(flat))]), persistent=False
+        )
+
+    # -------------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> MTALoss:
+        """The published settings of SPEC §7 (``PRESETS``); any constructor argument may be overridden.
+
+        Known names: ``"gpt2-xl->gpt2"``, ``"opt-6.7b->opt-1.3b"``, ``"qwen1.5-1.8b->qwen1.5-0.5b"``,
+        ``"qwen1.5-1.8b->gpt2"``, ``"mistral-7b->tinyllama"`` (teacher -> student). Dims come from the
+        models (override ``student_dim=``/``teacher_dim=`` for small tests); ``hra`` defaults to
+        ``"token"`` for the shared-tokenizer presets and ``"unit"`` for the cross-tokenizer ones.
+        """
+        key = name.strip().lower().replace(" ", "") if isinstance(name, str) else name
+        if key not in PRESETS:
+            raise ValueError(f"unknown MTALoss preset {name!r}; known presets: {', '.join(PRESETS)}")
+        preset = PRESETS[key]
+        kwargs = dict(
+            pairs=preset.pairs,
+            student_dim=preset.student_dim,
+            teacher_dim=preset.teacher_dim,
+            hra="token" if preset.same_tokenizer else "unit",
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def auto(
+        cls,
+        student_num_layers: int,
+        teacher_num_layers: int,
+        student_dim: int,
+        teacher_dim: int,
+        num_pairs: int = 3,
+        n_word: int = 1,
+        start_fraction: float = 0.5,
+        **kwargs,
+    ) -> MTALoss:
+        """Depth-proportional mapping for any two models (see :func:`auto_pairs` for the rule).
+
+        ``K = num_pairs`` student layers evenly spaced from ``start_fraction · L_s`` to the top layer
+        ``L_s``, each matched to the teacher layer at the same relative depth, rounded half up; the
+        first ``n_word`` pairs word level. GPT-2 (12) ← GPT-2-XL (48) with the defaults gives
+        ``6 9 12 ← 24 36 48`` (the preset). ``*_num_layers`` are the models' transformer block counts
+        (``config.num_hidden_layers``); other keyword arguments go to the constructor.
+        """
+        pairs = auto_pairs(student_num_layers, teacher_num_layers, num_pairs, n_word, start_fraction)
+        return cls(pairs, student_dim, teacher_dim, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"pairs={list(self.pairs)}, student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, "
+            f"pooling={self.pooling!r}, weighted={self.weighted}, hra={self.hra_level!r}, gamma={self.gamma}"
+        )
+
+    # ------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        student_hidden_states: Sequence[torch.Tensor],
+        teacher_hidden_states: Sequence[torch.Tensor],
+        units: Mapping[str, UnitBatch],
+        student_mask: torch.Tensor | None,
+        teacher_mask: torch.Tensor | None,
+    ) -> MTALossOutput:
+        """L_MTA for one batch.
+
+        Args:
+            student_hidden_states: the student's ``hidden_states`` tuple, each ``[B, Ts, Ds]``.
+            teacher_hidden_states: the teacher's, each ``[B, Tt, Dt]`` (no gradient reaches them).
+            units: ``{"word": UnitBatch, "phrase": UnitBatch}`` (the granularities the pairs use).
+            student_mask, teacher_mask: attention masks ``[B, Ts]`` / ``[B, Tt]`` (None: all valid).
+        Returns:
+            :class:`MTALossOutput` with ``.loss`` (float32 scalar), ``.dsa`` and ``.hra`` (``[K]``).
+        """
+        s_states = self._check_states(student_hidden_states, "student")
+        t_states = self._check_states(teacher_hidden_states, "teacher")
+        if not isinstance(units, Mapping):
+            raise TypeError(f"units must map granularity -> UnitBatch, got {type(units).__name__}")
+        B = Ts = Tt = None
+        for k, (ls, lt, g) in enumerate(self.pairs):
+            what = f"pair {k} (student layer {ls}, teacher layer {lt}, {g!r})"
+            for side, states, layer in (("student", s_states, ls), ("teacher", t_states, lt)):
+                if layer >= len(states):
+                    raise ValueError(
+                        f"{what}: {side} layer {layer} is outside the {side}'s hidden_states "
+                        f"({len(states)} entries: 0 = embeddings .. {len(states) - 1})"
+                    )
+            hs, ht = s_states[ls], t_states[lt]
+            _check_stacked_pair(hs.unsqueeze(0), ht.unsqueeze(0), self.student_dim, self.teacher_dim, what)
+            if B is None:
+                B, Ts, Tt = hs.shape[0], hs.shape[1], ht.shape[1]
+            elif (hs.shape[0], hs.shape[1], ht.shape[1]) != (B, Ts, Tt):
+                raise ValueError(
+                    f"{what}: hidden states {list(hs.shape)} / {list(ht.shape)} differ from other layers' "
+                    f"[{B}, {Ts}, .] / [{B}, {Tt}, .]"
+                )
+            if g not in units:
+                raise ValueError(f"{what}: needs units[{g!r}] but units has {sorted(units)}")
+            _check_units(units[g], B, Ts, Tt, hs.device, what)
+            if self.hra_level == "token":
+                _check_same_tokenization(units[g], what)
+        device = s_states[self.pairs[0][0]].device
+        student_mask = _check_mask(student_mask, B, Ts, device, "student_mask")
+        teacher_mask = _check_mask(teacher_mask, B, Tt, device, "teacher_mask")
+
+        dsa_parts, hra_parts = [], []
+        for g, ks in self._groups:
+            student = _stack_layers([s_states[self.pairs[k][0]] for k in ks])  # [L, B, Ts, Ds]
+            with torch.no_grad():
+                teacher = _stack_layers([t_states[self.pairs[k][1]].detach() for k in ks])  # [L, B, Tt, Dt]
+            dsa, hra = _stacked_terms(
+                student,
+                teacher,
+                units[g],
+                student_mask,
+                teacher_mask,
+                pooling=self.pooling,
+                weighted=self.weighted,
+                with_dsa=True,
+                hra_level=self.hra_level,
+                projectors=[self.projectors[k] for k in ks] if self.hra_level is not None else [],
+            )
+            dsa_parts.append(dsa)
+            hra_parts.append(hra)
+        dsa = torch.cat(dsa_parts)[self._order]  # [K], pairs' order
+        if self.hra_level is None:
+            return MTALossOutput(loss=dsa.mean(), dsa=dsa.detach(), hra=None)
+        hra = torch.cat(hra_parts)[self._order]
+        return MTALossOutput(loss=(dsa + self.gamma * hra).mean(), dsa=dsa.detach(), hra=hra.detach())
+
+    @staticmethod
+    def _check_states(states: Sequence[torch.Tensor], side: str) -> Sequence[torch.Tensor]:
+        if isinstance(states, torch.Tensor) or not isinstance(states, Sequence):
+            raise TypeError(
+                f"{side}_hidden_states must be the tuple of [B, T, D] tensors a Hugging Face model returns "
+                f"with output_hidden_states=True, got {type(states).__name__}"
+            )
+        return states
+
+
+def _as_stacked(
+    student: torch.Tensor, teacher: torch.Tensor, what: str
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``[B, T, D]`` -> ``[1, B, T, D]`` views (and a flag to squeeze the result), or stacked as is."""
+    _check_float(student, f"{what}: student hidden states")
+    _check_float(teacher, f"{what}: teacher hidden states")
+    if student.dim() == 3 and teacher.dim() == 3:
+        return student.unsqueeze(0), teacher.unsqueeze(0), True
+    if student.dim() == 4 and teacher.dim() == 4:
+        return student, teacher, False
+    raise ValueError(
+        f"{what}: student and teacher must both be [B, T, D] or both [L, B, T, D], got "
+        f"{list(student.shape)} and {list(teacher.shape)}"
+    )
+
+
+class DSALoss(nn.Module):
+    """DSA alone (SPEC §4–§5) for one layer pair or L stacked layer pairs of one granularity.
+
+    ``forward(student, teacher, units, student_mask, teacher_mask)``:
+        student ``[B, Ts, Ds]`` or ``[L, B, Ts, Ds]`` (gradient flows here); teacher ``[B, Tt, Dt]`` or
+        ``[L, B, Tt, Dt]`` (constant); units: the UnitBatch of the granularity; masks ``[B, Ts]`` /
+        ``[B, Tt]`` (None: all valid) -> float32 scalar, or ``[L]``.
+    """
+
+    def __init__(self, pooling: str = "attention", weighted: bool = True) -> None:
+        super().__init__()
+        _check_choices(pooling)
+        self.pooling, self.weighted = pooling, bool(weighted)
+
+    def extra_repr(self) -> str:
+        return f"pooling={self.pooling!r}, weighted={self.weighted}"
+
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        units: UnitBatch,
+        student_mask: torch.Tensor | None = None,
+        teacher_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        student4, teacher4, squeeze = _as_stacked(student, teacher, "DSALoss")
+        _check_stacked_pair(student4, teacher4, None, None, "DSALoss")
+        _, B, Ts, _ = student4.shape
+        Tt = teacher4.shape[2]
+        _check_units(units, B, Ts, Tt, student4.device, "DSALoss")
+        dsa, _ = _stacked_terms(
+            student4,
+            teacher4,
+            units,
+            _check_mask(student_mask, B, Ts, student4.device, "student_mask"),
+            _check_mask(teacher_mask, B, Tt, student4.device, "teacher_mask"),
+            pooling=self.pooling,
+            weighted=self.weighted,
+            with_dsa=True,
+            hra_level=None,
+            projectors=[],
+        )
+        return dsa[0] if squeeze else dsa
+
+
+class HRALoss(nn.Module):
+    """HRA alone (SPEC §6) for one layer pair or ``num_pairs`` stacked layer pairs.
+
+    Args:
+        student_dim, teacher_dim: D_s and D_t; ``self.projectors`` holds ``num_pairs``
+            ``nn.Linear(student_dim, teacher_dim)`` (bias), one per stacked pair.
+        level: ``"token"`` (shared tokenizer) or ``"unit"``.
+        pooling, weighted: as in :class:`MTALoss` (pooling matters for ``level="unit"`` only).
+
+    ``forward(student, teacher, units, student_mask, teacher_mask)``: student ``[B, Ts, Ds]`` or
+    ``[L, B, Ts, Ds]`` with ``L == num_pairs``; teacher likewise with Tt, Dt; units: UnitBatch;
+    masks ``[B, T]`` (None: all valid) -> float32 scalar, or ``[L]``.
+    """
+
+    def __init__(
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        level: str = "token",
+        pooling: str = "attention",
+        weighted: bool = True,
+        num_pairs: int = 1,
+    ) -> None:
+        super().__init__()
+        if level is None or level not in HRA_LEVELS:
+            raise ValueError(f"level must be 'token' or 'unit', got {level!r}")
+        _check_choices(pooling, level)
+        if not isinstance(num_pairs, int) or num_pairs < 1:
+            raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
+        self.level, self.pooling, self.weighted = level, pooling, bool(weighted)
+        self.projectors = nn.ModuleList(
+            nn.Linear(student_dim, teacher_dim, bias=True) for _ in range(num_pairs)
+        )
+
+    def extra_repr(self) -> str:
+        return f"level={self.level!r}, pooling={self.pooling!r}, weighted={self.weighted}"
+
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        units: UnitBatch,
+        student_mask: torch.Tensor | None = None,
+        teacher_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        student4, teacher4, squeeze = _as_stacked(student, teacher, "HRALoss")
+        _check_stacked_pair(student4, teacher4, self.student_dim, self.teacher_dim, "HRALoss")
+        L, B, Ts, _ = student4.shape
+        Tt = teacher4.shape[2]
+        if L != len(self.projectors):
+            raise ValueError(
+                f"HRALoss: {L} stacked layer pairs but {len(self.projectors)} projectors (num_pairs)"
+            )
+        _check_units(units, B, Ts, Tt, student4.device, "HRALoss")
+        if self.level == "token":
+            _check_same_tokenization(units, "HRALoss")
+        _, hra = _stacked_terms(
+            student4,
+            teacher4,
+            units,
+            _check_mask(student_mask, B, Ts, student4.device, "student_mask"),
+            _check_mask(teacher_mask, B, Tt, student4.device, "teacher_mask"),
+            pooling=self.pooling,
+            weighted=self.weighted,
+            with_dsa=False,
+            hra_level=self.level,
+            projectors=list(self.projectors),
+        )
+        return hra[0] if squeeze else hra

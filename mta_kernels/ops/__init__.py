@@ -1,0 +1,1 @@
+"""Fused ops: token saliency, span pooling, DSA structural loss (Triton on GPU, torch path on CPU)."""

@@ -1,0 +1,428 @@
+"""Token saliency (SPEC §3): the mean attention each token receives under a parameter-free
+self-attention of a layer's hidden states, computed flash-style without the T×T matrix.
+
+For one sequence and layer, hidden ``H`` ``[T, D]``, valid tokens V, ``n = |V|``::
+
+    r_i  = 1 / (std(H_i) + 1e-5)                 std over D, unbiased, not centred in the product
+    S_ji = r_j r_i (H_j · H_i) / sqrt(D)         j, i in V, i != j
+    A_j· = softmax over i in V \\ {j} of S_j·
+    a_i  = (1/n) Σ_{j in V} A_ji                 0 for padding; 1 for the lone token when n == 1
+
+Triton path (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), three launches, stacked layers on
+grid axis 2:
+
+0. ``_row_scale_kernel``  grid (T/BR, B, L): r_i in fp32, two passes over D (mean, then the centred
+   sum of squares), so bf16 rows with |h| ~ 1e4 neither overflow nor cancel.
+1. ``_lse_kernel``        grid (T/BM, B, L): a block of query rows j runs an online softmax over the
+   key blocks; the score tile is ``tl.dot`` of the *raw* hidden rows over D in chunks of BD, scaled
+   by ``r_j r_i log2(e) / sqrt(D)`` afterwards. Stores ``lse2_j`` (base-2 log-sum-exp), and +inf for
+   rows that have no keys (padding, or n < 2): ``exp2(S - inf) = 0`` then drops them in pass 2.
+2. ``_colsum_kernel``     grid (T/BN, B, L): a block of key columns i loops over all query blocks j,
+   recomputes the score tile and accumulates ``Σ_j exp2(S_ji - lse2_j)``; then divides by n and
+   applies the n == 1 and padding rules. Each output column has one owner: no atomics, deterministic.
+
+The key loop of pass 1 and the query loop of pass 2 run only over ``[first valid, last valid]`` of the
+sequence, so left/right padding costs no FLOPs; holes inside are masked element-wise.
+
+Torch path (CPU tensors without the interpreter, or ``use_backend("torch")``): the same math in
+chunks of at most 128 query rows × T keys (and a bounded number of sequences per chunk), so it never
+holds a T×T matrix either; a chunk holds all keys of its rows, so one pass suffices there.
+
+No gradient (SPEC §3): the saliency is a constant weight. ``token_saliency`` returns a tensor that
+does not require grad (``hidden`` is detached), so ``out.backward()`` raises torch's "does not require
+grad" error rather than silently giving a zero gradient; calling the raw op
+``torch.ops.mta_kernels.token_saliency`` on a tensor that requires grad gives an output whose backward
+raises ``RuntimeError("token_saliency has no gradient (SPEC §3)")``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mta_kernels._dispatch import triton_interpreting, use_triton
+
+__all__ = ["token_saliency"]
+
+SALIENCY_STD_EPS = 1e-5
+_LOG2E = 1.4426950408889634
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+# Torch path: at most this many query rows per chunk, and chunks of at most max(_TORCH_CHUNK_ELEMS,
+# 128 * T) scores: below T ≈ 725 a chunk may hold T² scores (a constant 2 MB), above never.
+_TORCH_CHUNK_ROWS = 128
+_TORCH_CHUNK_ELEMS = 1 << 19
+
+
+# ------------------------------------------------------------------------------------ Triton kernels
+@triton.jit
+def _row_scale_kernel(
+    h_ptr,  # [L, B, T, D] any strides, any float dtype
+    r_ptr,  # [L, B, T] fp32, contiguous (out)
+    B,
+    T,
+    D,
+    stride_hl,
+    stride_hb,
+    stride_ht,
+    stride_hd,
+    eps,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+):
+    # r_i = 1 / (std_i + eps), std unbiased over D. Two passes (mean, then Σ (x - mean)²) in fp32:
+    # the one-pass Σx² - n·mean² cancels catastrophically for rows with a large mean.
+    pid_t = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    i_l = tl.program_id(2).to(tl.int64)
+    o_t = pid_t * BR + tl.arange(0, BR)  # [BR]
+    m_t = o_t < T
+    p_row = h_ptr + i_l * stride_hl + i_b * stride_hb + o_t.to(tl.int64)[:, None] * stride_ht  # [BR, 1]
+
+    b_sum = tl.zeros([BR], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)  # [BD]
+        m_x = m_t[:, None] & (o_d < D)[None, :]  # [BR, BD]
+        b_x = tl.load(p_row + o_d.to(tl.int64)[None, :] * stride_hd, mask=m_x, other=0.0).to(tl.float32)
+        b_sum += tl.sum(b_x, axis=1)
+    b_mean = b_sum / D  # [BR]
+
+    b_ss = tl.zeros([BR], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_x = m_t[:, None] & (o_d < D)[None, :]
+        b_x = tl.load(p_row + o_d.to(tl.int64)[None, :] * stride_hd, mask=m_x, other=0.0).to(tl.float32)
+        b_c = tl.where(m_x, b_x - b_mean[:, None], 0.0)  # [BR, BD]
+        b_ss += tl.sum(b_c * b_c, axis=1)
+    b_std = tl.sqrt(b_ss / (D - 1))
+    b_r = 1.0 / (b_std + eps)
+    tl.store(r_ptr + (i_l * B + i_b) * T + o_t, b_r, mask=m_t)
+
+
+@triton.jit
+def _score_tile(
+    p_q,  # [BM, 1] pointers to the query rows (layer and batch offsets applied)
+    p_k,  # [1, BN] pointers to the key rows
+    m_q,  # [BM] query rows in range
+    m_k,  # [BN] key rows in range
+    D,
+    stride_hd,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # H_q · H_kᵀ over D in chunks of BD, fp32 accumulation; the raw (unscaled) rows go into the dot so
+    # bf16/fp16 inputs stay on the tensor cores with exact products.
+    b_s = tl.zeros([BM, BN], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = (d0 + tl.arange(0, BD)).to(tl.int64)  # [BD]
+        m_d = o_d < D
+        b_q = tl.load(p_q + o_d[None, :] * stride_hd, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+        b_k = tl.load(p_k + o_d[:, None] * stride_hd, mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, BN]
+        if DOT_FP32:
+            b_q = b_q.to(tl.float32)
+            b_k = b_k.to(tl.float32)
+        b_s = tl.dot(b_q, b_k, b_s, input_precision=DOT_PRECISION)  # [BM, BN]
+    return b_s
+
+
+@triton.jit
+def _lse_kernel(
+    h_ptr,  # [L, B, T, D]
+    r_ptr,  # [L, B, T] fp32 row scales
+    valid_ptr,  # [B, T] int8
+    span_ptr,  # [B, 2] int32: first valid token, last valid token + 1
+    n_ptr,  # [B] int32 valid tokens
+    lse_ptr,  # [L, B, T] fp32 (out): base-2 log-sum-exp of each query row, +inf for rows without keys
+    B,
+    T,
+    D,
+    stride_hl,
+    stride_hb,
+    stride_ht,
+    stride_hd,
+    qk_scale,  # log2(e) / sqrt(D)
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Pass 1: lse2_j = log2 Σ_{i valid, i != j} exp2(S2_ji), S2_ji = r_j r_i (H_j·H_i) log2(e)/sqrt(D),
+    # with an online (running max) softmax over key blocks.
+    pid_m = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    i_l = tl.program_id(2).to(tl.int64)
+    h_base = h_ptr + i_l * stride_hl + i_b * stride_hb
+    rl_base = (i_l * B + i_b) * T  # offset of this (layer, sequence) in [L, B, T]
+    n_valid = tl.load(n_ptr + i_b)
+    span_lo = tl.load(span_ptr + 2 * i_b)
+    span_hi = tl.load(span_ptr + 2 * i_b + 1)
+
+    row_lo = pid_m * BM
+    o_m = row_lo + tl.arange(0, BM)  # [BM] query rows j
+    m_m = o_m < T
+    b_vq = tl.load(valid_ptr + i_b * T + o_m, mask=m_m, other=0) != 0  # [BM]
+    b_rq = tl.load(r_ptr + rl_base + o_m, mask=m_m, other=0.0) * qk_scale  # [BM]
+    p_q = h_base + o_m.to(tl.int64)[:, None] * stride_ht  # [BM, 1]
+
+    # Keys only inside [span_lo, span_hi); no keys at all when this block has no valid row or n < 2.
+    has_work = (n_valid >= 2) & (span_lo < row_lo + BM) & (span_hi > row_lo)
+    key_lo = (span_lo // BN) * BN
+    key_hi = tl.where(has_work, span_hi, key_lo)
+
+    b_max = tl.full([BM], float("-inf"), dtype=tl.float32)  # running max (base 2)
+    b_sum = tl.zeros([BM], dtype=tl.float32)  # running Σ exp2(S2 - b_max)
+    for n0 in range(key_lo, key_hi, BN):
+        o_n = n0 + tl.arange(0, BN)  # [BN] key columns i
+        m_n = o_n < T
+        b_vk = tl.load(valid_ptr + i_b * T + o_n, mask=m_n, other=0) != 0  # [BN]
+        b_rk = tl.load(r_ptr + rl_base + o_n, mask=m_n, other=0.0)  # [BN]
+        p_k = h_base + o_n.to(tl.int64)[None, :] * stride_ht  # [1, BN]
+        b_s = _score_tile(p_q, p_k, m_m, m_n, D, stride_hd, BM, BN, BD, DOT_FP32, DOT_PRECISION)
+        b_s = b_s * b_rq[:, None] * b_rk[None, :]  # [BM, BN] S2
+        m_s = b_vk[None, :] & (o_m[:, None] != o_n[None, :])  # [BM, BN] valid key, not the diagonal
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        b_max_new = tl.maximum(b_max, tl.max(b_s, axis=1))
+        # A row that has seen no key yet keeps max -inf: shift by 0 so that no -inf - -inf occurs.
+        b_shift = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)
+        b_sum = b_sum * tl.exp2(b_max - b_shift) + tl.sum(tl.exp2(b_s - b_shift[:, None]), axis=1)
+        b_max = b_max_new
+
+    # A valid row of a sequence with n >= 2 has at least one key, so b_sum > 0 there.
+    b_has_keys = b_vq & (n_valid >= 2)
+    b_lse = tl.where(b_has_keys, b_max + tl.log2(tl.where(b_has_keys, b_sum, 1.0)), float("inf"))
+    tl.store(lse_ptr + rl_base + o_m, b_lse, mask=m_m)
+
+
+@triton.jit
+def _colsum_kernel(
+    h_ptr,  # [L, B, T, D]
+    r_ptr,  # [L, B, T] fp32 row scales
+    valid_ptr,  # [B, T] int8
+    span_ptr,  # [B, 2] int32
+    n_ptr,  # [B] int32
+    lse_ptr,  # [L, B, T] fp32 from pass 1
+    out_ptr,  # [L, B, T] fp32 (out): saliency
+    B,
+    T,
+    D,
+    stride_hl,
+    stride_hb,
+    stride_ht,
+    stride_hd,
+    qk_scale,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Pass 2: a_i = (1/n) Σ_j exp2(S2_ji - lse2_j) over query rows j with keys, i valid, i != j.
+    # This program owns key columns [pid_n*BN, pid_n*BN + BN) of one (layer, sequence) and sums over
+    # every query block itself: one writer per output, no atomics, a fixed summation order.
+    pid_n = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    i_l = tl.program_id(2).to(tl.int64)
+    h_base = h_ptr + i_l * stride_hl + i_b * stride_hb
+    rl_base = (i_l * B + i_b) * T
+    n_valid = tl.load(n_ptr + i_b)
+    span_lo = tl.load(span_ptr + 2 * i_b)
+    span_hi = tl.load(span_ptr + 2 * i_b + 1)
+
+    col_lo = pid_n * BN
+    o_n = col_lo + tl.arange(0, BN)  # [BN] key columns i
+    m_n = o_n < T
+    b_vk = tl.load(valid_ptr + i_b * T + o_n, mask=m_n, other=0) != 0  # [BN]
+    b_rk = tl.load(r_ptr + rl_base + o_n, mask=m_n, other=0.0)  # [BN]
+    p_k = h_base + o_n.to(tl.int64)[None, :] * stride_ht  # [1, BN]
+
+    has_work = (n_valid >= 2) & (span_lo < col_lo + BN) & (span_hi > col_lo)
+    query_lo = (span_lo // BM) * BM
+    query_hi = tl.where(has_work, span_hi, query_lo)
+
+    b_acc = tl.zeros([BN], dtype=tl.float32)
+    for m0 in range(query_lo, query_hi, BM):
+        o_m = m0 + tl.arange(0, BM)  # [BM] query rows j
+        m_m = o_m < T
+        b_lse = tl.load(lse_ptr + rl_base + o_m, mask=m_m, other=float("inf"))  # [BM]
+        b_rq = tl.load(r_ptr + rl_base + o_m, mask=m_m, other=0.0) * qk_scale  # [BM]
+        p_q = h_base + o_m.to(tl.int64)[:, None] * stride_ht  # [BM, 1]
+        b_s = _score_tile(p_q, p_k, m_m, m_n, D, stride_hd, BM, BN, BD, DOT_FP32, DOT_PRECISION)
+        b_s = b_s * b_rq[:, None] * b_rk[None, :]  # [BM, BN] S2
+        # Rows without keys carry lse = +inf; masking them (not only relying on exp2(-inf) = 0) keeps
+        # garbage (even NaN) hidden states at padding positions out of the sum.
+        m_p = (b_lse != float("inf"))[:, None] & b_vk[None, :] & (o_m[:, None] != o_n[None, :])
+        b_p = tl.where(m_p, tl.exp2(tl.where(m_p, b_s - b_lse[:, None], float("-inf"))), 0.0)
+        b_acc += tl.sum(b_p, axis=0)
+
+    b_a = b_acc / tl.maximum(n_valid, 1).to(tl.float32)
+    b_a = tl.where(n_valid == 1, 1.0, b_a)  # the lone valid token of an n == 1 sequence
+    b_a = tl.where(b_vk, b_a, 0.0)
+    tl.store(out_ptr + rl_base + o_n, b_a, mask=m_n)
+
+
+# ------------------------------------------------------------------------------------- host launchers
+def _mask_stats(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: valid-token count ``n`` int32 ``[B]`` and span ``[first, last + 1)`` int32 ``[B, 2]``.
+
+    A sequence without valid tokens gets the empty span ``[T, 0)``. Computed on the device: no sync.
+    """
+    B, T = valid.shape
+    idx = torch.arange(T, device=valid.device, dtype=torch.int32)
+    n = valid.sum(dim=-1, dtype=torch.int32)
+    first = torch.where(valid, idx, torch.full_like(idx, T)).amin(dim=-1)
+    last = torch.where(valid, idx + 1, torch.zeros_like(idx)).amax(dim=-1)
+    return n, torch.stack([first, last], dim=-1).to(torch.int32).contiguous()
+
+
+def _block_sizes(T: int, D: int) -> tuple[int, int, int]:
+    """Query block BM, key block BN, D chunk BD (powers of two >= 16, the tl.dot minimum)."""
+    bt = min(64, max(16, triton.next_power_of_2(T)))
+    bd = min(64, max(16, triton.next_power_of_2(D)))
+    return bt, bt, bd
+
+
+def _saliency_triton(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
+    """Triton path: ``hidden`` ``[L, B, T, D]`` (any strides), ``valid`` bool ``[B, T]``; writes ``out``
+    float32 contiguous ``[L, B, T]``."""
+    L, B, T, D = hidden.shape
+    n, span = _mask_stats(valid)
+    valid_i8 = valid.to(torch.int8).contiguous()
+    r = torch.empty(L, B, T, device=hidden.device, dtype=torch.float32)
+    lse = torch.empty(L, B, T, device=hidden.device, dtype=torch.float32)
+    strides = hidden.stride()
+    BM, BN, BD = _block_sizes(T, D)
+    # bf16/fp16 stay in their dtype for the dot (products are exact in fp32, tensor cores); fp32 uses
+    # an IEEE dot (TF32 would be ~1e-3 off the oracle); fp64, and everything under the interpreter
+    # (no bf16 arithmetic there), is cast to fp32 first.
+    dot_fp32 = triton_interpreting() or hidden.dtype not in (torch.bfloat16, torch.float16)
+    precision = "ieee" if dot_fp32 else "tf32"  # "tf32" is ignored for 16-bit operands
+    qk_scale = _LOG2E / math.sqrt(D)
+    num_warps = 4
+
+    _row_scale_kernel[(triton.cdiv(T, 16), B, L)](
+        hidden, r, B, T, D, *strides, SALIENCY_STD_EPS, BR=16, BD=min(128, max(16, triton.next_power_of_2(D)))
+    )
+    common = dict(BM=BM, BN=BN, BD=BD, DOT_FP32=dot_fp32, DOT_PRECISION=precision, num_warps=num_warps)
+    _lse_kernel[(triton.cdiv(T, BM), B, L)](
+        hidden, r, valid_i8, span, n, lse, B, T, D, *strides, qk_scale, **common
+    )
+    _colsum_kernel[(triton.cdiv(T, BN), B, L)](
+        hidden, r, valid_i8, span, n, lse, out, B, T, D, *strides, qk_scale, **common
+    )
+
+
+def _saliency_torch(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
+    """Torch path, same math in chunks of <= 128 query rows × T keys: ``hidden`` ``[L, B, T, D]``,
+    ``valid`` bool ``[B, T]``; writes ``out`` float32 contiguous ``[L, B, T]``."""
+    L, B, T, D = hidden.shape
+    G = L * B
+    h = hidden.to(torch.float32).reshape(G, T, D)  # O(L·B·T·D), never O(T²)
+    hn = h / (h.std(dim=-1, keepdim=True) + SALIENCY_STD_EPS)  # [G, T, D], as the reference
+    key_valid = valid.expand(L, B, T).reshape(G, T)  # [G, T]
+    n = key_valid.sum(dim=-1)  # [G]
+    row_has_keys = key_valid & (n >= 2)[:, None]  # [G, T] query rows that vote
+    acc = out.view(G, T)
+    acc.zero_()
+    sqrt_d = math.sqrt(D)
+    rows = min(T, _TORCH_CHUNK_ROWS)
+    seqs = max(1, min(G, _TORCH_CHUNK_ELEMS // (rows * T)))
+    idx = torch.arange(T, device=hidden.device)
+    for g0 in range(0, G, seqs):
+        g1 = min(G, g0 + seqs)
+        hn_k = hn[g0:g1]  # [g, T, D]
+        for q0 in range(0, T, rows):
+            q1 = min(T, q0 + rows)
+            s = torch.matmul(hn_k[:, q0:q1], hn_k.transpose(-1, -2)) / sqrt_d  # [g, c, T]
+            keep = key_valid[g0:g1, None, :] & (idx[q0:q1, None] != idx[None, :])  # [g, c, T]
+            s = s.masked_fill_(~keep, float("-inf"))
+            votes = row_has_keys[g0:g1, q0:q1, None]  # [g, c, 1]
+            lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [g, c, 1], -inf for rows without keys
+            lse = torch.where(votes, lse, torch.full_like(lse, float("inf")))
+            p = s.sub_(lse).exp_()  # exp(-inf) = 0 at masked keys and at rows without keys
+            p = torch.where(votes & keep, p, torch.zeros((), device=p.device, dtype=p.dtype))
+            acc[g0:g1] += p.sum(dim=1)
+    acc /= n.clamp_min(1)[:, None].to(torch.float32)
+    acc.masked_fill_((n == 1)[:, None] & key_valid, 1.0)
+    acc.masked_fill_(~key_valid, 0.0)
+
+
+# ----------------------------------------------------------------------------------------- custom op
+@torch.library.custom_op("mta_kernels::token_saliency", mutates_args=())
+def _token_saliency_op(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(hidden.shape[:-1], device=hidden.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    hidden4 = hidden if hidden.dim() == 4 else hidden.unsqueeze(0)  # [L, B, T, D]
+    valid = attention_mask != 0  # [B, T] bool; any non-zero integer counts as valid, as in the reference
+    out4 = out.view(hidden4.shape[:-1])
+    if use_triton(hidden):
+        _saliency_triton(hidden4, valid, out4)
+    else:
+        _saliency_torch(hidden4, valid, out4)
+    return out
+
+
+@_token_saliency_op.register_fake
+def _token_saliency_fake(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return hidden.new_empty(hidden.shape[:-1], dtype=torch.float32)
+
+
+def _token_saliency_backward(ctx, grad_out: torch.Tensor):
+    raise RuntimeError(
+        "token_saliency has no gradient (SPEC §3): its output is a constant weight; "
+        "use mta_kernels.token_saliency, which returns a tensor that does not require grad"
+    )
+
+
+_token_saliency_op.register_autograd(_token_saliency_backward)
+
+
+# ------------------------------------------------------------------------------------------ public API
+def _check_inputs(hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    if not isinstance(hidden, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
+        raise TypeError("token_saliency takes tensors (hidden, attention_mask)")
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
+    if attention_mask.dtype not in _MASK_DTYPES:
+        raise TypeError(f"attention_mask must be bool or an integer (0/1) tensor, got {attention_mask.dtype}")
+    if hidden.dim() not in (3, 4):
+        raise ValueError(f"hidden must be [B, T, D] or [L, B, T, D], got shape {tuple(hidden.shape)}")
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(hidden.shape[-3:-1]):
+        raise ValueError(
+            f"attention_mask must be [B, T] = {tuple(hidden.shape[-3:-1])} to match hidden "
+            f"{tuple(hidden.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    if hidden.shape[-1] < 2:
+        raise ValueError(
+            f"hidden needs D >= 2 features (the unbiased std is undefined for D = 1), got D = {hidden.shape[-1]}"
+        )
+    if hidden.device != attention_mask.device:
+        raise ValueError(f"hidden is on {hidden.device} but attention_mask is on {attention_mask.device}")
+
+
+def token_saliency(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean attention each token receives under a parameter-free self-attention (SPEC §3).
+
+    Flash-style: the T×T score matrix is never stored (memory O(L·B·T) on the Triton path, plus an
+    fp32 copy of ``hidden`` on the torch path).
+
+    Args:
+        hidden: ``[B, T, D]`` or stacked layers ``[L, B, T, D]``; float32/bfloat16/float16 (float64 is
+            computed in float32); any strides; ``D >= 2``.
+        attention_mask: ``[B, T]``, bool or 0/1 integers (non-zero = valid), on hidden's device.
+    Returns:
+        float32 ``[B, T]`` or ``[L, B, T]``: 0 at padding, 1 for the lone token of an n == 1 sequence,
+        all 0 for a fully padded sequence. No gradient: the result does not require grad, whatever
+        ``hidden`` does, and calling ``backward`` through it is an error.
+    Raises:
+        TypeError: hidden not floating point, or attention_mask not bool/integer.
+        ValueError: wrong dimensions, mask shape not ``hidden.shape[-3:-1]``, D < 2, or devices differ.
+    """
+    _check_inputs(hidden, attention_mask)
+    return torch.ops.mta_kernels.token_saliency(hidden.detach(), attention_mask)

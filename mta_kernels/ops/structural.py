@@ -1,0 +1,628 @@
+"""DSA structural loss (SPEC §5), block-diagonal, fused, tiled: no N×N matrix ever exists.
+
+    Û = normalize(X, dim=-1, eps=1e-8)             (student S, teacher T; widths Ds, Dt may differ)
+    C^S_uv = Û^S_u · Û^S_v,   C^T_uv = Û^T_u · Û^T_v
+    L = Σ_b Σ_{u≠v in b} W_u W_v (C^S_uv − C^T_uv)²  /  Σ_b Σ_{u≠v in b} W_u W_v
+
+Public entry: :func:`structural_loss`. It is the custom op ``mta_kernels::structural_loss`` (so that
+``torch.compile(fullgraph=True)`` traces through it) wrapped with metadata checks. The loss is the end of
+the graph, so the student's gradient is computed during the forward (when it is needed) and the backward
+only scales it by ``grad_output``: the N² similarity tiles are computed once, not twice.
+
+Two implementations behind one op (``mta_kernels._dispatch.use_triton``):
+
+- Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``): a work list of row blocks that covers only the
+  block diagonal (``mta_kernels.layout.block_diagonal_work_list``); one program per (row block, layer)
+  loops over the column blocks of its sequence(s) and over D in chunks; the normalisation is fused (per-row
+  inverse norms); the loss partials go to a ``[L, W]`` buffer summed afterwards and the gradient rows are
+  owned by exactly one program: no atomics, deterministic.
+- torch (any device): per sequence, in row chunks (never more than ``chunk × N`` scores), with the
+  feature-space identity of SPEC §5 for sequences that have more units than dimensions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mta_kernels import layout
+from mta_kernels._dispatch import triton_interpreting, use_triton
+
+__all__ = ["structural_loss"]
+
+NORMALIZE_EPS = 1e-8
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dot_nt(a, b, NATIVE: tl.constexpr, F32_PREC: tl.constexpr, IS_FP64: tl.constexpr):
+    """``a [M, K] · b [N, K]ᵀ -> [M, N]``, fp32 accumulation (fp64 for fp64 inputs).
+
+    NATIVE: 16-bit operands straight to the tensor cores (products exact in fp32). Otherwise the operands
+    are fp32 and F32_PREC is "ieee" (true fp32; TF32 would cost ~1e-3 relative error, far beyond SPEC §8)
+    or "tf32x3". fp64 avoids tl.dot (fp64 dot support differs across Triton releases): fp64 is the
+    gradcheck/oracle dtype, not a performance target.
+    """
+    if IS_FP64:
+        c = tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    elif NATIVE:
+        c = tl.dot(a, tl.trans(b))
+    else:
+        c = tl.dot(a, tl.trans(b), input_precision=F32_PREC)
+    return c
+
+
+@triton.jit
+def _dot_nn(a, b, F32_PREC: tl.constexpr, IS_FP64: tl.constexpr):
+    """``a [M, K] · b [K, N] -> [M, N]`` for fp32 (fp64) operands."""
+    if IS_FP64:
+        c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        c = tl.dot(a, b, input_precision=F32_PREC)
+    return c
+
+
+# Forward and gradient, per layer l (dropped below) with E_uv = W_u W_v (C^S_uv − C^T_uv) on u≠v, same
+# sequence (E_uu = 0), den = Σ_b (Σ_{u in b} W_u)² − Σ_{u in b} W_u²:
+#
+#   num       = Σ_uv E_uv (C^S_uv − C^T_uv)
+#   ∂num/∂Ŝ_u = Σ_v 2 E_uv Ŝ_v  (u as row)  +  Σ_v 2 E_vu Ŝ_v  (u as column)  = 4 G_u,   G_u = Σ_v E_uv Ŝ_v
+#               (E is symmetric: every unordered pair appears twice in the sum)
+#   ∂L/∂Ŝ_u   = 4 G_u / den
+#
+# F.normalize is x / max(‖x‖, eps); its backward for g = ∂L/∂Ŝ_u:
+#   ‖x‖ >= eps:  ∂L/∂x = (g − (g·Ŝ_u) Ŝ_u) / ‖x‖          (Jacobian (I − ŜŜᵀ)/‖x‖)
+#   ‖x‖ <  eps:  ∂L/∂x = g / eps                           (clamp_min passes no gradient to ‖x‖)
+# The main kernel accumulates G (the only N²·Ds part); the epilogue kernel applies 4/den and the
+# normalize backward, row by row.
+@triton.jit
+def _structural_fwd_kernel(
+    S,  # [L, U, Ds] student, any float dtype, explicit strides
+    T,  # [L, U, Dt] teacher
+    INV_S,  # [L, U] 1 / max(‖S_u‖, eps), ACC dtype, contiguous
+    INV_T,  # [L, U]
+    WGT,  # [L or 1, U] unit weights (strides; stride_wl = 0 broadcasts [U])
+    SEQ,  # [U] int32 sequence id of each unit
+    WORK,  # [W, 4] int32 (row_start, row_end, col_start, col_end)
+    PARTIAL,  # [L, W] ACC: per-program numerator
+    G,  # [L, U, Ds] ACC: G_u = Σ_v E_uv Ŝ_v (zero-initialised; rows owned by one program)
+    U,
+    Ds,
+    Dt,
+    num_work,
+    stride_sl,
+    stride_su,
+    stride_sd,
+    stride_tl,
+    stride_tu,
+    stride_td,
+    stride_wl,
+    stride_wu,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    NATIVE_S: tl.constexpr,  # dot the student in its own 16-bit dtype (tensor cores); else upcast
+    NATIVE_T: tl.constexpr,
+    F32_PREC: tl.constexpr,  # tl.dot input_precision of fp32 operands: "ieee" (or "tf32x3")
+    ACC: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
+    IS_FP64: tl.constexpr,
+):
+    i_w = tl.program_id(0)
+    i_l = tl.program_id(1).to(tl.int64)
+    p_work = WORK + i_w.to(tl.int64) * 4
+    row_start = tl.load(p_work).to(tl.int64)
+    row_end = tl.load(p_work + 1).to(tl.int64)
+    col_start = tl.load(p_work + 2).to(tl.int64)
+    col_end = tl.load(p_work + 3).to(tl.int64)
+
+    S_l = S + i_l * stride_sl
+    T_l = T + i_l * stride_tl
+    o_m = row_start + tl.arange(0, BM).to(tl.int64)  # [BM] global unit index of each row
+    m_m = o_m < row_end
+    b_seq_m = tl.load(SEQ + o_m, mask=m_m, other=-1)  # [BM]
+    b_inv_s_m = tl.load(INV_S + i_l * U + o_m, mask=m_m, other=0.0)  # [BM]
+    b_inv_t_m = tl.load(INV_T + i_l * U + o_m, mask=m_m, other=0.0)  # [BM]
+    if HAS_WEIGHTS:
+        b_w_m = tl.load(WGT + i_l * stride_wl + o_m * stride_wu, mask=m_m, other=0.0).to(ACC)  # [BM]
+
+    b_num = tl.zeros([BM], dtype=ACC)  # [BM] row partials of the numerator
+    for col in range(col_start, col_end, BN):
+        o_n = col + tl.arange(0, BN).to(tl.int64)  # [BN]
+        m_n = o_n < col_end
+        b_seq_n = tl.load(SEQ + o_n, mask=m_n, other=-2)  # [BN]
+        b_inv_s_n = tl.load(INV_S + i_l * U + o_n, mask=m_n, other=0.0)  # [BN]
+        b_inv_t_n = tl.load(INV_T + i_l * U + o_n, mask=m_n, other=0.0)  # [BN]
+
+        # raw dot products S_u·S_v and T_u·T_v, D tiled in chunks of BD (D up to 8192)
+        b_cs = tl.zeros([BM, BN], dtype=ACC)  # [BM, BN]
+        for d in range(0, Ds, BD):
+            o_d = d + tl.arange(0, BD)
+            m_d = o_d < Ds
+            p_sm = S_l + o_m[:, None] * stride_su + o_d[None, :] * stride_sd
+            p_sn = S_l + o_n[:, None] * stride_su + o_d[None, :] * stride_sd
+            b_sm = tl.load(p_sm, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+            b_sn = tl.load(p_sn, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+            if not NATIVE_S:
+                b_sm = b_sm.to(ACC)
+                b_sn = b_sn.to(ACC)
+            b_cs += _dot_nt(b_sm, b_sn, NATIVE_S, F32_PREC, IS_FP64)
+        b_ct = tl.zeros([BM, BN], dtype=ACC)  # [BM, BN]
+        for d in range(0, Dt, BD):
+            o_d = d + tl.arange(0, BD)
+            m_d = o_d < Dt
+            p_tm = T_l + o_m[:, None] * stride_tu + o_d[None, :] * stride_td
+            p_tn = T_l + o_n[:, None] * stride_tu + o_d[None, :] * stride_td
+            b_tm = tl.load(p_tm, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+            b_tn = tl.load(p_tn, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+            if not NATIVE_T:
+                b_tm = b_tm.to(ACC)
+                b_tn = b_tn.to(ACC)
+            b_ct += _dot_nt(b_tm, b_tn, NATIVE_T, F32_PREC, IS_FP64)
+
+        # fused normalisation: Ŝ_u·Ŝ_v = (S_u·S_v) / (‖S_u‖ ‖S_v‖)
+        b_cs = b_cs * b_inv_s_m[:, None] * b_inv_s_n[None, :]
+        b_ct = b_ct * b_inv_t_m[:, None] * b_inv_t_n[None, :]
+        # a pair counts when both units are in range, in the same sequence, and distinct
+        m_pair = (
+            (b_seq_m[:, None] == b_seq_n[None, :])
+            & (o_m[:, None] != o_n[None, :])
+            & m_m[:, None]
+            & m_n[None, :]
+        )  # [BM, BN]
+        b_diff = tl.where(m_pair, b_cs - b_ct, 0.0)  # [BM, BN]
+        if HAS_WEIGHTS:
+            b_w_n = tl.load(WGT + i_l * stride_wl + o_n * stride_wu, mask=m_n, other=0.0).to(ACC)  # [BN]
+            b_e = b_diff * b_w_m[:, None] * b_w_n[None, :]  # [BM, BN]
+        else:
+            b_e = b_diff
+        b_num += tl.sum(b_e * b_diff, axis=1)
+
+        if COMPUTE_GRAD:
+            # G[rows] += E @ Ŝ[cols], chunk by chunk of Ds; the rows belong to this program only, so a
+            # read-modify-write in global memory (L2-resident) needs no atomics. The first column block
+            # skips the read (the buffer is zero there): masked-off loads issue no memory traffic.
+            m_seen = (o_m * 0 + col) > col_start  # [BM] False on the first column block
+            for d in range(0, Ds, BD):
+                o_d = d + tl.arange(0, BD)
+                m_d = o_d < Ds
+                p_sn = S_l + o_n[:, None] * stride_su + o_d[None, :] * stride_sd
+                b_sn = tl.load(p_sn, mask=m_n[:, None] & m_d[None, :], other=0.0).to(ACC)  # [BN, BD]
+                b_sn = b_sn * b_inv_s_n[:, None]  # Ŝ_v
+                p_g = G + i_l * U * Ds + o_m[:, None] * Ds + o_d[None, :]
+                m_g = m_m[:, None] & m_d[None, :]
+                b_g = tl.load(p_g, mask=m_g & m_seen[:, None], other=0.0)  # [BM, BD]
+                b_g += _dot_nn(b_e, b_sn, F32_PREC, IS_FP64)
+                tl.store(p_g, b_g, mask=m_g)
+
+    tl.store(PARTIAL + i_l * num_work + i_w, tl.sum(b_num, axis=0))
+
+
+@triton.jit
+def _structural_grad_epilogue_kernel(
+    G,  # [L, U, Ds] ACC, in: G_u; out (in place): ∂L/∂S_u
+    S,  # [L, U, Ds] student
+    NORM_S,  # [L, U] ACC, ‖S_u‖ (unclamped)
+    SCALE,  # [L] ACC, 4 / den
+    U,
+    Ds,
+    stride_sl,
+    stride_su,
+    stride_sd,
+    eps,
+    BD: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    i_u = tl.program_id(0).to(tl.int64)
+    i_l = tl.program_id(1).to(tl.int64)
+    b_norm = tl.load(NORM_S + i_l * U + i_u)
+    b_scale = tl.load(SCALE + i_l)
+    p_g = G + i_l * U * Ds + i_u * Ds
+    p_s = S + i_l * stride_sl + i_u * stride_su
+    if b_norm >= eps:
+        b_inv = 1.0 / b_norm
+        # (G·Ŝ) Ŝ = (G·S) S / ‖S‖²
+        b_dot = tl.zeros([BD], dtype=ACC)
+        for d in range(0, Ds, BD):
+            o_d = d + tl.arange(0, BD)
+            m_d = o_d < Ds
+            b_gd = tl.load(p_g + o_d, mask=m_d, other=0.0)  # [BD]
+            b_sd = tl.load(p_s + o_d * stride_sd, mask=m_d, other=0.0).to(ACC)  # [BD]
+            b_dot += b_gd * b_sd
+        b_proj = tl.sum(b_dot, axis=0) * b_inv * b_inv
+        for d in range(0, Ds, BD):
+            o_d = d + tl.arange(0, BD)
+            m_d = o_d < Ds
+            b_gd = tl.load(p_g + o_d, mask=m_d, other=0.0)  # [BD]
+            b_sd = tl.load(p_s + o_d * stride_sd, mask=m_d, other=0.0).to(ACC)  # [BD]
+            tl.store(p_g + o_d, b_scale * (b_gd - b_proj * b_sd) * b_inv, mask=m_d)
+    else:
+        # ‖x‖ < eps: Ŝ = x / eps, no projection
+        for d in range(0, Ds, BD):
+            o_d = d + tl.arange(0, BD)
+            m_d = o_d < Ds
+            b_gd = tl.load(p_g + o_d, mask=m_d, other=0.0)  # [BD]
+            tl.store(p_g + o_d, b_gd * (b_scale / eps), mask=m_d)
+
+
+# ------------------------------------------------------------------------------------ host helpers
+def _seq_bounds(cu_units: torch.Tensor, num_units: int) -> list[int]:
+    """Validate the CSR offsets' values (inside the op: data-dependent) and return them on the host."""
+    bounds = cu_units.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_units must start at 0, got cu_units[0] = {bounds[0]}")
+    if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(f"cu_units must be non-decreasing, got {bounds[:16]}{' ...' if len(bounds) > 16 else ''}")
+    if bounds[-1] != num_units:
+        raise ValueError(f"cu_units ends at {bounds[-1]} but there are {num_units} units")
+    return bounds
+
+
+def _work_list(cu_units: torch.Tensor, block_m: int) -> torch.Tensor:
+    """int32 ``[W, 4]`` (row_start, row_end, col_start, col_end) row blocks covering the block diagonal."""
+    if hasattr(layout, "block_diagonal_work_list"):
+        return layout.block_diagonal_work_list(cu_units, block_m)
+    # TEMPORARY local equivalent until the extension ships it (delete then).
+    rows: list[tuple[int, int, int, int]] = []
+    pack: list[int] | None = None
+    bounds = cu_units.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi - lo < 2:
+            continue
+        if hi - lo <= block_m:
+            if pack is not None and hi - pack[0] <= block_m:
+                pack[1] = hi
+                continue
+            if pack is not None:
+                rows.append((pack[0], pack[1], pack[0], pack[1]))
+            pack = [lo, hi]
+        else:
+            if pack is not None:
+                rows.append((pack[0], pack[1], pack[0], pack[1]))
+                pack = None
+            rows.extend((r, min(r + block_m, hi), lo, hi) for r in range(lo, hi, block_m))
+    if pack is not None:
+        rows.append((pack[0], pack[1], pack[0], pack[1]))
+    return torch.tensor(rows, dtype=torch.int32, device=cu_units.device).reshape(-1, 4)
+
+
+def _unit_to_seq(cu_units: torch.Tensor) -> torch.Tensor:
+    """int32 ``[U]``: the sequence of each unit."""
+    if hasattr(layout, "unit_to_seq"):
+        return layout.unit_to_seq(cu_units)
+    # TEMPORARY local equivalent until the extension ships it (delete then).
+    lengths = (cu_units[1:] - cu_units[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_units.device), lengths).to(torch.int32)
+
+
+def _denominator(weights: torch.Tensor | None, bounds: list[int], L: int, U: int, device, dtype) -> torch.Tensor:
+    """``[L]`` Σ_b over sequences with ≥ 2 units of (Σ W)² − Σ W² (float64 prefix sums: deterministic)."""
+    lo = torch.tensor(bounds[:-1], dtype=torch.long, device=device)
+    hi = torch.tensor(bounds[1:], dtype=torch.long, device=device)
+    pairs = (hi - lo) >= 2  # [B]
+    if weights is None:
+        n = (hi - lo).to(torch.float64)
+        return (n * (n - 1) * pairs).sum().expand(L).to(dtype)
+    w = weights.detach().to(torch.float64).expand(L, U)
+    zero = w.new_zeros(L, 1)
+    c1 = torch.cat([zero, w.cumsum(-1)], dim=-1)  # [L, U+1]
+    c2 = torch.cat([zero, (w * w).cumsum(-1)], dim=-1)
+    s1 = c1[:, hi] - c1[:, lo]  # [L, B]
+    s2 = c2[:, hi] - c2[:, lo]
+    return ((s1 * s1 - s2) * pairs).sum(-1).to(dtype)
+
+
+def _block_sizes(device: torch.device, acc_dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BM, BN, BD). Small blocks under the interpreter (tests exercise several blocks and D chunks) and
+    for fp64 (its broadcast-and-sum product holds BM·BN·BD values)."""
+    if device.type != "cuda" or acc_dtype == torch.float64:
+        return 16, 16, 16
+    return 64, 64, 64
+
+
+# input_precision of the kernels' fp32-operand dots (the gradient's E·Ŝ always; S·Sᵀ for fp32 inputs).
+# "ieee" is exact fp32 on CUDA cores; "tf32x3" (3 TF32 tensor-core passes, ~fp32 accuracy) is the
+# candidate to measure on the GPU.
+F32_DOT_PRECISION = "ieee"
+
+
+_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _triton_forward(
+    student: torch.Tensor,  # [L, U, Ds]
+    teacher: torch.Tensor,  # [L, U, Dt]
+    cu_units: torch.Tensor,
+    weights: torch.Tensor | None,  # [L or 1, U]
+    bounds: list[int],
+    compute_grad: bool,
+    acc_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    L, U, Ds = student.shape
+    Dt = teacher.shape[-1]
+    device = student.device
+    # per-row norms, O(U·D): vector_norm(dtype=) upcasts on the fly, without a float copy of the input
+    norm_s = torch.linalg.vector_norm(student, dim=-1, dtype=acc_dtype).contiguous()  # [L, U]
+    norm_t = torch.linalg.vector_norm(teacher, dim=-1, dtype=acc_dtype)
+    inv_s = 1.0 / norm_s.clamp_min(NORMALIZE_EPS)
+    inv_t = (1.0 / norm_t.clamp_min(NORMALIZE_EPS)).contiguous()
+    den = _denominator(weights, bounds, L, U, device, acc_dtype)  # [L]
+
+    BM, BN, BD = _block_sizes(device, acc_dtype)
+    work = _work_list(cu_units, BM)
+    num_work = work.shape[0]
+    grad = torch.zeros(L, U, Ds, dtype=acc_dtype, device=device) if compute_grad else student.new_empty(0)
+    partial = torch.zeros(L, num_work, dtype=acc_dtype, device=device)
+    if num_work > 0 and L > 0:
+        seq = _unit_to_seq(cu_units)
+        native = device.type == "cuda" and not triton_interpreting() and acc_dtype == torch.float32
+        w_arg = weights if weights is not None else inv_s  # dummy pointer when unweighted
+        _structural_fwd_kernel[(num_work, L)](
+            student,
+            teacher,
+            inv_s,
+            inv_t,
+            w_arg,
+            seq,
+            work,
+            partial,
+            grad,
+            U,
+            Ds,
+            Dt,
+            num_work,
+            *student.stride(),
+            *teacher.stride(),
+            weights.stride(0) if weights is not None and weights.shape[0] > 1 else 0,  # [1, U] broadcasts
+            weights.stride(1) if weights is not None else 0,
+            BM=BM,
+            BN=BN,
+            BD=BD,
+            HAS_WEIGHTS=weights is not None,
+            COMPUTE_GRAD=compute_grad,
+            NATIVE_S=native and student.dtype in (torch.float16, torch.bfloat16),
+            NATIVE_T=native and teacher.dtype in (torch.float16, torch.bfloat16),
+            F32_PREC=F32_DOT_PRECISION,
+            ACC=_TL_ACC[acc_dtype],
+            IS_FP64=acc_dtype == torch.float64,
+        )
+    num = partial.to(torch.float64).sum(-1)  # [L], fixed order: deterministic
+    safe_den = torch.where(den > 0, den, torch.ones_like(den))
+    loss = (num / safe_den).to(acc_dtype)
+    if compute_grad and U > 0 and L > 0 and Ds > 0:
+        scale = (4.0 / safe_den).to(acc_dtype) * (den > 0)  # [L]
+        BD_E = min(1024, triton.next_power_of_2(Ds))
+        _structural_grad_epilogue_kernel[(U, L)](
+            grad, student, norm_s, scale, U, Ds, *student.stride(), NORMALIZE_EPS, BD=BD_E, ACC=_TL_ACC[acc_dtype]
+        )
+    return loss, grad
+
+
+def _torch_forward(
+    student: torch.Tensor,  # [L, U, Ds]
+    teacher: torch.Tensor,  # [L, U, Dt]
+    weights: torch.Tensor | None,  # [L or 1, U]
+    bounds: list[int],
+    compute_grad: bool,
+    acc_dtype: torch.dtype,
+    row_chunk: int = 256,
+    feature_space: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-diagonal torch path: per sequence, ``row_chunk`` rows at a time (never N×N, never (ΣU)²).
+
+    A sequence with more units than the feature-space cost model allows uses the identity of SPEC §5
+    (O(N·D²) instead of O(N²·D)); ``feature_space`` True/False forces one formulation (tests).
+    """
+    L, U, Ds = student.shape
+    Dt = teacher.shape[-1]
+    device = student.device
+    norm_s = torch.linalg.vector_norm(student, dim=-1, dtype=acc_dtype)  # [L, U]
+    norm_t = torch.linalg.vector_norm(teacher, dim=-1, dtype=acc_dtype)
+    s_hat = student.to(acc_dtype) / norm_s.clamp_min(NORMALIZE_EPS)[..., None]  # [L, U, Ds]
+    t_hat = teacher.to(acc_dtype) / norm_t.clamp_min(NORMALIZE_EPS)[..., None]  # [L, U, Dt]
+    w = None if weights is None else weights.to(acc_dtype).expand(L, U)
+    den = _denominator(weights, bounds, L, U, device, acc_dtype)
+    num = torch.zeros(L, dtype=torch.float64, device=device)
+    grad = torch.zeros(L, U, Ds, dtype=acc_dtype, device=device) if compute_grad else student.new_empty(0)
+    # feature space when N·(2Ds+Dt) > 2Ds²+2DsDt+Dt² (FLOPs of pair space vs feature space, with gradient)
+    feature_cost = 2 * Ds * Ds + 2 * Ds * Dt + Dt * Dt
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        n = hi - lo
+        if n < 2:
+            continue
+        sh, th = s_hat[:, lo:hi], t_hat[:, lo:hi]  # [L, n, Ds], [L, n, Dt]
+        ws = None if w is None else w[:, lo:hi]  # [L, n]
+        use_features = n * (2 * Ds + Dt) > feature_cost if feature_space is None else feature_space
+        if use_features:
+            seq_num, seq_grad = _feature_space(sh, th, ws, compute_grad)
+            num += seq_num
+            if compute_grad:
+                grad[:, lo:hi] = seq_grad
+            continue
+        chunk = max(16, min(row_chunk, (1 << 22) // max(1, L * n)))
+        for r0 in range(0, n, chunk):
+            r1 = min(r0 + chunk, n)
+            cs = sh[:, r0:r1] @ sh.transpose(-1, -2)  # [L, r, n]
+            ct = th[:, r0:r1] @ th.transpose(-1, -2)
+            diff = cs - ct
+            rows = torch.arange(r1 - r0, device=device)
+            diff[:, rows, rows + r0] = 0  # the u == v terms are not pairs
+            e = diff if ws is None else diff * ws[:, r0:r1, None] * ws[:, None, :]
+            num += (e * diff).sum((-1, -2)).to(torch.float64)
+            if compute_grad:
+                grad[:, lo + r0 : lo + r1] = e @ sh  # G_u = Σ_v E_uv Ŝ_v
+    safe_den = torch.where(den > 0, den, torch.ones_like(den))
+    loss = (num / safe_den).to(acc_dtype)
+    if compute_grad:
+        # ∂L/∂S_u = 4/den · (G − (G·Ŝ)Ŝ) / ‖S_u‖ where ‖S_u‖ ≥ eps, else 4/den · G / eps
+        scale = ((4.0 / safe_den) * (den > 0)).to(acc_dtype)[:, None, None]
+        big = (norm_s >= NORMALIZE_EPS)[..., None]
+        proj = (grad * s_hat).sum(-1, keepdim=True) * s_hat
+        grad = scale * torch.where(big, (grad - proj) / norm_s.clamp_min(NORMALIZE_EPS)[..., None], grad / NORMALIZE_EPS)
+    return loss, grad
+
+
+def _feature_space(
+    sh: torch.Tensor, th: torch.Tensor, ws: torch.Tensor | None, compute_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One sequence in feature space. ``sh [L, n, Ds]``, ``th [L, n, Dt]`` normalised rows, ``ws [L, n]``.
+
+    With A = Σ_v W_v Ŝ_vᵀŜ_v [Ds, Ds], B = Σ_v W_v Ŝ_vᵀT̂_v [Ds, Dt], C = Σ_v W_v T̂_vᵀT̂_v [Dt, Dt]:
+    Σ_{u,v} W_u W_v (C^S−C^T)²_uv = ‖A‖² − 2‖B‖² + ‖C‖², minus the diagonal Σ_u W_u² (‖Ŝ_u‖²−‖T̂_u‖²)²
+    (0 for unit rows, 1 for a zero row against a unit one); G_u = W_u (A Ŝ_u − B T̂_u) − E_uu Ŝ_u.
+    Returns the numerator ``[L]`` (float64) and G ``[L, n, Ds]``.
+    """
+    wcol = torch.ones_like(sh[..., :1]) if ws is None else ws[..., None]  # [L, n, 1]
+    a = (sh * wcol).transpose(-1, -2) @ sh  # [L, Ds, Ds]
+    b = (sh * wcol).transpose(-1, -2) @ th  # [L, Ds, Dt]
+    c = (th * wcol).transpose(-1, -2) @ th  # [L, Dt, Dt]
+    e_diag = wcol[..., 0] ** 2 * ((sh * sh).sum(-1) - (th * th).sum(-1))  # [L, n]
+    diag = (e_diag * ((sh * sh).sum(-1) - (th * th).sum(-1))).sum(-1)
+    full = a.square().sum((-1, -2)) - 2 * b.square().sum((-1, -2)) + c.square().sum((-1, -2))
+    num = full.to(torch.float64) - diag.to(torch.float64)
+    if not compute_grad:
+        return num, None
+    g = wcol * (sh @ a - th @ b.transpose(-1, -2)) - e_diag[..., None] * sh  # [L, n, Ds] (A symmetric)
+    return num, g
+
+
+# -------------------------------------------------------------------------------------- custom op
+def _structural_loss_impl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    cu_units: torch.Tensor,
+    unit_weights: torch.Tensor | None,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's body. ``student [L, U, Ds]``, ``teacher [L, U, Dt]``, ``unit_weights [L, U] | [1, U] | None``.
+
+    Returns the loss ``[L]`` and, if ``compute_grad``, ``∂loss_l/∂student [L, U, Ds]`` (else an empty tensor),
+    both in the accumulation dtype (float32, float64 for float64 inputs).
+    """
+    L, U, _ = student.shape
+    bounds = _seq_bounds(cu_units, U)
+    acc_dtype = _acc_dtype(student, teacher, unit_weights)
+    # Inside the op nothing is autocast: the kernels and the torch path choose their own precision.
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        if use_triton(student):
+            return _triton_forward(student, teacher, cu_units, unit_weights, bounds, compute_grad, acc_dtype)
+        return _torch_forward(student, teacher, unit_weights, bounds, compute_grad, acc_dtype)
+
+
+@torch.library.custom_op("mta_kernels::structural_loss", mutates_args=())
+def _structural_loss_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    cu_units: torch.Tensor,
+    unit_weights: torch.Tensor | None,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Custom op around :func:`_structural_loss_impl` (opaque to torch.compile; see register_fake)."""
+    return _structural_loss_impl(student, teacher, cu_units, unit_weights, compute_grad)
+
+
+@_structural_loss_op.register_fake
+def _(student, teacher, cu_units, unit_weights, compute_grad):
+    acc_dtype = _acc_dtype(student, teacher, unit_weights)
+    loss = student.new_empty(student.shape[:1], dtype=acc_dtype)
+    grad = student.new_empty(student.shape if compute_grad else (0,), dtype=acc_dtype)
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    student, _, _, _, compute_grad = inputs
+    ctx.compute_grad = compute_grad
+    ctx.student_dtype = student.dtype
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    if not ctx.compute_grad:
+        raise RuntimeError("mta_kernels::structural_loss: called with compute_grad=False, it has no gradient")
+    (grad,) = ctx.saved_tensors
+    return (grad * grad_loss[:, None, None]).to(ctx.student_dtype), None, None, None, None
+
+
+_structural_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 when any input is float64 (matches the reference oracle), float32 otherwise (SPEC §8)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ------------------------------------------------------------------------------------ public entry
+def structural_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    cu_units: torch.Tensor,
+    unit_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DSA loss, block-diagonal: pairwise cosine geometry of the units within each sequence (SPEC §5).
+
+    Args:
+        student: ``[U, Ds]`` or stacked layer pairs ``[L, U, Ds]``, float16/bfloat16/float32/float64.
+            The gradient flows here.
+        teacher: ``[U, Dt]`` or ``[L, U, Dt]`` (``Dt`` may differ from ``Ds``); treated as a constant.
+        cu_units: int32 ``[B+1]`` CSR offsets: the units of sequence b are rows ``cu_units[b]:cu_units[b+1]``.
+        unit_weights: ``None`` (all 1) or ``[U]`` / ``[L, U]`` unit importances (constants).
+    Returns:
+        float32 (float64 for float64 inputs) scalar, or ``[L]`` for stacked inputs. 0 with a zero gradient
+        when no sequence has two units.
+    Raises:
+        TypeError: non-float student/teacher/weights, cu_units not int32.
+        ValueError: shapes, dims or devices that do not agree; cu_units values (not starting at 0,
+            decreasing, not ending at U).
+    """
+    _check_inputs(student, teacher, cu_units, unit_weights)
+    stacked = student.dim() == 3
+    s3 = student if stacked else student.unsqueeze(0)  # [L, U, Ds]
+    t3 = teacher.detach() if stacked else teacher.detach().unsqueeze(0)  # [L, U, Dt]
+    w2 = None
+    if unit_weights is not None:
+        w2 = unit_weights.detach()
+        w2 = w2 if w2.dim() == 2 else w2.unsqueeze(0)  # [L or 1, U]
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    loss, _ = _structural_loss_op(s3, t3, cu_units, w2, compute_grad)
+    return loss if stacked else loss[0]
+
+
+def _check_inputs(
+    student: torch.Tensor, teacher: torch.Tensor, cu_units: torch.Tensor, unit_weights: torch.Tensor | None
+) -> None:
+    """Metadata checks (dtype, shape, device) before anything runs."""
+    for name, t in (("student", student), ("teacher", teacher)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{name} must be [U, D] or [L, U, D], got shape {tuple(t.shape)}")
+    if student.dim() != teacher.dim() or student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same "
+            "number of units (and of stacked layers); only the last dimension may differ"
+        )
+    if not isinstance(cu_units, torch.Tensor) or cu_units.dtype != torch.int32:
+        raise TypeError(f"cu_units must be an int32 tensor, got {getattr(cu_units, 'dtype', type(cu_units))}")
+    if cu_units.dim() != 1 or cu_units.shape[0] < 1:
+        raise ValueError(f"cu_units must be [B+1] with B >= 0, got shape {tuple(cu_units.shape)}")
+    if teacher.device != student.device or cu_units.device != student.device:
+        raise ValueError(
+            f"student ({student.device}), teacher ({teacher.device}) and cu_units ({cu_units.device}) "
+            "must be on one device"
+        )
+    if unit_weights is not None:
+        if not isinstance(unit_weights, torch.Tensor) or unit_weights.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"unit_weights must be a float tensor, got {getattr(unit_weights, 'dtype', None)}")
+        if unit_weights.device != student.device:
+            raise ValueError(f"unit_weights is on {unit_weights.device}, student on {student.device}")
+        U = student.shape[-2]
+        ok = unit_weights.shape == (U,) or (student.dim() == 3 and unit_weights.shape == student.shape[:2])
+        if not ok:
+            expected = f"[{U}]" + (f" or {list(student.shape[:2])}" if student.dim() == 3 else "")
+            raise ValueError(f"unit_weights must be {expected}, got shape {tuple(unit_weights.shape)}")

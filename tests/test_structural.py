@@ -1,0 +1,343 @@
+"""DSA structural loss (SPEC §5): Triton kernels and the torch path against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mta_kernels import reference, use_backend
+from mta_kernels.ops import structural as st
+from mta_kernels.ops.structural import structural_loss
+from tests.helpers import DEVICE, DTYPES, assert_within_rule, watch_allocations
+
+BACKENDS = ["triton", "torch"]
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+
+
+def _inputs(lengths, ds, dt, dtype, *, layers=None, weights=None, seed=0):
+    """Student/teacher unit vectors with a shared low-rank part (realistic, non-trivial C^S − C^T)."""
+    g = torch.Generator().manual_seed(seed)
+    U = sum(lengths)
+    lead = () if layers is None else (layers,)
+    base = torch.randn(*lead, U, 8, generator=g, dtype=torch.float64)
+    s = base @ torch.randn(8, ds, generator=g, dtype=torch.float64) + 0.5 * torch.randn(*lead, U, ds, generator=g)
+    t = base @ torch.randn(8, dt, generator=g, dtype=torch.float64) + 0.5 * torch.randn(*lead, U, dt, generator=g)
+    w = None
+    if weights == "u":
+        w = torch.rand(U, generator=g) + 0.1
+    elif weights == "lu":
+        w = torch.rand(*lead, U, generator=g) + 0.1
+    to = lambda x: None if x is None else x.to(DEVICE)
+    return to(s.to(dtype)), to(t.to(dtype)), _cu(lengths), to(w)
+
+
+def _run(fn, s, t, cu, w, grad_out):
+    """Loss and ∂(Σ grad_out · loss)/∂student of ``fn``."""
+    x = s.detach().clone().requires_grad_(True)
+    loss = fn(x, t, cu, w)
+    (loss * grad_out).sum().backward()
+    return loss.detach(), x.grad
+
+
+def _check(s, t, cu, w, backend: str, what: str, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and student gradient (of ``rows``, default all) within the SPEC §8 rule (eager = the
+    reference in the same dtype). Returns the fused and the oracle gradients."""
+    g_out = torch.rand(s.shape[:-2], dtype=torch.float64, device=s.device) + 0.5  # random dL/dloss
+    wd = None if w is None else w.double()
+    oracle, oracle_g = _run(reference.structural_loss, s.double(), t.double(), cu, wd, g_out)
+    eager, eager_g = _run(reference.structural_loss, s, t, cu, w, g_out.float())
+    with use_backend(backend):
+        fused, fused_g = _run(structural_loss, s, t, cu, w, g_out.float())
+    assert fused.dtype == torch.float32 and fused_g.dtype == s.dtype
+    assert_within_rule(fused, eager, oracle, what=f"{what} loss")
+    rows = slice(None) if rows is None else rows
+    assert_within_rule(fused_g[..., rows, :], eager_g[..., rows, :], oracle_g[..., rows, :], what=f"{what} grad")
+    return fused_g, oracle_g
+
+
+CASES = {
+    # sequences with 0 and 1 units, short ones, one longer than the interpreter's block_m (16)
+    "mixed": ([3, 0, 1, 36, 5, 2], 17, 29, "u"),
+    # D over several chunks, Ds != Dt, unweighted; a sequence longer than the GPU block_m (64)
+    "wide": ([70, 2], 60, 129, None),
+    # a packed batch of many tiny sequences (several per row block)
+    "tiny_packed": ([2, 3, 1, 4, 0, 2, 3, 3, 2, 4, 1, 2, 3, 2, 4, 3, 2], 17, 17, "u"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, dtype, case):
+    lengths, ds, dt, weights = CASES[case]
+    if case == "wide" and backend == "triton" and dtype != torch.float32 and DEVICE == "cpu":
+        lengths = [20, 2]  # the interpreter is slow; fp32 covers the 70-unit sequence
+    s, t, cu, w = _inputs(lengths, ds, dt, dtype, weights=weights)
+    _check(s, t, cu, w, backend, f"{backend}/{dtype}/{case}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "lengths", [[], [0], [0, 0], [1], [1, 0, 1], [2], [1, 1], [0, 2, 1]], ids=lambda x: "-".join(map(str, x)) or "B0"
+)
+def test_awkward_sizes(backend, lengths):
+    s, t, cu, w = _inputs(lengths, 17, 5, torch.float32, weights="u")
+    has_pair = any(n >= 2 for n in lengths)
+    with use_backend(backend):
+        loss, grad = _run(structural_loss, s, t, cu, w, torch.tensor(1.0, device=DEVICE))
+    assert loss.shape == () and loss.dtype == torch.float32
+    if not has_pair:
+        assert loss.item() == 0.0
+        assert grad is not None and grad.shape == s.shape and (grad == 0).all()
+    else:
+        _check(s, t, cu, w, backend, f"{backend}/{lengths}")
+
+
+@pytest.mark.parametrize("weights", [None, "u", "lu"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stacked_layers(backend, weights):
+    s, t, cu, w = _inputs([5, 1, 19, 3], 17, 33, torch.float32, layers=3, weights=weights)
+    _check(s, t, cu, w, backend, f"{backend}/stacked/{weights}")
+    # non-contiguous stacked views (a layer-major stack of [U, L, D] storage)
+    s_nc = s.transpose(0, 1).contiguous().transpose(0, 1)
+    t_nc = t.transpose(0, 1).contiguous().transpose(0, 1)
+    with use_backend(backend):
+        a = structural_loss(s, t, cu, w)
+        b = structural_loss(s_nc, t_nc, cu, w)
+    assert a.shape == (3,)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stacked_bf16(backend):
+    s, t, cu, w = _inputs([6, 18], 17, 20, torch.bfloat16, layers=2, weights="lu")
+    _check(s, t, cu, w, backend, f"{backend}/stacked-bf16")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows(backend):
+    """All-zero unit vectors (student and teacher): no NaN; gradient = autograd of F.normalize (G/eps)."""
+    s, t, cu, w = _inputs([6, 20, 3], 17, 9, torch.float32, weights="u")
+    s[[0, 9, 27]] = 0
+    t[[1, 9, 28]] = 0
+    zero = [0, 9, 27]
+    nonzero = [u for u in range(s.shape[0]) if u not in zero]
+    fused_g, oracle_g = _check(s, t, cu, w, backend, f"{backend}/zero-rows-fp32", rows=nonzero)
+    # the zero rows' gradients are ~1e6 (1/eps): rounding-dominated in fp32, so compare them relatively,
+    # and exactly in float64 below
+    torch.testing.assert_close(fused_g[zero], oracle_g[zero].float(), rtol=1e-5, atol=1e-3)
+    g_out = torch.tensor(1.0, dtype=torch.float64, device=DEVICE)
+    ref, ref_g = _run(reference.structural_loss, s.double(), t.double(), cu, w.double(), g_out)
+    with use_backend(backend):
+        out, out_g = _run(structural_loss, s.double(), t.double(), cu, w.double(), g_out)
+    assert torch.isfinite(out_g).all()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out_g, ref_g, rtol=1e-8, atol=1e-10)
+    assert ref_g[zero].abs().max() > 1e3  # the 1/eps branch was exercised
+
+
+def test_torch_feature_space_matches_pair_space():
+    """The feature-space identity (chosen when a sequence has more units than dimensions)."""
+    s, t, cu, w = _inputs([40, 1, 9], 4, 5, torch.float32, weights="u")
+    s[3] = 0  # a zero row: the diagonal term of the identity is not 0 there
+    s = s.double()
+    t = t.double()
+    w = w.double()
+    s3, t3, w2 = s[None], t[None], w[None]
+    bounds = cu.tolist()
+    for feature_space in (True, False, None):
+        loss, g = st._torch_forward(s3, t3, w2, bounds, True, torch.float64, feature_space=feature_space)
+        ref, ref_g = _run(reference.structural_loss, s, t, cu, w, torch.tensor(1.0, dtype=torch.float64))
+        torch.testing.assert_close(loss[0], ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g[0], ref_g, rtol=1e-8, atol=1e-10)
+    # the cost model picks feature space for the 40-unit sequence (40·13 > 2·16+2·20+25)
+    calls = []
+    orig = st._feature_space
+    try:
+        st._feature_space = lambda *a: calls.append(a[0].shape[1]) or orig(*a)
+        with use_backend("torch"):
+            structural_loss(s, t, cu, w)
+    finally:
+        st._feature_space = orig
+    assert calls == [40, 9]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend, weighted):
+    s, t, cu, w = _inputs([3, 0, 4, 1], 5, 6, torch.float64, weights="u" if weighted else None)
+    s = s.requires_grad_(True)
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda x: structural_loss(x, t, cu, w), (s,), fast_mode=backend == "triton" and DEVICE == "cpu"
+        )
+
+
+def test_gradcheck_stacked_triton():
+    s, t, cu, w = _inputs([4, 3], 5, 3, torch.float64, layers=2, weights="lu")
+    s = s.requires_grad_(True)
+    with use_backend("triton"):
+        assert torch.autograd.gradcheck(lambda x: structural_loss(x, t, cu, w), (s,), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_to_teacher_or_weights(backend):
+    s, t, cu, w = _inputs([5, 4], 17, 9, torch.float32, weights="u")
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    w.requires_grad_(True)
+    with use_backend(backend):
+        structural_loss(s, t, cu, w).backward()
+        assert s.grad is not None and t.grad is None and w.grad is None
+        # only the teacher requires grad: the loss is a constant
+        assert not structural_loss(s.detach(), t, cu, w).requires_grad
+        # no grad mode: nothing is saved, nothing requires grad
+        with torch.no_grad():
+            assert not structural_loss(s, t, cu, w).requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    s, t, cu, w = _inputs([3, 30, 2, 4], 40, 23, torch.float32, weights="u")
+    g_out = torch.tensor(1.0, device=DEVICE)
+    with use_backend(backend):
+        a, ga = _run(structural_loss, s, t, cu, w, g_out)
+        b, gb = _run(structural_loss, s, t, cu, w, g_out)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+def test_torch_compile_fullgraph():
+    s, t, cu, w = _inputs([5, 1, 20], 17, 9, torch.float32, weights="u")
+
+    def f(x, y, c, ww):
+        return 2.0 * structural_loss(x, y, c, ww) + 1.0
+
+    g_out = torch.tensor(1.0, device=DEVICE)
+    eager, eager_g = _run(f, s, t, cu, w, g_out)
+    compiled, compiled_g = _run(torch.compile(f, fullgraph=True, backend="aot_eager"), s, t, cu, w, g_out)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_g, eager_g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast(backend):
+    """Under autocast the op keeps its own precision (fp32 accumulation), nothing inside is downcast."""
+    s, t, cu, w = _inputs([5, 30], 17, 9, torch.float32, weights="u")
+    with use_backend(backend):
+        plain = structural_loss(s, t, cu, w)
+        with torch.autocast(device_type=s.device.type, dtype=torch.bfloat16):
+            auto = structural_loss(s, t, cu, w)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, rtol=1e-6, atol=1e-7)
+
+
+def _largest_allocation(n, ds, backend, **torch_kw):
+    """Largest tensor created by the op body on one sequence of n units (TorchDispatchMode does not see
+    inside a custom op, so the body is run directly under the watch)."""
+    s, t, cu, _ = _inputs([n], ds, ds, torch.float32)
+    s3, t3 = s[None], t[None]
+    with watch_allocations() as watch:
+        if backend == "triton":
+            with use_backend("triton"):
+                loss, grad = st._structural_loss_impl(s3, t3, cu, None, True)
+        else:
+            bounds = st._seq_bounds(cu, n)
+            loss, grad = st._torch_forward(s3, t3, None, bounds, True, torch.float32, **torch_kw)
+    assert torch.isfinite(loss).all() and grad.shape == s3.shape
+    return watch.largest, watch.largest_op
+
+
+@pytest.mark.parametrize("feature_space", [False, True])
+def test_no_quadratic_allocation_torch(feature_space):
+    n = 1500
+    largest, op = _largest_allocation(n, 16, "torch", feature_space=feature_space)
+    assert largest < n * n // 4, f"torch path allocated {largest} elements ({op}) for N={n}"
+
+
+def test_no_quadratic_allocation_triton():
+    # The interpreter runs ~(n/16)² tiles in Python, so n is small there; it also copies the arguments
+    # into byte storages (U·D·4 elements), hence the bound n² rather than n²/4.
+    n = 160 if DEVICE == "cpu" else 1500
+    largest, op = _largest_allocation(n, 16, "triton")
+    assert largest < n * n, f"triton path allocated {largest} elements ({op}) for N={n}"
+
+
+def test_work_list_covers_block_diagonal():
+    """Row blocks are disjoint, cover every unit of a sequence with ≥ 2 units, and their columns cover
+    the whole sequence of each row (the kernel relies on this for its atomic-free gradient)."""
+    lengths = [2, 0, 1, 3, 40, 5, 17, 1, 16, 2, 2]
+    cu = _cu(lengths)
+    seq = st._unit_to_seq(cu).cpu()
+    assert seq.dtype == torch.int32 and seq.tolist() == [b for b, n in enumerate(lengths) for _ in range(n)]
+    for block_m in (16, 64):
+        work = st._work_list(cu, block_m).cpu()
+        assert work.dtype == torch.int32 and work.shape[1] == 4
+        owner = torch.full((sum(lengths),), -1)
+        bounds = cu.tolist()
+        for i, (r0, r1, c0, c1) in enumerate(work.tolist()):
+            assert 0 < r1 - r0 <= block_m
+            assert (owner[r0:r1] == -1).all(), "row blocks overlap"
+            owner[r0:r1] = i
+            for u in range(r0, r1):
+                lo, hi = bounds[seq[u]], bounds[seq[u] + 1]
+                if hi - lo >= 2:
+                    assert c0 <= lo and hi <= c1
+        for b, n in enumerate(lengths):
+            if n >= 2:
+                assert (owner[bounds[b] : bounds[b + 1]] >= 0).all()
+
+
+def test_errors():
+    s, t, cu, w = _inputs([3, 4], 17, 9, torch.float32, weights="u")
+    with pytest.raises(TypeError, match="student"):
+        structural_loss(s.int(), t, cu)
+    with pytest.raises(TypeError, match="teacher"):
+        structural_loss(s, t.long(), cu)
+    with pytest.raises(TypeError, match="unit_weights"):
+        structural_loss(s, t, cu, torch.ones(7, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(TypeError, match="int32"):
+        structural_loss(s, t, cu.long())
+    with pytest.raises(ValueError, match="same"):
+        structural_loss(s, t[:6], cu)
+    with pytest.raises(ValueError, match="same"):
+        structural_loss(s[None].expand(2, -1, -1), t[None].expand(3, -1, -1), cu)
+    with pytest.raises(ValueError, match="same"):
+        structural_loss(s[None], t, cu)
+    with pytest.raises(ValueError, match=r"\[U, D\]"):
+        structural_loss(s[0], t[0], cu)
+    with pytest.raises(ValueError, match=r"\[U, D\]"):
+        structural_loss(s[None, None], t[None, None], cu)
+    with pytest.raises(ValueError, match="ends at"):
+        structural_loss(s, t, _cu([3, 3]))
+    with pytest.raises(ValueError, match="start at 0"):
+        structural_loss(s, t, torch.tensor([1, 3, 7], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        structural_loss(s, t, torch.tensor([0, 5, 3, 7], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"\[B\+1\]"):
+        structural_loss(s, t, cu[None])
+    with pytest.raises(ValueError, match="unit_weights"):
+        structural_loss(s, t, cu, w[:6])
+    with pytest.raises(ValueError, match="unit_weights"):
+        structural_loss(s, t, cu, w[None].expand(2, -1))  # [L, U] weights with 2-D inputs
+    with pytest.raises(ValueError, match="unit_weights"):
+        structural_loss(s[None].expand(2, -1, -1), t[None].expand(2, -1, -1), cu, w[None].expand(3, -1))
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="device"):
+            structural_loss(s, t.cpu(), cu)
+        with pytest.raises(ValueError, match="device"):
+            structural_loss(s, t, cu.cpu())
+        with pytest.raises(ValueError, match="unit_weights"):
+            structural_loss(s, t, cu, w.cpu())
+    else:
+        with pytest.raises(ValueError, match="device"):
+            structural_loss(s, t.to("meta"), cu)
+        with pytest.raises(ValueError, match="device"):
+            structural_loss(s, t, cu.to("meta"))
+        with pytest.raises(ValueError, match="unit_weights"):
+            structural_loss(s, t, cu, w.to("meta"))
