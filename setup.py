@@ -43,14 +43,22 @@ def _openmp_flags() -> list[str]:
 
 
 def make_extension():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # csrc/*.cpp: op registration and the checks shared by CPU and CUDA; csrc/cpu: CPU kernels;
+    # csrc/cuda: CUDA kernels (*.cu) and the glue that may include c10/cuda (*.cpp), CUDA builds only.
+    sources = sorted(
+        glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+    )
     omp = _openmp_flags()
-    cxx = ["-O3", "-std=c++17", *omp]
+    # No -std flag: BuildExtension adds the standard the installed torch was built for (C++17 on older
+    # torch, C++20 on newer), which its headers need.
+    cxx = ["-O3", *omp]
     define_macros = []
     if _want_cuda():
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        sources += sorted(
+            glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
+        )
         define_macros.append(("WITH_CUDA", None))
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr"]
         return CUDAExtension(
             "mta_kernels._C",
             sources,

@@ -35,7 +35,7 @@ from torch import nn
 import harness
 from bench_structural import structural_floor
 
-PROVIDERS = ("eager_stacked", "eager", "compile", "mta_kernels")
+PROVIDERS = ("eager_stacked", "eager", "mta_kernels", "compile")  # compile last (see bench_saliency)
 
 
 # --------------------------------------------------------------------------- eager composition
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_floors:
         print_floors(args)
         return
-    if args.tag is None and not args.quick:
+    if args.tag is None:
         args.tag = args.case
     harness.run_bench(make_spec(args), [complete(p) for p in cases(args.case, args.quick)], args, skip=compile_only_at_selected)
 

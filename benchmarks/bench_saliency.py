@@ -20,7 +20,7 @@ import torch
 
 import harness
 
-PROVIDERS = ("eager", "compile", "mta_kernels")
+PROVIDERS = ("eager", "mta_kernels", "compile")  # compile last: a stage timeout during compilation loses least
 
 
 def cases(which: str, quick: bool) -> list[dict[str, Any]]:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.add_common_args(parser)
     parser.add_argument("--case", default="sweep", choices=["sweep", "issue"])
     args = parser.parse_args(argv)
-    if args.tag is None and not args.quick:
+    if args.tag is None:
         args.tag = args.case
     harness.run_bench(make_spec(args), cases(args.case, args.quick), args)
 

@@ -448,8 +448,17 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-check", action="store_true", help="skip the cross-provider value check")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU: torch intra-op threads (default 1: stable on a shared box)"
+    )
     parser.add_argument("--words-per-token", type=float, default=None, help="override the measured density")
     parser.add_argument("--phrases-per-token", type=float, default=None, help="override the measured density")
+
+
+def apply_threads(args: argparse.Namespace, device: torch.device) -> None:
+    """On the CPU, few threads: several spinning intra-op threads on a busy machine inflate timings 10x."""
+    if device.type == "cpu":
+        torch.set_num_threads(getattr(args, "threads", None) or 1)
 
 
 def apply_unit_overrides(args: argparse.Namespace) -> None:
@@ -521,7 +530,7 @@ def run_provider(
         synchronize(device)
         rec["first_call_s"] = round(time.perf_counter() - t0, 4)
         if not args.no_check:
-            vals = _collect_values(out, leaves)
+            vals = _collect_values(out, list(inputs.get("check_leaves", leaves)))
         del out
         _clear_grads(leaves)
         rec["peak_mem_bytes"] = peak_memory_bytes(fn, device, leaves)
@@ -566,14 +575,16 @@ def run_bench(
     args: argparse.Namespace,
     *,
     skip: Callable[[str, dict[str, Any]], str | None] | None = None,
+    post: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> Path:
     """Run every case with every provider; write ``<name>[_<tag>].json/.csv`` (+ plots). Returns the JSON path.
 
     ``skip(provider, params)`` may return a reason to leave a provider out of a case (recorded as
     ``"skipped: <reason>"``). Cases run in the given order; once ``--max-seconds`` is spent the rest are
-    recorded as ``"skipped: time budget"``.
+    recorded as ``"skipped: time budget"``. ``post(case_records)`` may add derived columns to a case.
     """
     device = pick_device(args.device)
+    apply_threads(args, device)
     apply_unit_overrides(args)
     configure_compile()
     folder = results_dir(device, args.out)
@@ -595,6 +606,7 @@ def run_bench(
             "quantiles": QUANTILES,
             "warmup_ms": args.warmup_ms,
             "rep_ms": args.rep_ms,
+            "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
         },
     }
     records: list[dict[str, Any]] = []
@@ -633,12 +645,15 @@ def run_bench(
                 bytes_, flops = spec.floor(params, inputs)
                 _add_floor(rec, bytes_, flops, ceil)
             case_records.append(rec)
+            write_results(json_path, meta, records + case_records)  # partial: a killed stage keeps it
         ref = "eager" if "eager" in values else next(iter(values), None)
         for rec in case_records:
             if ref and rec["provider"] in values:
                 rec["check_ref"] = ref
                 rec["rel_err_vs_ref"] = _rel_err(values[rec["provider"]], values[ref])
         _add_ratios(case_records)
+        if post:
+            post(case_records)
         records.extend(case_records)
         del inputs, values
         free_memory(device)

@@ -42,8 +42,8 @@ SENTENCE_BANK = [
     "Her brother laughed, opened every window, and quietly threw the burnt loaf into the garden.",
     "By the time their parents came home, the house smelled only faintly of toast.",
     "Nobody mentioned the incident at dinner, but everyone was smiling.",
-    "\"Are you sure this is the right road?\" asked Tom, staring at the map.",
-    "\"I have driven here a hundred times,\" his father replied, without slowing down.",
+    '"Are you sure this is the right road?" asked Tom, staring at the map.',
+    '"I have driven here a hundred times," his father replied, without slowing down.',
     "Twenty minutes later they were parked in front of a closed gas station in the middle of nowhere.",
     "The engine had been making a strange noise for hours, and now it simply stopped.",
     "They waited in the dark, listening to the wind and the distant barking of a dog.",
@@ -145,7 +145,9 @@ def make_wordpiece_tokenizer(vocab_size: int = 1200) -> transformers.PreTrainedT
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    tok.train_from_iterator(SENTENCE_BANK, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(
+        SENTENCE_BANK, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    )
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
@@ -175,6 +177,11 @@ def setup():
         "enc_bpe": _encode(bpe, texts),
         "enc_wp": _encode(wordpiece, texts),
     }
+
+
+def _python_loop(texts, offsets, spans, packed=None):
+    """align_units' op hook, served by the pure-Python reference loop over tokens."""
+    return char_spans_to_token_ranges_reference(texts, offsets, spans)
 
 
 def _best_time(fn, repeat: int = 5) -> float:
@@ -237,7 +244,7 @@ def test_alignment_extension(benchmark, setup, granularity):
 def test_alignment_python_loop(benchmark, setup, granularity):
     """The same align_units with the pure-Python loop over tokens in place of the op."""
     args = (setup["units"], setup["texts"], setup["enc_bpe"], setup["enc_wp"], granularity)
-    with mock.patch.object(units_mod, "_char_spans_to_token_ranges", char_spans_to_token_ranges_reference):
+    with mock.patch.object(units_mod, "_char_spans_to_token_ranges", _python_loop):
         ub = benchmark.pedantic(align_units, args=args, rounds=5, iterations=1)
     seconds = benchmark.stats.stats.min
     _record(benchmark, texts_per_s=BATCH / seconds, units_per_s=ub.num_units / seconds)
@@ -257,7 +264,7 @@ def test_alignment_speedup(benchmark, setup):
     t_op = benchmark.stats.stats.min
     t_ref = _best_time(lambda: char_spans_to_token_ranges_reference(texts, offsets, spans))
     t_align = _best_time(lambda: align_units(units, texts, enc_bpe, enc_wp, "word"), repeat=20)
-    with mock.patch.object(units_mod, "_char_spans_to_token_ranges", char_spans_to_token_ranges_reference):
+    with mock.patch.object(units_mod, "_char_spans_to_token_ranges", _python_loop):
         t_align_ref = _best_time(lambda: align_units(units, texts, enc_bpe, enc_wp, "word"))
     _record(
         benchmark,

@@ -18,26 +18,20 @@ layer pairs (``[L, B, T, D]`` inputs).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mta_kernels import layout
 from mta_kernels.layout import UnitBatch
-
-# ---- DEV SHIM (remove before finishing): fall back to the reference while the ops are being written.
-import os as _os
-
-if _os.environ.get("MTA_LOSSES_DEV_REF"):
-    from mta_kernels.reference import span_pool, structural_loss, token_saliency
-else:
-    from mta_kernels.ops.saliency import token_saliency
-    from mta_kernels.ops.span_pool import span_pool
-    from mta_kernels.ops.structural import structural_loss
-# ---- END DEV SHIM
+from mta_kernels.ops.saliency import token_saliency
+from mta_kernels.ops.span_pool import span_pool
+from mta_kernels.ops.structural import structural_loss
 
 __all__ = ["MTALoss", "MTALossOutput", "MTAPreset", "DSALoss", "HRALoss", "PRESETS", "auto_pairs"]
 
@@ -141,7 +135,7 @@ def _stack_layers(layers: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _covered_mask(ranges: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """bool ``[N]``: token lies in some unit. Difference array + cumsum: O(N + U), no host sync."""
-    r = ranges.long()
+    r = ranges.long().clamp(0, num_tokens)  # never an out-of-bounds write, even for unchecked units
     delta = torch.zeros(num_tokens + 1, dtype=torch.int32, device=ranges.device)
     ones = torch.ones(r.shape[0], dtype=torch.int32, device=ranges.device)
     delta.index_add_(0, r[:, 0], ones)
@@ -197,7 +191,9 @@ def _weighted_cosine_distance(
 
 def _project(projector: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Apply ``projector`` to student rows of any float dtype (cast to the projector's dtype)."""
-    return projector(x.to(projector.weight.dtype)) if not torch.is_autocast_enabled() else projector(x)
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks the matmul dtype itself
+        return projector(x)
+    return projector(x.to(projector.weight.dtype))
 
 
 # ------------------------------------------------------------------------------- input validation
@@ -225,8 +221,13 @@ def _check_mask(mask: torch.Tensor | None, B: int, T: int, device: torch.device,
     return mask
 
 
-def _check_units(units: UnitBatch, B: int, Ts: int, Tt: int, device: torch.device, what: str) -> None:
-    """Metadata of a UnitBatch against the hidden states (the ops check the values of the ranges)."""
+def _check_units(
+    units: UnitBatch, B: int, Ts: int, Tt: int, device: torch.device, what: str, check_values: bool
+) -> None:
+    """A UnitBatch against the hidden states: metadata always; with ``check_values`` also the values
+    (sorted, non-overlapping, inside their sequence: ``layout.validate_layout``, one device-to-host
+    copy per ranges tensor on CUDA). The ops check bounds and order themselves, but only this check
+    sees ``cu_units`` and the ranges together (a unit crossing a sequence)."""
     for name in ("student_ranges", "teacher_ranges", "cu_units", "seq_len_student", "seq_len_teacher"):
         if not hasattr(units, name):
             raise TypeError(f"{what}: expected a UnitBatch, got {type(units).__name__} without .{name}")
@@ -254,6 +255,13 @@ def _check_units(units: UnitBatch, B: int, Ts: int, Tt: int, device: torch.devic
     for name, t in (("student_ranges", sr), ("teacher_ranges", tr), ("cu_units", cu)):
         if t.device != device:
             raise ValueError(f"{what}: units.{name} is on {t.device} but the hidden states are on {device}")
+    if check_values:
+        sides = [("student", sr, Ts)] + ([] if tr is sr and Tt == Ts else [("teacher", tr, Tt)])
+        for side, ranges, T in sides:
+            try:
+                layout.validate_layout(ranges, cu, B * T, T)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{what}: {side} units: {exc}") from exc
 
 
 def _check_same_tokenization(units: UnitBatch, what: str) -> None:
@@ -296,6 +304,15 @@ def _check_stacked_pair(
         raise ValueError(
             f"{what}: teacher hidden size {teacher.shape[-1]} != declared teacher_dim {teacher_dim}"
         )
+
+
+@contextlib.contextmanager
+def _naming(what: str) -> Iterator[None]:
+    """Prefix the ops' own errors (bad range values, found inside the ops) with the pairs concerned."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{what}: {exc}") from exc
 
 
 def _check_choices(pooling: str, hra: str | None = "unit") -> None:
@@ -417,6 +434,9 @@ class MTALoss(nn.Module):
             attention weights; False weights everything 1.
         hra: ``"token"`` (shared tokenizer only), ``"unit"`` (any tokenizers) or ``None`` (DSA only).
         gamma: weight γ of the HRA term.
+        check_units: validate the values of every UnitBatch (sorted, non-overlapping, inside its
+            sequence) on each call: one device-to-host copy per ranges tensor on CUDA. Turn it off for
+            units already validated upstream; the ops still check bounds and order.
 
     ``self.projectors`` is an ``nn.ModuleList`` of K ``nn.Linear(student_dim, teacher_dim)`` (bias),
     one per pair, present only when ``hra`` is not None: train them with the student.
@@ -431,6 +451,7 @@ class MTALoss(nn.Module):
         weighted: bool = True,
         hra: str | None = "unit",
         gamma: float = 0.1,
+        check_units: bool = True,
     ) -> None:
         super().__init__()
         _check_choices(pooling, hra)
@@ -458,6 +479,7 @@ class MTALoss(nn.Module):
         self.pairs: tuple[tuple[int, int, str], ...] = tuple(pairs)  # type: ignore[assignment]
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.pooling, self.weighted, self.hra_level, self.gamma = pooling, weighted, hra, float(gamma)
+        self.check_units = bool(check_units)
         if hra is not None:
             self.projectors = nn.ModuleList(nn.Linear(student_dim, teacher_dim, bias=True) for _ in pairs)
         # Pairs grouped by granularity (first-appearance order): one stacked call per group and side.
@@ -546,6 +568,7 @@ class MTALoss(nn.Module):
         if not isinstance(units, Mapping):
             raise TypeError(f"units must map granularity -> UnitBatch, got {type(units).__name__}")
         B = Ts = Tt = None
+        checked: set[str] = set()  # granularities whose unit values were validated (once per call)
         for k, (ls, lt, g) in enumerate(self.pairs):
             what = f"pair {k} (student layer {ls}, teacher layer {lt}, {g!r})"
             for side, states, layer in (("student", s_states, ls), ("teacher", t_states, lt)):
@@ -565,7 +588,8 @@ class MTALoss(nn.Module):
                 )
             if g not in units:
                 raise ValueError(f"{what}: needs units[{g!r}] but units has {sorted(units)}")
-            _check_units(units[g], B, Ts, Tt, hs.device, what)
+            _check_units(units[g], B, Ts, Tt, hs.device, what, self.check_units and g not in checked)
+            checked.add(g)
             if self.hra_level == "token":
                 _check_same_tokenization(units[g], what)
         device = s_states[self.pairs[0][0]].device
@@ -577,18 +601,20 @@ class MTALoss(nn.Module):
             student = _stack_layers([s_states[self.pairs[k][0]] for k in ks])  # [L, B, Ts, Ds]
             with torch.no_grad():
                 teacher = _stack_layers([t_states[self.pairs[k][1]].detach() for k in ks])  # [L, B, Tt, Dt]
-            dsa, hra = _stacked_terms(
-                student,
-                teacher,
-                units[g],
-                student_mask,
-                teacher_mask,
-                pooling=self.pooling,
-                weighted=self.weighted,
-                with_dsa=True,
-                hra_level=self.hra_level,
-                projectors=[self.projectors[k] for k in ks] if self.hra_level is not None else [],
-            )
+            names = ", ".join(f"pair {k} {self.pairs[k]}" for k in ks)
+            with _naming(f"{names} ({g!r} units)"):
+                dsa, hra = _stacked_terms(
+                    student,
+                    teacher,
+                    units[g],
+                    student_mask,
+                    teacher_mask,
+                    pooling=self.pooling,
+                    weighted=self.weighted,
+                    with_dsa=True,
+                    hra_level=self.hra_level,
+                    projectors=[self.projectors[k] for k in ks] if self.hra_level is not None else [],
+                )
             dsa_parts.append(dsa)
             hra_parts.append(hra)
         dsa = torch.cat(dsa_parts)[self._order]  # [K], pairs' order
@@ -632,10 +658,10 @@ class DSALoss(nn.Module):
         ``[B, Tt]`` (None: all valid) -> float32 scalar, or ``[L]``.
     """
 
-    def __init__(self, pooling: str = "attention", weighted: bool = True) -> None:
+    def __init__(self, pooling: str = "attention", weighted: bool = True, check_units: bool = True) -> None:
         super().__init__()
         _check_choices(pooling)
-        self.pooling, self.weighted = pooling, bool(weighted)
+        self.pooling, self.weighted, self.check_units = pooling, bool(weighted), bool(check_units)
 
     def extra_repr(self) -> str:
         return f"pooling={self.pooling!r}, weighted={self.weighted}"
@@ -652,19 +678,20 @@ class DSALoss(nn.Module):
         _check_stacked_pair(student4, teacher4, None, None, "DSALoss")
         _, B, Ts, _ = student4.shape
         Tt = teacher4.shape[2]
-        _check_units(units, B, Ts, Tt, student4.device, "DSALoss")
-        dsa, _ = _stacked_terms(
-            student4,
-            teacher4,
-            units,
-            _check_mask(student_mask, B, Ts, student4.device, "student_mask"),
-            _check_mask(teacher_mask, B, Tt, student4.device, "teacher_mask"),
-            pooling=self.pooling,
-            weighted=self.weighted,
-            with_dsa=True,
-            hra_level=None,
-            projectors=[],
-        )
+        _check_units(units, B, Ts, Tt, student4.device, "DSALoss", self.check_units)
+        with _naming("DSALoss"):
+            dsa, _ = _stacked_terms(
+                student4,
+                teacher4,
+                units,
+                _check_mask(student_mask, B, Ts, student4.device, "student_mask"),
+                _check_mask(teacher_mask, B, Tt, student4.device, "teacher_mask"),
+                pooling=self.pooling,
+                weighted=self.weighted,
+                with_dsa=True,
+                hra_level=None,
+                projectors=[],
+            )
         return dsa[0] if squeeze else dsa
 
 
@@ -675,7 +702,8 @@ class HRALoss(nn.Module):
         student_dim, teacher_dim: D_s and D_t; ``self.projectors`` holds ``num_pairs``
             ``nn.Linear(student_dim, teacher_dim)`` (bias), one per stacked pair.
         level: ``"token"`` (shared tokenizer) or ``"unit"``.
-        pooling, weighted: as in :class:`MTALoss` (pooling matters for ``level="unit"`` only).
+        pooling, weighted, check_units: as in :class:`MTALoss` (pooling matters for ``level="unit"``
+            only).
 
     ``forward(student, teacher, units, student_mask, teacher_mask)``: student ``[B, Ts, Ds]`` or
     ``[L, B, Ts, Ds]`` with ``L == num_pairs``; teacher likewise with Tt, Dt; units: UnitBatch;
@@ -690,6 +718,7 @@ class HRALoss(nn.Module):
         pooling: str = "attention",
         weighted: bool = True,
         num_pairs: int = 1,
+        check_units: bool = True,
     ) -> None:
         super().__init__()
         if level is None or level not in HRA_LEVELS:
@@ -699,6 +728,7 @@ class HRALoss(nn.Module):
             raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.level, self.pooling, self.weighted = level, pooling, bool(weighted)
+        self.check_units = bool(check_units)
         self.projectors = nn.ModuleList(
             nn.Linear(student_dim, teacher_dim, bias=True) for _ in range(num_pairs)
         )
@@ -722,19 +752,20 @@ class HRALoss(nn.Module):
             raise ValueError(
                 f"HRALoss: {L} stacked layer pairs but {len(self.projectors)} projectors (num_pairs)"
             )
-        _check_units(units, B, Ts, Tt, student4.device, "HRALoss")
+        _check_units(units, B, Ts, Tt, student4.device, "HRALoss", self.check_units)
         if self.level == "token":
             _check_same_tokenization(units, "HRALoss")
-        _, hra = _stacked_terms(
-            student4,
-            teacher4,
-            units,
-            _check_mask(student_mask, B, Ts, student4.device, "student_mask"),
-            _check_mask(teacher_mask, B, Tt, student4.device, "teacher_mask"),
-            pooling=self.pooling,
-            weighted=self.weighted,
-            with_dsa=False,
-            hra_level=self.level,
-            projectors=list(self.projectors),
-        )
+        with _naming("HRALoss"):
+            _, hra = _stacked_terms(
+                student4,
+                teacher4,
+                units,
+                _check_mask(student_mask, B, Ts, student4.device, "student_mask"),
+                _check_mask(teacher_mask, B, Tt, student4.device, "teacher_mask"),
+                pooling=self.pooling,
+                weighted=self.weighted,
+                with_dsa=False,
+                hra_level=self.level,
+                projectors=list(self.projectors),
+            )
         return hra[0] if squeeze else hra

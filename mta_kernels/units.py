@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import bisect
 import warnings
-from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from mta_kernels import layout
@@ -66,6 +66,10 @@ class TextUnits:
 
     words: list[Span]
     phrases: list[Span]
+    # The same spans as read-only int32 [n, 2] arrays (the extractor's cache entries), so that a batch's
+    # spans are one np.concatenate away from the extension op. None: built from the lists on demand.
+    _word_array: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _phrase_array: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def spans(self, granularity: str) -> list[Span]:
         """The spans of one granularity, ``"word"`` or ``"phrase"``."""
@@ -75,18 +79,24 @@ class TextUnits:
             return self.phrases
         raise ValueError(f"unknown granularity {granularity!r}: use one of {GRANULARITIES}")
 
-
-def _pack_spans(spans: list[Span]) -> array:
-    """Spans as a flat int32 array (8 bytes a span instead of ~110 for a list of tuples)."""
-    flat = array("i")
-    for start, end in spans:
-        flat.append(start)
-        flat.append(end)
-    return flat
+    def span_array(self, granularity: str) -> np.ndarray:
+        """The spans of one granularity as an int32 ``[n, 2]`` array (do not modify it)."""
+        cached = self._word_array if granularity == "word" else self._phrase_array
+        if cached is not None:
+            return cached
+        return np.asarray(self.spans(granularity), dtype=np.int32).reshape(-1, 2)
 
 
-def _unpack_spans(flat: array) -> list[Span]:
-    return list(zip(flat[0::2], flat[1::2]))
+def _pack_spans(spans: list[Span]) -> np.ndarray:
+    """Spans as a read-only int32 ``[n, 2]`` array (8 bytes a span instead of ~110 for a list of tuples)."""
+    packed = np.asarray(spans, dtype=np.int32).reshape(-1, 2)
+    packed.setflags(write=False)
+    return packed
+
+
+def _text_units(words: np.ndarray, phrases: np.ndarray) -> TextUnits:
+    as_list = lambda a: list(map(tuple, a.tolist()))
+    return TextUnits(as_list(words), as_list(phrases), words, phrases)
 
 
 class UnitExtractor:
@@ -127,7 +137,7 @@ class UnitExtractor:
         self.batch_size = int(batch_size)
         self.n_process = int(n_process)
         self.cache_size = None if cache_size is None else int(cache_size)
-        self._cache: OrderedDict[str, tuple[array, array]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._nlp: Any = None
         self._matcher: Any = None
         self.hits = 0
@@ -194,7 +204,7 @@ class UnitExtractor:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
-        packed: list[tuple[array, array] | None] = [None] * len(texts)
+        packed: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(texts)
         missing: dict[str, list[int]] = {}
         for i, text in enumerate(texts):
             hit = self._cache.get(text)
@@ -210,7 +220,7 @@ class UnitExtractor:
                 for i in missing[text]:
                     packed[i] = units
                 self._remember(text, units)
-        return [TextUnits(_unpack_spans(w), _unpack_spans(p)) for w, p in packed]
+        return [_text_units(w, p) for w, p in packed]
 
     def warm(self, texts: Sequence[str]) -> None:
         """Fill the cache for ``texts`` (e.g. the whole data set before forking DataLoader workers)."""
@@ -219,7 +229,7 @@ class UnitExtractor:
     def cache_clear(self) -> None:
         self._cache.clear()
 
-    def _remember(self, text: str, units: tuple[array, array]) -> None:
+    def _remember(self, text: str, units: tuple[np.ndarray, np.ndarray]) -> None:
         if self.cache_size == 0:
             return
         self._cache[text] = units
@@ -227,17 +237,17 @@ class UnitExtractor:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 
-    def _extract(self, texts: list[str]) -> list[tuple[array, array]]:
+    def _extract(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         nlp = self.load()
         docs = nlp.pipe(texts, batch_size=self.batch_size, n_process=self.n_process)
         return [self._units_of_doc(doc) for doc in docs]
 
-    def _units_of_doc(self, doc: Any) -> tuple[array, array]:
+    def _units_of_doc(self, doc: Any) -> tuple[np.ndarray, np.ndarray]:
         from spacy.util import filter_spans
 
         # An empty or all-whitespace doc has no parse (noun_chunks would raise): no units.
         if all(token.is_space for token in doc):
-            return array("i"), array("i")
+            return _pack_spans([]), _pack_spans([])
         candidates = list(doc.noun_chunks) + [doc[s:e] for _, s, e in self._matcher(doc)]
         in_phrase = bytearray(len(doc))
         phrases: list[Span] = []
@@ -306,12 +316,24 @@ _warned_no_extension = False
 
 
 def _char_spans_to_token_ranges(
-    texts: Sequence[str], offsets: torch.Tensor, spans: Sequence[Sequence[Span]]
+    texts: Sequence[str],
+    offsets: torch.Tensor,
+    spans: Sequence[Sequence[Span]],
+    packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The extension op when the build has it, else the reference (same result, ~10-100x slower)."""
+    """The extension op when the build has it, else the reference (same result, ~50x slower).
+
+    ``packed`` = (codepoints, cu_chars, spans [K, 2], cu_spans) already in the op's tensor form (what
+    :func:`mta_kernels.layout.char_spans_to_token_ranges` builds from ``texts`` and ``spans``): given, the
+    registered op is called directly, and the texts and spans are converted once per batch, not per side.
+    """
     op = getattr(layout, "char_spans_to_token_ranges", None)
     if op is not None:
-        return op(texts, offsets, spans)
+        if packed is None:
+            return op(texts, offsets, spans)
+        return torch.ops.mta_kernels.char_spans_to_token_ranges(
+            packed[0], packed[1], offsets, packed[2], packed[3]
+        )
     global _warned_no_extension
     if not _warned_no_extension:
         warnings.warn(
@@ -323,62 +345,82 @@ def _char_spans_to_token_ranges(
     return char_spans_to_token_ranges_reference(texts, offsets, spans)
 
 
-def _token_offsets(encoding: Any, texts: Sequence[str], name: str) -> torch.Tensor:
+def _as_numpy(value: Any) -> np.ndarray:
+    """A tensor, array or (nested) list as a NumPy array (no copy for CPU tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _token_offsets(encoding: Any, texts: Sequence[str], name: str) -> np.ndarray:
     """Validated int64 ``[B, T, 2]`` offsets of a padded encoding, with the offsets of padding and
-    special tokens emptied so that they belong to no unit."""
+    special tokens emptied so that they belong to no unit.
+
+    Host bookkeeping is NumPy, not torch: these arrays are tiny, and torch's intra-op thread pool
+    turns each tiny op into a barrier that costs ~10 ms on a loaded host (measured: 2 threads, load 9).
+    """
     if not isinstance(encoding, Mapping):
-        raise TypeError(f"{name} must be a transformers BatchEncoding (or a mapping), got {type(encoding).__name__}")
+        raise TypeError(
+            f"{name} must be a transformers BatchEncoding (or a mapping), got {type(encoding).__name__}"
+        )
     if "offset_mapping" not in encoding:
         if getattr(encoding, "is_fast", True) is False and "input_ids" in encoding:
             raise ValueError(
                 f"{name} has no offset_mapping and does not come from a fast tokenizer: character offsets "
-                "need a fast (Rust) tokenizer. Load it with AutoTokenizer.from_pretrained(..., use_fast=True) "
-                "and encode with return_offsets_mapping=True."
+                "need a fast (Rust) tokenizer. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
+                " and encode with return_offsets_mapping=True."
             )
         raise ValueError(
             f"{name} has no offset_mapping: encode with a fast tokenizer and return_offsets_mapping=True"
         )
     try:
-        offsets = torch.as_tensor(encoding["offset_mapping"])
-    except (ValueError, TypeError, RuntimeError) as exc:
+        offsets = _as_numpy(encoding["offset_mapping"])
+    except (ValueError, TypeError) as exc:
         raise ValueError(
             f"{name}['offset_mapping'] is ragged or not numeric: pad the batch (padding=True) ({exc})"
         ) from exc
-    if offsets.dim() != 3 or offsets.shape[-1] != 2:
+    if offsets.dtype.kind not in "iu":
+        raise ValueError(
+            f"{name}['offset_mapping'] must be a padded [B, T, 2] batch of integers, got dtype "
+            f"{offsets.dtype} and shape {offsets.shape}: pad the batch (padding=True)"
+        )
+    if offsets.ndim != 3 or offsets.shape[-1] != 2:
         raise ValueError(
             f"{name}['offset_mapping'] must be [B, T, 2] (a padded batch), got shape {tuple(offsets.shape)}"
         )
-    if offsets.dtype.is_floating_point or offsets.dtype == torch.bool:
-        raise ValueError(f"{name}['offset_mapping'] must hold integers, got {offsets.dtype}")
     batch, seq_len = int(offsets.shape[0]), int(offsets.shape[1])
     if batch != len(texts):
         raise ValueError(
             f"{name} holds {batch} sequences but {len(texts)} texts were given: pass the same texts, "
             "in the same order, that were tokenized (and no return_overflowing_tokens)"
         )
-    offsets = offsets.to(device="cpu", dtype=torch.int64).clone()
-    empty = torch.zeros(batch, seq_len, dtype=torch.bool)
+    offsets = np.array(offsets, dtype=np.int64, order="C", copy=True)
+    empty = np.zeros((batch, seq_len), dtype=bool)
     if "attention_mask" in encoding:
-        mask = torch.as_tensor(encoding["attention_mask"]).cpu()
-        if tuple(mask.shape) != (batch, seq_len):
-            raise ValueError(f"{name}['attention_mask'] has shape {tuple(mask.shape)}, expected {(batch, seq_len)}")
+        mask = _as_numpy(encoding["attention_mask"])
+        if mask.shape != (batch, seq_len):
+            raise ValueError(
+                f"{name}['attention_mask'] has shape {tuple(mask.shape)}, expected {(batch, seq_len)}"
+            )
         empty |= mask == 0
     special = None
     if "special_tokens_mask" in encoding:
-        special = torch.as_tensor(encoding["special_tokens_mask"]).cpu()
+        special = _as_numpy(encoding["special_tokens_mask"])
     elif getattr(encoding, "encodings", None) is not None and len(encoding.encodings) == batch:
         rows = [e.special_tokens_mask for e in encoding.encodings]
         if all(len(r) == seq_len for r in rows):
-            special = torch.tensor(rows, dtype=torch.bool).reshape(batch, seq_len)
+            special = np.array(rows, dtype=bool).reshape(batch, seq_len)
     if special is not None:
-        if tuple(special.shape) != (batch, seq_len):
-            raise ValueError(f"{name}['special_tokens_mask'] has shape {tuple(special.shape)}, expected {(batch, seq_len)}")
+        if special.shape != (batch, seq_len):
+            raise ValueError(
+                f"{name}['special_tokens_mask'] has shape {tuple(special.shape)}, expected {(batch, seq_len)}"
+            )
         empty |= special != 0
     offsets[empty] = 0
-    lengths = torch.tensor([len(t) for t in texts], dtype=torch.int64).view(batch, 1)
+    lengths = np.array([len(t) for t in texts], dtype=np.int64).reshape(batch, 1)
     bad = (offsets[..., 0] < 0) | (offsets[..., 0] > offsets[..., 1]) | (offsets[..., 1] > lengths)
-    if bool(bad.any()):
-        b, t = (int(i) for i in bad.nonzero()[0])
+    if bad.any():
+        b, t = (int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
             f"{name}: token {t} of sequence {b} has offsets {tuple(offsets[b, t].tolist())}, outside text of "
             f"length {len(texts[b])}: the encoding was not made from these texts"
@@ -399,14 +441,15 @@ def align_units(
         text_units: B :class:`TextUnits` (from :class:`UnitExtractor` on ``texts``).
         texts: the B strings that were tokenized.
         student_encoding: ``BatchEncoding`` of a fast tokenizer with ``offset_mapping`` ``[B, Ts, 2]``
-            (``return_offsets_mapping=True``), padded left or right, maybe truncated; ``attention_mask``
-            ``[B, Ts]`` recommended (padding and special tokens belong to no unit).
+            (``return_offsets_mapping=True``; torch, NumPy or lists), padded left or right, maybe
+            truncated; ``attention_mask`` ``[B, Ts]`` recommended (padding and special tokens belong to
+            no unit).
         teacher_encoding: the teacher's, ``[B, Tt, 2]``; ``None`` = one tokenization shared by both
             (then ``teacher_ranges`` is ``student_ranges``).
         granularity: ``"word"`` or ``"phrase"``.
 
     Returns:
-        :class:`UnitBatch` with int32 ``student_ranges``/``teacher_ranges`` ``[U, 2]`` (flat token
+        :class:`UnitBatch` (CPU) with int32 ``student_ranges``/``teacher_ranges`` ``[U, 2]`` (flat token
         indices into ``B * Ts`` / ``B * Tt``) and int32 ``cu_units`` ``[B+1]``. A unit that receives no
         token in either tokenization (e.g. past a truncation) is dropped from both.
     """
@@ -422,32 +465,42 @@ def align_units(
         raise ValueError(f"{len(text_units)} TextUnits for {len(texts)} texts: pass one per text")
     spans = [tu.spans(granularity) for tu in text_units]
     batch = len(texts)
-    counts = torch.tensor([len(s) for s in spans], dtype=torch.int64)
+    counts = np.fromiter(map(len, spans), dtype=np.int64, count=batch)
+    # The op's inputs, built once for both sides: UTF-32 code points and CSR offsets of texts and spans.
+    encoded = "".join(texts).encode("utf-32-le", "surrogatepass")
+    flat_spans = [tu.span_array(granularity) for tu in text_units]
+    packed = (
+        torch.from_numpy(np.frombuffer(encoded, dtype=np.int32).copy()),
+        torch.from_numpy(np.cumsum([0, *map(len, texts)], dtype=np.int64)),
+        torch.from_numpy(np.concatenate(flat_spans, dtype=np.int64) if batch else np.zeros((0, 2), np.int64)),
+        torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)),
+    )
 
-    student_offsets = _token_offsets(student_encoding, texts, "student_encoding")
-    seq_len_s = int(student_offsets.shape[1])
-    local_s = _char_spans_to_token_ranges(texts, student_offsets, spans)  # [K, 2]
+    def local_ranges(encoding: Any, name: str) -> tuple[np.ndarray, int]:
+        offsets = _token_offsets(encoding, texts, name)
+        local = _char_spans_to_token_ranges(texts, torch.from_numpy(offsets), spans, packed)  # [K, 2]
+        return local.numpy(), int(offsets.shape[1])
+
+    local_s, seq_len_s = local_ranges(student_encoding, "student_encoding")
     keep = local_s[:, 0] >= 0
     if teacher_encoding is not None:
-        teacher_offsets = _token_offsets(teacher_encoding, texts, "teacher_encoding")
-        seq_len_t = int(teacher_offsets.shape[1])
-        local_t = _char_spans_to_token_ranges(texts, teacher_offsets, spans)
+        local_t, seq_len_t = local_ranges(teacher_encoding, "teacher_encoding")
         keep &= local_t[:, 0] >= 0  # drop-from-both: unit u is the same unit on both sides
     else:
-        seq_len_t, local_t = seq_len_s, None
+        local_t, seq_len_t = None, seq_len_s
 
-    seq_of_unit = torch.repeat_interleave(torch.arange(batch, dtype=torch.int64), counts)[keep]  # [U]
-    cu_units = torch.zeros(batch + 1, dtype=torch.int64)
-    cu_units[1:] = torch.cumsum(torch.bincount(seq_of_unit, minlength=batch), 0)
-    student_ranges = (local_s[keep] + (seq_of_unit * seq_len_s).unsqueeze(1)).to(torch.int32)
+    seq_of_unit = np.repeat(np.arange(batch, dtype=np.int64), counts)[keep]  # [U]
+    cu_units = np.zeros(batch + 1, dtype=np.int32)
+    np.cumsum(np.bincount(seq_of_unit, minlength=batch), out=cu_units[1:])
+    student_ranges = torch.from_numpy((local_s[keep] + seq_of_unit[:, None] * seq_len_s).astype(np.int32))
     if local_t is None:
         teacher_ranges = student_ranges
     else:
-        teacher_ranges = (local_t[keep] + (seq_of_unit * seq_len_t).unsqueeze(1)).to(torch.int32)
+        teacher_ranges = torch.from_numpy((local_t[keep] + seq_of_unit[:, None] * seq_len_t).astype(np.int32))
     return UnitBatch(
-        student_ranges=student_ranges.contiguous(),
-        teacher_ranges=teacher_ranges.contiguous(),
-        cu_units=cu_units.to(torch.int32),
+        student_ranges=student_ranges,
+        teacher_ranges=teacher_ranges,
+        cu_units=torch.from_numpy(cu_units),
         seq_len_student=seq_len_s,
         seq_len_teacher=seq_len_t,
     )
@@ -506,7 +559,9 @@ class UnitCollator:
                 )
         granularities = tuple(granularities)
         if not granularities or any(g not in GRANULARITIES for g in granularities):
-            raise ValueError(f"granularities must be a non-empty subset of {GRANULARITIES}, got {granularities}")
+            raise ValueError(
+                f"granularities must be a non-empty subset of {GRANULARITIES}, got {granularities}"
+            )
         if int(max_length) < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.student_tokenizer = student_tokenizer
@@ -519,6 +574,7 @@ class UnitCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def _encode(self, tokenizer: Any, texts: list[str]) -> Any:
+        # NumPy, not torch: the host bookkeeping stays off torch's thread pool (see _token_offsets).
         return tokenizer(
             texts,
             padding=True,
@@ -527,7 +583,7 @@ class UnitCollator:
             pad_to_multiple_of=self.pad_to_multiple_of,
             return_offsets_mapping=True,
             return_special_tokens_mask=True,
-            return_tensors="pt",
+            return_tensors="np",
         )
 
     def _read_examples(self, examples: Sequence[Any]) -> tuple[list[str], list[int | None]]:
@@ -536,16 +592,28 @@ class UnitCollator:
         for i, example in enumerate(examples):
             if isinstance(example, str):
                 text, prompt_length = example, None
+            elif (
+                isinstance(example, Mapping)
+                and self.text_key not in example
+                and {"prompt", "output"} <= example.keys()
+            ):
+                # instruction data (e.g. mta_kernels/data/*.jsonl): the text is prompt + output
+                text, prompt_length = example["prompt"] + example["output"], len(example["prompt"])
             elif isinstance(example, Mapping):
                 if self.text_key not in example:
                     raise ValueError(f"example {i} has no {self.text_key!r} field (keys: {list(example)})")
                 text, prompt_length = example[self.text_key], example.get(self.prompt_length_key)
             else:
-                raise TypeError(f"example {i} is {type(example).__name__}: expected a str or a dict with {self.text_key!r}")
+                raise TypeError(
+                    f"example {i} is {type(example).__name__}: expected a str or a dict "
+                    f"with {self.text_key!r}"
+                )
             if not isinstance(text, str):
                 raise TypeError(f"example {i}: {self.text_key!r} is {type(text).__name__}, expected str")
             if prompt_length is not None and not (0 <= int(prompt_length) <= len(text)):
-                raise ValueError(f"example {i}: {self.prompt_length_key}={prompt_length} outside [0, {len(text)}]")
+                raise ValueError(
+                    f"example {i}: {self.prompt_length_key}={prompt_length} outside [0, {len(text)}]"
+                )
             texts.append(text)
             prompt_lengths.append(None if prompt_length is None else int(prompt_length))
         return texts, prompt_lengths
@@ -557,28 +625,33 @@ class UnitCollator:
         text_units = self.extractor(texts)
         student = self._encode(self.student_tokenizer, texts)
         teacher = self._encode(self.teacher_tokenizer, texts) if self.teacher_tokenizer is not None else None
-        units = {g: align_units(text_units, texts, student, teacher, granularity=g) for g in self.granularities}
+        units = {
+            g: align_units(text_units, texts, student, teacher, granularity=g) for g in self.granularities
+        }
 
         input_ids, attention_mask = student["input_ids"], student["attention_mask"]
-        labels = input_ids.clone()
-        labels[attention_mask == 0] = -100
+        labels = np.where(attention_mask == 0, -100, input_ids)
         if any(p is not None for p in prompt_lengths):
             offsets = student["offset_mapping"]
-            nonempty = (offsets[..., 1] > offsets[..., 0]) & (attention_mask != 0)
+            real = (offsets[..., 1] > offsets[..., 0]) & (attention_mask != 0)
             for b, prompt_length in enumerate(prompt_lengths):
                 if prompt_length is None:
                     continue
                 # The response starts at the first real token that starts at or after the prompt's end;
                 # every position before it (prompt, leading specials, left padding) has no label.
-                response = (nonempty[b] & (offsets[b, :, 0] >= prompt_length)).nonzero()
-                first = int(response[0, 0]) if response.numel() else labels.shape[1]
-                labels[b, :first] = -100
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+                response = np.flatnonzero(real[b] & (offsets[b, :, 0] >= prompt_length))
+                labels[b, : response[0] if response.size else labels.shape[1]] = -100
+        as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        batch = {
+            "input_ids": as_long(input_ids),
+            "attention_mask": as_long(attention_mask),
+            "labels": as_long(labels),
+        }
         if teacher is not None:
-            batch["teacher_input_ids"] = teacher["input_ids"]
-            batch["teacher_attention_mask"] = teacher["attention_mask"]
+            batch["teacher_input_ids"] = as_long(teacher["input_ids"])
+            batch["teacher_attention_mask"] = as_long(teacher["attention_mask"])
         else:
-            batch["teacher_input_ids"] = input_ids
-            batch["teacher_attention_mask"] = attention_mask
+            batch["teacher_input_ids"] = batch["input_ids"]
+            batch["teacher_attention_mask"] = batch["attention_mask"]
         batch["units"] = units
         return batch

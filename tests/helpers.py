@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -35,23 +37,76 @@ def assert_within_rule(
     err_fused = max_abs_err(fused, oracle)
     err_eager = max_abs_err(eager, oracle)
     bound = factor * err_eager + floor
-    assert err_fused <= bound, f"{what}: fused error {err_fused:.3e} > {factor} x eager error {err_eager:.3e} + {floor:g}"
+    assert err_fused <= bound, (
+        f"{what}: fused error {err_fused:.3e} > {factor} x eager error {err_eager:.3e} + {floor:g}"
+    )
 
 
 class AllocationWatch(TorchDispatchMode):
-    """Records the element count of every tensor an op under the mode returns (allocations included)."""
+    """Records the element count of every tensor an op under the mode returns (allocations included).
+
+    A dispatch mode is switched off while it handles an op, so by default it would see a custom op
+    as one call and none of the tensors its implementation allocates. For this package's Python
+    custom ops (``mta_kernels::*``) the watch therefore runs the op's registered implementation
+    itself, with the mode on, so every allocation inside the op is seen too.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.largest = 0
         self.largest_op = ""
+        self.custom_ops_entered: list[str] = []
+
+    def _record(self, out, func, args, kwargs) -> None:
+        if _inside_triton_interpreter():
+            return  # the interpreter's host copies of kernel arguments are not the op's allocations
+        inputs = {_storage_ptr(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(t, torch.Tensor) or _storage_ptr(t) in inputs:
+                continue  # a view of an input allocates nothing
+            if t.numel() > self.largest:
+                self.largest, self.largest_op = t.numel(), str(func)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                self.largest, self.largest_op = t.numel(), str(func)
+        kwargs = kwargs or {}
+        impl = _python_custom_op_impl(func, args)
+        if impl is not None:
+            self.custom_ops_entered.append(func._schema.name)
+            with self:
+                out = impl(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        self._record(out, func, args, kwargs)
         return out
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _inside_triton_interpreter() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if _INTERPRETER_FILE in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_INTERPRETER_FILE = os.path.join("triton", "runtime", "interpreter")
+
+
+def _python_custom_op_impl(func, args):
+    """The Python implementation behind an ``mta_kernels::`` custom op, or None for any other op."""
+    if getattr(func, "namespace", None) != "mta_kernels":
+        return None
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(func._schema.name)
+    if opdef is None:  # a C++ op of the extension: its (O(N)) allocations stay invisible
+        return None
+    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    return opdef._backend_fns.get(device) or opdef._init_fn
 
 
 @contextlib.contextmanager

@@ -23,6 +23,13 @@ from mta_kernels.losses import PRESETS, DSALoss, HRALoss, MTALoss, auto_pairs
 DS, DT = 17, 24  # small awkward widths; the presets' real widths are overridden in tests
 
 
+@pytest.fixture(autouse=True)
+def _torch_path_by_default():
+    """The ops' CPU torch path (fast); test_triton_backend_matches_reference forces the Triton kernels."""
+    with mta_kernels.use_backend("torch"):
+        yield
+
+
 # ------------------------------------------------------------------------------------- test inputs
 def random_ranges(
     valid: list[tuple[int, int]], counts: list[int], T: int, gen: torch.Generator
@@ -440,9 +447,13 @@ def test_batch_size_mismatch(small):
 
 def test_hidden_dim_mismatch(small):
     module, s, t, units, ms, mt = small
-    with pytest.raises(ValueError, match=rf"pair 0 .*student hidden size {DS - 1} != declared student_dim {DS}"):
+    with pytest.raises(
+        ValueError, match=rf"pair 0 .*student hidden size {DS - 1} != declared student_dim {DS}"
+    ):
         module(tuple(h[..., :-1] for h in s), t, units, ms, mt)
-    with pytest.raises(ValueError, match=rf"pair 0 .*teacher hidden size {DT + 1} != declared teacher_dim {DT}"):
+    with pytest.raises(
+        ValueError, match=rf"pair 0 .*teacher hidden size {DT + 1} != declared teacher_dim {DT}"
+    ):
         module(s, tuple(torch.cat([h, h[..., :1]], -1) for h in t), units, ms, mt)
     hra = HRALoss(DS + 1, DT)
     with pytest.raises(ValueError, match="student hidden size"):
@@ -542,3 +553,36 @@ def test_triton_backend_matches_reference():
     s_states, t_states = make_states(2, 2, 7, DS, gen), make_states(3, 2, 9, DT, gen)
     with mta_kernels.use_backend("triton"):
         run_and_compare(module, s_states, t_states, {"word": words, "phrase": phrases}, s_mask, t_mask)
+
+
+def test_bad_range_values_name_the_pairs(small):
+    """Range values: validated against cu_units and T up front (check_units=True, the default); with
+    check_units=False the ops' own bound/order checks still raise, and the error names the pairs."""
+    module, s, t, units, ms, mt = small
+    w = units["word"]
+    overlapping = w.student_ranges.clone()
+    overlapping[1, 0] = overlapping[0, 0]  # units 0 and 1 belong to sequence 0: now they overlap
+    bad = UnitBatch(overlapping, w.teacher_ranges, w.cu_units, 10, 12)
+    with pytest.raises(
+        ValueError, match=r"pair 0 \(student layer 1, teacher layer 2, 'word'\): student units"
+    ):
+        module(s, t, {**units, "word": bad}, ms, mt)
+    unchecked = MTALoss(module.pairs, DS, DT, check_units=False)
+    with pytest.raises(ValueError, match=r"pair 0 \(1, 2, 'word'\) \('word' units\)"):
+        unchecked(s, t, {**units, "word": bad}, ms, mt)
+    outside = w.teacher_ranges.clone()
+    outside[-1, 1] = 3 * 12 + 1  # past the teacher's B*T tokens
+    bad = UnitBatch(w.student_ranges, outside, w.cu_units, 10, 12)
+    with pytest.raises(ValueError, match=r"pair 0 .*teacher units"):
+        module(s, t, {**units, "word": bad}, ms, mt)
+    with pytest.raises(ValueError, match=r"pair 0 .*'word' units"):
+        unchecked(s, t, {**units, "word": bad}, ms, mt)
+    # A unit crossing from sequence 0 into sequence 1: only the up-front check can see it.
+    crossing = w.student_ranges.clone()
+    last_of_seq0 = int(w.cu_units[1]) - 1
+    crossing[last_of_seq0, 1] = 10 + 1
+    bad = UnitBatch(crossing, w.teacher_ranges, w.cu_units, 10, 12)
+    with pytest.raises(ValueError, match=r"pair 0 .*student units.*sequence"):
+        module(s, t, {**units, "word": bad}, ms, mt)
+    with pytest.raises(ValueError, match=r"DSALoss: student units"):
+        DSALoss()(s[1], t[2], bad, ms, mt)

@@ -132,7 +132,10 @@ def test_stacked_layers(backend: str) -> None:
         assert out.shape == (L, B, T)
         with use_backend(backend):
             per_layer = torch.stack([token_saliency(h[l], m) for l in range(L)])
-        assert torch.equal(out, per_layer), f"{name}: a stacked launch differs from per-layer launches"
+        if backend == "triton":  # the layer is a grid axis: each layer's programs are the same
+            assert torch.equal(out, per_layer), f"{name}: a stacked launch differs from per-layer launches"
+        else:  # batched BLAS may block a batch of L·B differently from a batch of B
+            torch.testing.assert_close(out, per_layer, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -160,10 +163,13 @@ def test_deterministic(backend: str) -> None:
 def test_torch_path_never_allocates_t_squared() -> None:
     # The watch cannot see inside a custom op (its kernel runs with the mode popped), so it watches the
     # path function itself: every tensor it makes, scores chunks included, must stay below T².
+    # Eight sequences: chunks stacking all of them (8 × 128 rows × T) would exceed T² as well.
     T = 1000
-    h = _randn(1, 2, T, 60)
-    m = _mask([T, 600], T)
-    out = torch.empty(1, 2, T, device=DEVICE)
+    h = _randn(1, 8, T, 32)
+    m = _mask(
+        [T, 600, 999, 1, 0, 700, 64, 500], T, left=[False, True, False, False, False, True, False, False]
+    )
+    out = torch.empty(1, 8, T, device=DEVICE)
     with watch_allocations() as watch:
         _saliency_torch(h, m, out)
     assert 0 < watch.largest < T * T, f"largest tensor {watch.largest} ({watch.largest_op}) >= T² = {T * T}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mta_kernels import reference, use_backend
+from mta_kernels import layout, reference, use_backend
 from mta_kernels.ops import structural as st
 from mta_kernels.ops.structural import structural_loss
 from tests.helpers import DEVICE, DTYPES, assert_within_rule, watch_allocations
@@ -26,8 +26,12 @@ def _inputs(lengths, ds, dt, dtype, *, layers=None, weights=None, seed=0):
     U = sum(lengths)
     lead = () if layers is None else (layers,)
     base = torch.randn(*lead, U, 8, generator=g, dtype=torch.float64)
-    s = base @ torch.randn(8, ds, generator=g, dtype=torch.float64) + 0.5 * torch.randn(*lead, U, ds, generator=g)
-    t = base @ torch.randn(8, dt, generator=g, dtype=torch.float64) + 0.5 * torch.randn(*lead, U, dt, generator=g)
+    s = base @ torch.randn(8, ds, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        *lead, U, ds, generator=g
+    )
+    t = base @ torch.randn(8, dt, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        *lead, U, dt, generator=g
+    )
     w = None
     if weights == "u":
         w = torch.rand(U, generator=g) + 0.1
@@ -57,7 +61,9 @@ def _check(s, t, cu, w, backend: str, what: str, rows=None) -> tuple[torch.Tenso
     assert fused.dtype == torch.float32 and fused_g.dtype == s.dtype
     assert_within_rule(fused, eager, oracle, what=f"{what} loss")
     rows = slice(None) if rows is None else rows
-    assert_within_rule(fused_g[..., rows, :], eager_g[..., rows, :], oracle_g[..., rows, :], what=f"{what} grad")
+    assert_within_rule(
+        fused_g[..., rows, :], eager_g[..., rows, :], oracle_g[..., rows, :], what=f"{what} grad"
+    )
     return fused_g, oracle_g
 
 
@@ -84,7 +90,9 @@ def test_matches_reference(backend, dtype, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "lengths", [[], [0], [0, 0], [1], [1, 0, 1], [2], [1, 1], [0, 2, 1]], ids=lambda x: "-".join(map(str, x)) or "B0"
+    "lengths",
+    [[], [0], [0, 0], [1], [1, 0, 1], [2], [1, 1], [0, 2, 1]],
+    ids=lambda x: "-".join(map(str, x)) or "B0",
 )
 def test_awkward_sizes(backend, lengths):
     s, t, cu, w = _inputs(lengths, 17, 5, torch.float32, weights="u")
@@ -112,6 +120,17 @@ def test_stacked_layers(backend, weights):
         b = structural_loss(s_nc, t_nc, cu, w)
     assert a.shape == (3,)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_layers(backend):
+    s, t, cu, _ = _inputs([3, 2], 17, 9, torch.float32, layers=1)
+    x = s[:0].clone().requires_grad_(True)  # [0, U, Ds]
+    with use_backend(backend):
+        loss = structural_loss(x, t[:0], cu)
+    assert loss.shape == (0,) and loss.dtype == torch.float32
+    loss.sum().backward()
+    assert x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -144,7 +163,7 @@ def test_zero_rows(backend):
 
 def test_torch_feature_space_matches_pair_space():
     """The feature-space identity (chosen when a sequence has more units than dimensions)."""
-    s, t, cu, w = _inputs([40, 1, 9], 4, 5, torch.float32, weights="u")
+    s, t, cu, w = _inputs([80, 1, 9, 70], 4, 5, torch.float32, weights="u")
     s[3] = 0  # a zero row: the diagonal term of the identity is not 0 there
     s = s.double()
     t = t.double()
@@ -152,11 +171,12 @@ def test_torch_feature_space_matches_pair_space():
     s3, t3, w2 = s[None], t[None], w[None]
     bounds = cu.tolist()
     for feature_space in (True, False, None):
-        loss, g = st._torch_forward(s3, t3, w2, bounds, True, torch.float64, feature_space=feature_space)
+        loss, g = st._torch_forward(s3, t3, cu, w2, bounds, True, torch.float64, feature_space=feature_space)
         ref, ref_g = _run(reference.structural_loss, s, t, cu, w, torch.tensor(1.0, dtype=torch.float64))
         torch.testing.assert_close(loss[0], ref, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(g[0], ref_g, rtol=1e-8, atol=1e-10)
-    # the cost model picks feature space for the 40-unit sequence (40·13 > 2·16+2·20+25)
+    # the cost model picks feature space for the long sequences (80·13 > 2·16+2·20+25); the 9-unit one
+    # is packed with the short ones
     calls = []
     orig = st._feature_space
     try:
@@ -165,7 +185,7 @@ def test_torch_feature_space_matches_pair_space():
             structural_loss(s, t, cu, w)
     finally:
         st._feature_space = orig
-    assert calls == [40, 9]
+    assert calls == [80, 70]
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -248,7 +268,7 @@ def _largest_allocation(n, ds, backend, **torch_kw):
                 loss, grad = st._structural_loss_impl(s3, t3, cu, None, True)
         else:
             bounds = st._seq_bounds(cu, n)
-            loss, grad = st._torch_forward(s3, t3, None, bounds, True, torch.float32, **torch_kw)
+            loss, grad = st._torch_forward(s3, t3, cu, None, bounds, True, torch.float32, **torch_kw)
     assert torch.isfinite(loss).all() and grad.shape == s3.shape
     return watch.largest, watch.largest_op
 
@@ -273,10 +293,10 @@ def test_work_list_covers_block_diagonal():
     the whole sequence of each row (the kernel relies on this for its atomic-free gradient)."""
     lengths = [2, 0, 1, 3, 40, 5, 17, 1, 16, 2, 2]
     cu = _cu(lengths)
-    seq = st._unit_to_seq(cu).cpu()
+    seq = layout.unit_to_seq(cu).cpu()
     assert seq.dtype == torch.int32 and seq.tolist() == [b for b, n in enumerate(lengths) for _ in range(n)]
     for block_m in (16, 64):
-        work = st._work_list(cu, block_m).cpu()
+        work = layout.block_diagonal_work_list(cu, block_m).cpu()
         assert work.dtype == torch.int32 and work.shape[1] == 4
         owner = torch.full((sum(lengths),), -1)
         bounds = cu.tolist()
@@ -341,3 +361,16 @@ def test_errors():
             structural_loss(s, t, cu.to("meta"))
         with pytest.raises(ValueError, match="unit_weights"):
             structural_loss(s, t, cu, w.to("meta"))
+
+
+def test_torch_long_sequence_row_chunks():
+    """The long-sequence pair-space path over several row chunks (chunk 16 < 70 units)."""
+    s, t, cu, w = _inputs([3, 70, 1, 66], 17, 9, torch.float32, weights="u")
+    s, t, w = s.double(), t.double(), w.double()
+    bounds = cu.tolist()
+    loss, g = st._torch_forward(
+        s[None], t[None], cu, w[None], bounds, True, torch.float64, row_chunk=16, feature_space=False
+    )
+    ref, ref_g = _run(reference.structural_loss, s, t, cu, w, torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(loss[0], ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g[0], ref_g, rtol=1e-8, atol=1e-10)

@@ -35,7 +35,18 @@ transformers = pytest.importorskip("transformers")
 
 _DETS = ["the", "a", "every", "that", "our", "some", "this"]
 _ADJS = ["tall", "quiet", "bright", "old", "curious", "broken", "silver", "tired", "young", "narrow"]
-_NOUNS = ["cat", "engineer", "river", "committee", "window", "garden", "student", "machine", "village", "report"]
+_NOUNS = [
+    "cat",
+    "engineer",
+    "river",
+    "committee",
+    "window",
+    "garden",
+    "student",
+    "machine",
+    "village",
+    "report",
+]
 _VERBS_PAST = ["opened", "watched", "built", "crossed", "painted", "explained", "followed", "repaired"]
 _VERBS_ING = ["jumping", "reading", "running", "waiting", "singing", "working", "sleeping"]
 _ADVS = ["quietly", "quickly", "rarely", "carefully", "suddenly", "never", "always", "slowly"]
@@ -63,17 +74,28 @@ _HAND_WRITTEN = [
 def _generated_sentences(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     forms = [
-        lambda: f"{rng.choice(_DETS).capitalize()} {rng.choice(_ADJS)} {rng.choice(_NOUNS)} has been "
-        f"{rng.choice(_ADVS)} {rng.choice(_VERBS_ING)} {rng.choice(_PREPS)} {rng.choice(_DETS)} {rng.choice(_NOUNS)}.",
-        lambda: f"{rng.choice(_DETS).capitalize()} {rng.choice(_NOUNS)} {rng.choice(_VERBS_PAST)} "
-        f"{rng.choice(_DETS)} {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_ADVS)}.",
-        lambda: f"Why did {rng.choice(_DETS)} {rng.choice(_NOUNS)} {rng.choice(_ADVS)} stop "
-        f"{rng.choice(_VERBS_ING)}, and who {rng.choice(_VERBS_PAST)} it?",
-        lambda: f"{rng.choice(_ADVS).capitalize()}, {rng.choice(_DETS)} {rng.choice(_NOUNS)}s were "
-        f"{rng.choice(_VERBS_ING)} {rng.choice(_PREPS)} the {rng.choice(_ADJS)} {rng.choice(_NOUNS)}; "
-        f"nobody {rng.choice(_VERBS_PAST)} them.",
-        lambda: f"In {rng.randint(1900, 2030)}, {rng.randint(2, 99)} {rng.choice(_NOUNS)}s "
-        f"{rng.choice(_VERBS_PAST)} {rng.choice(_DETS)} {rng.choice(_NOUNS)} ({rng.choice(_ADJS)}).",
+        lambda: (
+            f"{rng.choice(_DETS).capitalize()} {rng.choice(_ADJS)} {rng.choice(_NOUNS)} has been "
+            f"{rng.choice(_ADVS)} {rng.choice(_VERBS_ING)} {rng.choice(_PREPS)} "
+            f"{rng.choice(_DETS)} {rng.choice(_NOUNS)}."
+        ),
+        lambda: (
+            f"{rng.choice(_DETS).capitalize()} {rng.choice(_NOUNS)} {rng.choice(_VERBS_PAST)} "
+            f"{rng.choice(_DETS)} {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_ADVS)}."
+        ),
+        lambda: (
+            f"Why did {rng.choice(_DETS)} {rng.choice(_NOUNS)} {rng.choice(_ADVS)} stop "
+            f"{rng.choice(_VERBS_ING)}, and who {rng.choice(_VERBS_PAST)} it?"
+        ),
+        lambda: (
+            f"{rng.choice(_ADVS).capitalize()}, {rng.choice(_DETS)} {rng.choice(_NOUNS)}s were "
+            f"{rng.choice(_VERBS_ING)} {rng.choice(_PREPS)} the {rng.choice(_ADJS)} {rng.choice(_NOUNS)}; "
+            f"nobody {rng.choice(_VERBS_PAST)} them."
+        ),
+        lambda: (
+            f"In {rng.randint(1900, 2030)}, {rng.randint(2, 99)} {rng.choice(_NOUNS)}s "
+            f"{rng.choice(_VERBS_PAST)} {rng.choice(_DETS)} {rng.choice(_NOUNS)} ({rng.choice(_ADJS)})."
+        ),
     ]
     return [rng.choice(forms)() for _ in range(n)]
 
@@ -123,7 +145,9 @@ def make_wordpiece_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(_train_corpus(), trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    tok.train_from_iterator(
+        _train_corpus(), trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
+    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -197,7 +221,9 @@ def _check_batch(ub: UnitBatch, text_units, texts, encodings, granularity: str) 
     assert cu[0] == 0 and cu[-1] == ub.num_units and all(a <= b for a, b in zip(cu, cu[1:]))
 
     per_side = [(ub.student_ranges, ub.seq_len_student, encodings[0])]
-    per_side.append((ub.teacher_ranges, ub.seq_len_teacher, encodings[1] if len(encodings) > 1 else encodings[0]))
+    per_side.append(
+        (ub.teacher_ranges, ub.seq_len_teacher, encodings[1] if len(encodings) > 1 else encodings[0])
+    )
     # Units that got a token in each tokenization, found by scanning the tokens.
     owners_per_side = []
     for _, seq_len, enc in per_side:
@@ -257,9 +283,9 @@ def _strict_coverage_fraction(ub: UnitBatch, text_units, texts, enc, granularity
         local = (ub.student_ranges[cu[b] : cu[b + 1]].long() - b * ub.seq_len_student).tolist()
         offs = enc["offset_mapping"][b].tolist()
         kept_spans = [
-            sp for sp in text_units[b].spans(granularity) if any(
-                _owner_by_scan(text, s, e, [sp]) == 0 for s, e in offs
-            )
+            sp
+            for sp in text_units[b].spans(granularity)
+            if any(_owner_by_scan(text, s, e, [sp]) == 0 for s, e in offs)
         ]
         for (start, end), (s_u, e_u) in zip(local, kept_spans):
             covered = set()
@@ -295,7 +321,15 @@ def test_hand_checked_phrases(extractor):
     # AUX AUX ADV VERB: one verb phrase; two noun chunks; "over" and "." belong to no phrase
     assert _phrase_texts(text, units) == ["The cat", "has been quietly jumping", "the tall fence"]
     assert [text[s:e] for s, e in units.words] == [
-        "The", "cat", "has", "been", "quietly", "jumping", "the", "tall", "fence"
+        "The",
+        "cat",
+        "has",
+        "been",
+        "quietly",
+        "jumping",
+        "the",
+        "tall",
+        "fence",
     ]
 
 
@@ -317,13 +351,23 @@ def test_words_modes(extractor):
     (units_in,) = extractor([text])
     # "all": every token but punctuation ("," and ".")
     assert [text[s:e] for s, e in units_all.words] == [
-        "Dogs", "bark", "loudly", "and", "the", "cats", "which", "were", "sleeping", "woke", "up"
+        "Dogs",
+        "bark",
+        "loudly",
+        "and",
+        "the",
+        "cats",
+        "which",
+        "were",
+        "sleeping",
+        "woke",
+        "up",
     ]
     assert units_all.phrases == units_in.phrases
     assert set(units_in.words) <= set(units_all.words)
     for s, e in units_in.words:
         assert any(ps <= s and e <= pe for ps, pe in units_in.phrases)
-    for s, e in set(units_all.words) - set(units_in.words):
+    for s, _ in set(units_all.words) - set(units_in.words):
         assert not any(ps <= s < pe for ps, pe in units_in.phrases)
     assert "and" not in [text[s:e] for s, e in units_in.words]  # a conjunction outside any phrase
 
@@ -456,7 +500,9 @@ def test_align_two_tokenizers_properties(extractor, bpe, wordpiece, granularity,
 def test_left_and_right_padding_agree(extractor, bpe, wordpiece):
     texts = _texts(23, seed=5)
     units = extractor(texts)
-    right = align_units(units, texts, _encode(bpe, texts, "right"), _encode(wordpiece, texts, "right"), "phrase")
+    right = align_units(
+        units, texts, _encode(bpe, texts, "right"), _encode(wordpiece, texts, "right"), "phrase"
+    )
     enc_l = (_encode(bpe, texts, "left"), _encode(wordpiece, texts, "left"))
     left = align_units(units, texts, enc_l[0], enc_l[1], "phrase")
     assert torch.equal(left.cu_units, right.cu_units)
@@ -501,7 +547,8 @@ def test_truncation_drops_exactly_units_past_the_cut(extractor, bpe, wordpiece, 
             for side in range(2):
                 T_full, T_cut = full[side]["input_ids"].shape[1], cut[side]["input_ids"].shape[1]
                 present = {
-                    tuple(o) for o, m in zip(cut[side]["offset_mapping"][b].tolist(), cut[side]["attention_mask"][b])
+                    tuple(o)
+                    for o, m in zip(cut[side]["offset_mapping"][b].tolist(), cut[side]["attention_mask"][b])
                     if m and o[1] > o[0]
                 }
                 ranges = ub_full.student_ranges if side == 0 else ub_full.teacher_ranges
@@ -532,7 +579,9 @@ def test_bad_inputs(bpe, wordpiece):
     with pytest.raises(ValueError, match="no offset_mapping.*return_offsets_mapping=True"):
         align_units(units, texts, no_offsets)
     # what a slow (Python) tokenizer returns: a BatchEncoding without Rust encodings or offsets
-    slow = transformers.BatchEncoding({"input_ids": no_offsets["input_ids"], "attention_mask": no_offsets["attention_mask"]})
+    slow = transformers.BatchEncoding(
+        {"input_ids": no_offsets["input_ids"], "attention_mask": no_offsets["attention_mask"]}
+    )
     assert not slow.is_fast
     with pytest.raises(ValueError, match="fast tokenizer.*use_fast=True"):
         align_units(units, texts, slow)
@@ -548,7 +597,9 @@ def test_bad_inputs(bpe, wordpiece):
 def test_collator_bad_arguments(bpe, wordpiece):
     from tokenizers import Tokenizer, models
 
-    no_pad = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")))
+    no_pad = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))
+    )
     with pytest.raises(ValueError, match="no pad token.*pad_token = tokenizer.eos_token"):
         UnitCollator(no_pad, extractor=UnitExtractor())
 
@@ -570,7 +621,9 @@ def test_collator_bad_arguments(bpe, wordpiece):
 def test_collator(extractor, bpe, wordpiece):
     bpe.padding_side = wordpiece.padding_side = "right"
     texts = _texts(6, seed=21)
-    examples = [{"text": t} for t in texts[:3]] + [{"text": t, "prompt_length_chars": len(t) // 2} for t in texts[3:5]]
+    examples = [{"text": t} for t in texts[:3]] + [
+        {"text": t, "prompt_length_chars": len(t) // 2} for t in texts[3:5]
+    ]
     examples.append(texts[5])
     collate = UnitCollator(bpe, wordpiece, extractor, max_length=40)
     batch = collate(examples)
@@ -583,7 +636,9 @@ def test_collator(extractor, bpe, wordpiece):
         starts = enc["offset_mapping"][b, :, 0]
         response = [t for t in range(ids.shape[1]) if mask[b, t] and starts[t] >= len(texts[b]) // 2]
         first = response[0] if response else ids.shape[1]
-        assert (labels[b, :first] == -100).all() and torch.equal(labels[b, first:][mask[b, first:] == 1], ids[b, first:][mask[b, first:] == 1])
+        assert (labels[b, :first] == -100).all() and torch.equal(
+            labels[b, first:][mask[b, first:] == 1], ids[b, first:][mask[b, first:] == 1]
+        )
         assert first > 0
     units = extractor(texts)
     teacher_enc = _encode(wordpiece, texts, max_length=40)
@@ -645,11 +700,32 @@ def test_reference_rule_hand_checked():
     # a unit no token starts in: [-1, -1]; a token starting in a gap belongs to nobody
     got = char_spans_to_token_ranges_reference([text], torch.tensor([[[0, 6], [6, 13]]]), spans)
     assert got.tolist() == [[0, 1], [-1, -1], [-1, -1], [-1, -1]]
-    assert char_spans_to_token_ranges_reference([""], torch.zeros(1, 3, 2, dtype=torch.int64), [[]]).shape == (0, 2)
+    assert char_spans_to_token_ranges_reference(
+        [""], torch.zeros(1, 3, 2, dtype=torch.int64), [[]]
+    ).shape == (0, 2)
 
 
-_WEIRD_CHARS = ["a", "b", "Z", "é", "\u0301", "😀", "東", " ", " ", "\t", "\n", "\u00a0", "\u3000", "\u2009",
-                "\x1c", "\u200b", ".", ",", "'"]
+_WEIRD_CHARS = [
+    "a",
+    "b",
+    "Z",
+    "é",
+    "\u0301",
+    "😀",
+    "東",
+    " ",
+    " ",
+    "\t",
+    "\n",
+    "\u00a0",
+    "\u3000",
+    "\u2009",
+    "\x1c",
+    "\u200b",
+    ".",
+    ",",
+    "'",
+]
 
 
 def _random_case(rng: random.Random, batch: int, seq_len: int):
@@ -665,8 +741,7 @@ def _random_case(rng: random.Random, batch: int, seq_len: int):
         toks = [(s, e) for s, e in zip(bounds, bounds[1:])]
         if rng.random() < 0.3:  # overlapping token ranges (byte-level pieces of one character)
             toks = [t for tok in toks for t in ([tok, tok] if rng.random() < 0.2 else [tok])]
-        toks = toks[: seq_len - 2]
-        row = ([(0, 0)] if rng.random() < 0.5 else []) + toks
+        row = (([(0, 0)] if rng.random() < 0.5 else []) + toks)[:seq_len]
         pad = [(0, 0)] * (seq_len - len(row))
         row = pad + row if rng.random() < 0.5 else row + pad
         offsets[b] = torch.tensor(row, dtype=torch.int64).reshape(seq_len, 2)
@@ -700,4 +775,49 @@ def test_extension_op_matches_reference(bpe, wordpiece):
             enc = _encode(tok, texts, side, max_length=33)
             offsets = enc["offset_mapping"].clone()
             offsets[enc["attention_mask"] == 0] = 0
-            assert torch.equal(op(texts, offsets, spans), char_spans_to_token_ranges_reference(texts, offsets, spans))
+            assert torch.equal(
+                op(texts, offsets, spans), char_spans_to_token_ranges_reference(texts, offsets, spans)
+            )
+
+
+def test_padding_and_special_tokens_never_join_a_unit(bpe, wordpiece):
+    """Tokens with attention_mask 0 or marked special belong to no unit even if their offsets are not
+    empty (some tokenizers give special tokens a character range)."""
+    texts = ["Short one.", "A somewhat longer second text follows here."]
+    units = [TextUnits([(0, 5), (6, 9)], [(0, 9)]), TextUnits([(0, 1), (11, 17)], [(0, 24), (25, 32)])]
+    enc_b, enc_w = _encode(bpe, texts), _encode(wordpiece, texts, max_length=6)
+    expected = align_units(units, texts, enc_b, enc_w, "word")
+    # WordPiece keeps "[CLS] s ##h ##or ##t [SEP]" and "[CLS] a some ##w ##h [SEP]": "one" and "longer"
+    # get no teacher token, so they are dropped from both sides
+    assert expected.cu_units.tolist() == [0, 1, 2]
+    assert expected.teacher_ranges.tolist() == [[1, 5], [6 + 1, 6 + 2]]
+    messy_b = {k: v.clone() for k, v in enc_b.items()}
+    messy_b["offset_mapping"][messy_b["attention_mask"] == 0] = torch.tensor([0, 3])  # padding "covers" 0..3
+    special = torch.zeros_like(enc_w["input_ids"])
+    special[:, 0] = 1  # [CLS] claims the first characters
+    messy_w = {k: v.clone() for k, v in enc_w.items()}
+    messy_w["offset_mapping"][:, 0] = torch.tensor([0, 4])
+    messy_w["special_tokens_mask"] = special
+    got = align_units(units, texts, messy_b, messy_w, "word")
+    assert torch.equal(got.student_ranges, expected.student_ranges)
+    assert torch.equal(got.teacher_ranges, expected.teacher_ranges)
+    assert torch.equal(got.cu_units, expected.cu_units)
+    # NumPy and nested-list offsets are accepted too
+    as_lists = {
+        "offset_mapping": enc_b["offset_mapping"].tolist(),
+        "attention_mask": enc_b["attention_mask"].numpy(),
+    }
+    assert torch.equal(
+        align_units(units, texts, as_lists, enc_w, "word").student_ranges, expected.student_ranges
+    )
+
+
+def test_collator_prompt_output_examples(extractor, bpe):
+    bpe.padding_side = "right"
+    prompt, output = "### Instruction:\nName a colour.\n\n### Response:\n", "The sky is blue today."
+    collate = UnitCollator(bpe, None, extractor, max_length=64)
+    from_pair = collate([{"prompt": prompt, "output": output}])
+    from_text = collate([{"text": prompt + output, "prompt_length_chars": len(prompt)}])
+    assert torch.equal(from_pair["labels"], from_text["labels"])
+    labelled = from_pair["input_ids"][from_pair["labels"] != -100]
+    assert bpe.decode(labelled.tolist()) == output  # exactly the response carries labels

@@ -18,14 +18,17 @@ at::Tensor offsets_from_lengths(const at::Tensor& lengths) {
   auto out = at::empty({n + 1}, l.options().dtype(at::kInt));
   int32_t* o = out.data_ptr<int32_t>();
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  // Same order of checks as the CUDA kernel: the first negative length, then the overflow of the sum.
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] < 0) raise_lengths_error(i, p[i], 0);
+  }
   int64_t total = 0;
   o[0] = 0;
   for (int64_t i = 0; i < n; ++i) {
-    if (p[i] < 0) raise_lengths_error(i, p[i], total);
     total += std::min(p[i], kMax + 1);  // clamped so the running sum itself never overflows int64
-    if (total > kMax) raise_lengths_error(-1, 0, total);
-    o[i + 1] = static_cast<int32_t>(total);
+    o[i + 1] = static_cast<int32_t>(std::min(total, kMax));
   }
+  if (total > kMax) raise_lengths_error(-1, 0, total);
   return out;
 }
 

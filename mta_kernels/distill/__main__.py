@@ -16,22 +16,32 @@ from mta_kernels.distill.config import DistillError, TrainConfig
 def _common(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="JSONL with 'prompt'/'output' (Dolly) or text, one example a line")
+    g.add_argument(
+        "--data", required=True, help="JSONL with 'prompt'/'output' (Dolly) or text, one example a line"
+    )
     g.add_argument("--eval-data", default=None, help="held-out file (default: --eval-fraction of --data)")
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per sequence (truncation)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--out", required=True, help="run directory: checkpoint.pt, metrics.jsonl, curves.png, model/")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch and process")
+    g.add_argument(
+        "--out", required=True, help="run directory: checkpoint.pt, metrics.jsonl, curves.png, model/"
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch and process"
+    )
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor, fraction of --lr")
+    g.add_argument(
+        "--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor, fraction of --lr"
+    )
     g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping (0: off)")
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (default on GPU)")
+    g.add_argument(
+        "--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (default on GPU)"
+    )
     g.add_argument("--no-bf16", dest="bf16", action="store_false")
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
@@ -39,8 +49,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=d.eval_every)
     g.add_argument("--save-every", type=int, default=d.save_every)
     g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers (units extracted there)")
+    g.add_argument(
+        "--num-workers", type=int, default=d.num_workers, help="DataLoader workers (units extracted there)"
+    )
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this step with a checkpoint (time-sliced jobs); --resume continues",
+    )
     g.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a checkpoint")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--no-plot", dest="plot", action="store_false")
@@ -68,22 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lam", type=float, default=d.lam, help="λ: weight of the distillation terms")
     g.add_argument("--beta", type=float, default=d.beta, help="β: weight of MTA inside the distillation term")
     g.add_argument("--gamma", type=float, default=d.gamma, help="γ: weight of HRA inside MTA")
-    g.add_argument("--kd", choices=("forward", "reverse", "skew", "none"), default=d.kd,
-                   help="logit KD (only when the tokenizers match)")
+    g.add_argument(
+        "--kd",
+        choices=("forward", "reverse", "skew", "none"),
+        default=d.kd,
+        help="logit KD (only when the tokenizers match)",
+    )
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--skew-alpha", type=float, default=d.skew_alpha, help="α of skew KL")
-    g.add_argument("--no-mta", dest="mta", action="store_false", help="baseline: no MTA term, all else the same")
+    g.add_argument(
+        "--no-mta", dest="mta", action="store_false", help="baseline: no MTA term, all else the same"
+    )
     g.add_argument("--preset", default=None, help="published layer mapping, e.g. 'gpt2-xl->gpt2'")
-    g.add_argument("--pairs", default=None, help="explicit mapping 'S:T:word|phrase,...', e.g. '6:24:word,9:36:phrase'")
+    g.add_argument(
+        "--pairs", default=None, help="explicit mapping 'S:T:word|phrase,...', e.g. '6:24:word,9:36:phrase'"
+    )
     g.add_argument("--pooling", choices=("attention", "mean"), default=d.pooling)
     g.add_argument("--unweighted", dest="weighted", action="store_false", help="unit importances all 1")
     g.add_argument("--words", choices=("in_phrases", "all"), default=d.words)
     g.add_argument("--spacy-pipeline", default=d.spacy_pipeline)
-    g.add_argument("--backend", choices=("auto", "torch", "triton"), default=d.backend,
-                   help="mta_kernels ops: auto (Triton on GPU, torch on CPU), or force one")
+    g.add_argument(
+        "--backend",
+        choices=("auto", "torch", "triton"),
+        default=d.backend,
+        help="mta_kernels ops: auto (Triton on GPU, torch on CPU), or force one",
+    )
     _common(p)
 
-    p = sub.add_parser("demo", help="teacher + two students (with / without MTA) on the bundled corpus, on CPU")
+    p = sub.add_parser(
+        "demo", help="teacher + two students (with / without MTA) on the bundled corpus, on CPU"
+    )
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a few steps only (a smoke test, ~1 minute)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -94,7 +126,9 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     fields = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
     if args.command == "train-teacher":
-        values.update(mode="teacher", student=args.model, student_tokenizer=args.tokenizer, mta=False, kd="none")
+        values.update(
+            mode="teacher", student=args.model, student_tokenizer=args.tokenizer, mta=False, kd="none"
+        )
     else:
         values["mode"] = "distill"
     return TrainConfig(**values)
@@ -111,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         from mta_kernels.distill.train import train
 
         summary = train(_config(args))
-        if summary.get("out"):
+        if "step_time_s" in summary:  # rank 0 only
             print(json.dumps(summary, indent=1))
         return 0
     except DistillError as exc:

@@ -63,6 +63,7 @@ class TrainConfig:
     log_every: int = 1
     num_workers: int = 0
     resume: bool = False
+    stop_at: int | None = None  # stop after this step (checkpoint written), as a preempted job would
     overwrite: bool = False
     device: str | None = None
     backend: str = "auto"
@@ -83,7 +84,9 @@ class TrainConfig:
             raise DistillError(f"--kd must be one of {KD_KINDS}, got {self.kd!r}")
         for name in ("max_length", "batch_size", "grad_accum", "steps"):
             if getattr(self, name) < 1:
-                raise DistillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise DistillError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
         if self.max_length < 4:
             raise DistillError(f"--max-length must be at least 4, got {self.max_length}")
         if not 0.0 <= self.lam <= 1.0:
@@ -140,7 +143,10 @@ RESUME_KEYS = (
 
 
 def parse_pairs(text: str) -> list[tuple[int, int, str]]:
-    """``"6:24:word,9:36:phrase"`` -> ``[(6, 24, "word"), (9, 36, "phrase")]`` (student, teacher, granularity)."""
+    """``"6:24:word,9:36:phrase"`` -> ``[(6, 24, "word"), (9, 36, "phrase")]``.
+
+    Each item is (student layer, teacher layer, granularity), layers as ``hidden_states`` indices.
+    """
     pairs = []
     for item in text.split(","):
         item = item.strip()

@@ -49,7 +49,9 @@ def load_examples(path: str) -> list[Example]:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except UnicodeDecodeError as exc:
-        raise DistillError(f"data file {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise DistillError(
+            f"data file {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     jsonl = is_jsonl(path)
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -60,7 +62,9 @@ def load_examples(path: str) -> list[Example]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DistillError(f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise DistillError(
+                f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
         if not isinstance(obj, dict):
             raise DistillError(f"{path}, line {lineno}: expected a JSON object with 'prompt' and 'output'")
         for key in ("prompt", "output"):
@@ -152,7 +156,11 @@ class LMCollator:
             student["offset_mapping"],
             [e["prompt_length_chars"] for e in examples],
         )
-        batch = {"input_ids": student["input_ids"], "attention_mask": student["attention_mask"], "labels": labels}
+        batch = {
+            "input_ids": student["input_ids"],
+            "attention_mask": student["attention_mask"],
+            "labels": labels,
+        }
         if self.teacher_tokenizer is not None:
             teacher = self._encode(self.teacher_tokenizer, texts)
             batch["teacher_input_ids"] = teacher["input_ids"]
@@ -163,7 +171,9 @@ class LMCollator:
         return batch
 
 
-def epoch_batches(n_items: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
+def epoch_batches(
+    n_items: int, batch_size: int, epoch: int, seed: int, rank: int, world: int
+) -> list[list[int]]:
     """This rank's batches of one epoch: a seeded permutation, dealt round-robin, full batches only.
 
     Rank r of W takes ``perm[r::W]`` (as ``DistributedSampler``), so W processes with batch b see the

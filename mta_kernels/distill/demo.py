@@ -51,7 +51,12 @@ def make_dolly(corpus_path: str = CORPUS) -> list[dict]:
         sents = split_sentences(para)
         for i in range(1, len(sents)):
             instruction = INSTRUCTIONS[k % len(INSTRUCTIONS)].format(prev=sents[i - 1])
-            records.append({"prompt": PROMPT_TEMPLATE.format(instruction=instruction), "output": " ".join(sents[i : i + 2])})
+            records.append(
+                {
+                    "prompt": PROMPT_TEMPLATE.format(instruction=instruction),
+                    "output": " ".join(sents[i : i + 2]),
+                }
+            )
             k += 1
     return records
 
@@ -67,7 +72,7 @@ def _config(**kw) -> TrainConfig:
     base = dict(
         data=DOLLY,
         eval_fraction=0.1,
-        max_length=96,
+        max_length=128,
         batch_size=8,
         seed=0,
         eval_every=40,
@@ -93,28 +98,55 @@ def run_demo(out: str = "runs/demo", quick: bool = False, progress: bool = True)
     tok_dir = os.path.join(out, "tokenizers")
     train_tokenizer("bpe", corpus, TEACHER_VOCAB, os.path.join(tok_dir, "teacher-bpe"))
     train_tokenizer("wordpiece", corpus, STUDENT_VOCAB, os.path.join(tok_dir, "student-wordpiece"))
-    print(f"[demo] tokenizers trained on {len(corpus)} paragraphs of {CORPUS}: byte-level BPE ({TEACHER_VOCAB}) "
-          f"for the teacher, WordPiece ({STUDENT_VOCAB}) for the student")
+    print(
+        f"[demo] tokenizers trained on {len(corpus)} paragraphs of {CORPUS}: "
+        f"byte-level BPE ({TEACHER_VOCAB}) for the teacher, WordPiece ({STUDENT_VOCAB}) for the student"
+    )
 
     teacher_steps, student_steps = (6, 6) if quick else (240, 140)
     teacher_out = os.path.join(out, "teacher")
     t0 = time.perf_counter()
     print(f"[demo] 1/3 training the teacher {TEACHER} for {teacher_steps} steps")
-    train(_config(mode="teacher", out=teacher_out, student=TEACHER, student_tokenizer=os.path.join(tok_dir, "teacher-bpe"),
-                  steps=teacher_steps, lr=2e-3, warmup_steps=max(1, teacher_steps // 20), mta=False, kd="none",
-                  progress=progress, plot=False))
+    train(
+        _config(
+            mode="teacher",
+            out=teacher_out,
+            student=TEACHER,
+            student_tokenizer=os.path.join(tok_dir, "teacher-bpe"),
+            steps=teacher_steps,
+            lr=2e-3,
+            warmup_steps=max(1, teacher_steps // 20),
+            mta=False,
+            kd="none",
+            progress=progress,
+            plot=False,
+        )
+    )
     t_teacher = time.perf_counter() - t0
 
     runs = {}
     for i, (name, mta) in enumerate((("student-mta", True), ("student-baseline", False)), start=2):
         t0 = time.perf_counter()
-        print(f"[demo] {i}/3 distilling into {STUDENT} ({'with' if mta else 'without'} MTA) for {student_steps} steps")
-        summary = train(_config(
-            mode="distill", out=os.path.join(out, name), student=STUDENT,
-            student_tokenizer=os.path.join(tok_dir, "student-wordpiece"),
-            teacher=os.path.join(teacher_out, "model"), steps=student_steps, lr=2e-3,
-            warmup_steps=max(1, student_steps // 20), mta=mta, kd="forward", progress=progress, plot=False,
-        ))
+        print(
+            f"[demo] {i}/3 distilling into {STUDENT} ({'with' if mta else 'without'} MTA) "
+            f"for {student_steps} steps"
+        )
+        summary = train(
+            _config(
+                mode="distill",
+                out=os.path.join(out, name),
+                student=STUDENT,
+                student_tokenizer=os.path.join(tok_dir, "student-wordpiece"),
+                teacher=os.path.join(teacher_out, "model"),
+                steps=student_steps,
+                lr=2e-3,
+                warmup_steps=max(1, student_steps // 20),
+                mta=mta,
+                kd="forward",
+                progress=progress,
+                plot=False,
+            )
+        )
         summary["wall_s"] = time.perf_counter() - t0
         runs[name] = summary
     png = plot_runs({n: os.path.join(out, n, "metrics.jsonl") for n in runs}, os.path.join(out, "curves.png"))
@@ -123,14 +155,25 @@ def run_demo(out: str = "runs/demo", quick: bool = False, progress: bool = True)
         teacher_summary = json.load(f)
     rows = [("teacher (BPE)", teacher_summary, t_teacher)] + [(n, s, s["wall_s"]) for n, s in runs.items()]
     print()
-    print(f"{'run':<18} {'held-out loss':>13} {'perplexity':>10} {'step (ms)':>9} {'MTA share':>9} {'wall (s)':>8}")
+    print(
+        f"{'run':<18} {'held-out loss':>13} {'perplexity':>10} {'step (ms)':>9} {'MTA share':>9} "
+        f"{'wall (s)':>8}"
+    )
     for name, s, wall in rows:
         share = "-" if s.get("mta_share") is None else f"{100 * s['mta_share']:.0f}%"
-        print(f"{name:<18} {s.get('eval_loss', float('nan')):>13.3f} {s.get('eval_ppl', float('nan')):>10.2f} "
-              f"{1000 * s['step_time_s']:>9.0f} {share:>9} {wall:>8.0f}")
+        print(
+            f"{name:<18} {s.get('eval_loss', float('nan')):>13.3f} {s.get('eval_ppl', float('nan')):>10.2f} "
+            f"{1000 * s['step_time_s']:>9.0f} {share:>9} {wall:>8.0f}"
+        )
     print()
-    print("held-out numbers are per token of each model's own tokenizer: compare the two students with each other,")
-    print("not with the teacher. The logit KD term is off (different vocabularies); MTA is the only teacher signal.")
+    print(
+        "held-out numbers are per token of each model's own tokenizer: compare the two students with "
+        "each other,"
+    )
+    print(
+        "not with the teacher. The logit KD term is off (different vocabularies); MTA is the only "
+        "teacher signal."
+    )
     print(f"metrics: {out}/<run>/metrics.jsonl   checkpoints: {out}/<run>/checkpoint.pt   plot: {png}")
     print(f"total demo time: {time.perf_counter() - t_start:.0f} s")
     return {"teacher": teacher_summary, **runs}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
 from mta_kernels.distill.config import DistillError
@@ -41,7 +40,9 @@ def build_model(spec: str, tokenizer, max_length: int) -> nn.Module:
 
     if not is_builtin(spec):
         if not os.path.isdir(spec):
-            raise DistillError(f"model {spec!r} is neither a local directory nor builtin:gpt2|llama:LAYERS:DIM")
+            raise DistillError(
+                f"model {spec!r} is neither a local directory nor builtin:gpt2|llama:LAYERS:DIM"
+            )
         try:
             return AutoModelForCausalLM.from_pretrained(spec, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - any loader failure is a user-input problem here
@@ -106,7 +107,9 @@ def load_tokenizer(path: str | None, model_spec: str):
 
     src = path or (None if is_builtin(model_spec) else model_spec)
     if src is None:
-        raise DistillError(f"the built-in model {model_spec!r} needs a tokenizer: pass --student/--teacher-tokenizer")
+        raise DistillError(
+            f"the built-in model {model_spec!r} needs a tokenizer: pass --student/--teacher-tokenizer"
+        )
     if not os.path.exists(src):
         raise DistillError(f"tokenizer {src!r} does not exist")
     try:
@@ -164,7 +167,9 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, out_dir: s
         tok = Tokenizer(models.WordPiece(unk_token=UNK))
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD, UNK], show_progress=False)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=[EOS, PAD, UNK], show_progress=False
+        )
         specials = {"eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
     else:
         raise DistillError(f"unknown tokenizer kind {kind!r} (bpe or wordpiece)")
@@ -199,4 +204,3 @@ __all__ = [
     "same_tokenizer",
     "train_tokenizer",
 ]
-

@@ -64,9 +64,13 @@ def kd_sum(
     if kind == "skew":
         log_pt = F.log_softmax(t, dim=-1)
         log_ps = F.log_softmax(s, dim=-1)
-        log_mix = torch.logsumexp(
-            torch.stack([log_pt + math.log(skew_alpha), log_ps + math.log1p(-skew_alpha)]), dim=0
-        ) if skew_alpha > 0 else log_ps
+        log_mix = (
+            torch.logsumexp(
+                torch.stack([log_pt + math.log(skew_alpha), log_ps + math.log1p(-skew_alpha)]), dim=0
+            )
+            if skew_alpha > 0
+            else log_ps
+        )
         return (log_pt.exp() * (log_pt - log_mix)).sum()
     log_pt = F.log_softmax(t / temperature, dim=-1)
     log_ps = F.log_softmax(s / temperature, dim=-1)

@@ -88,8 +88,15 @@ class Trainable(nn.Module):
     ``forward`` runs the student, and returns the summed CE/KD over target tokens and the MTA loss.
     """
 
-    def __init__(self, student: nn.Module, mta: nn.Module | None, kd: str, temperature: float, skew_alpha: float,
-                 kd_vocab: int | None) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        mta: nn.Module | None,
+        kd: str,
+        temperature: float,
+        skew_alpha: float,
+        kd_vocab: int | None,
+    ) -> None:
         super().__init__()
         self.student = student
         self.mta = mta
@@ -112,7 +119,11 @@ class Trainable(nn.Module):
         if teacher_out is not None and self.kd_vocab is not None:
             v = self.kd_vocab
             result["kd_sum"] = O.kd_sum(
-                out.logits[..., :v], teacher_out.logits[..., :v], batch["labels"], self.kd, self.temperature,
+                out.logits[..., :v],
+                teacher_out.logits[..., :v],
+                batch["labels"],
+                self.kd,
+                self.temperature,
                 self.skew_alpha,
             )
         if self.mta is not None:
@@ -247,12 +258,16 @@ class Setup:
     notes: list[str]
 
 
-def _resolve_mta(cfg: TrainConfig, student: nn.Module, teacher: nn.Module, shared: bool) -> tuple[nn.Module, list]:
+def _resolve_mta(
+    cfg: TrainConfig, student: nn.Module, teacher: nn.Module, shared: bool
+) -> tuple[nn.Module, list]:
     from mta_kernels.losses import MTALoss
 
     ls, lt = M.num_layers(student), M.num_layers(teacher)
     ds, dt = M.hidden_size(student), M.hidden_size(teacher)
-    kwargs = dict(pooling=cfg.pooling, weighted=cfg.weighted, hra="token" if shared else "unit", gamma=cfg.gamma)
+    kwargs = dict(
+        pooling=cfg.pooling, weighted=cfg.weighted, hra="token" if shared else "unit", gamma=cfg.gamma
+    )
     if cfg.pairs:
         pairs = parse_pairs(cfg.pairs)
         _check_pairs(pairs, ls, lt, "--pairs")
@@ -272,7 +287,9 @@ def _resolve_mta(cfg: TrainConfig, student: nn.Module, teacher: nn.Module, share
         except ValueError:
             continue
         return mta, _pairs_of(mta)
-    raise DistillError(f"no automatic layer mapping for a {ls}-layer student and {lt}-layer teacher: pass --pairs")
+    raise DistillError(
+        f"no automatic layer mapping for a {ls}-layer student and {lt}-layer teacher: pass --pairs"
+    )
 
 
 def _pairs_of(mta: nn.Module) -> list[tuple[int, int, str]]:
@@ -296,6 +313,12 @@ def _check_pairs(pairs: list[tuple[int, int, str]], ls: int, lt: int, where: str
 def build(cfg: TrainConfig, env: DistEnv) -> Setup:
     """Load data, tokenizers and models, resolve the objective; raises :class:`DistillError` on bad input."""
     notes: list[str] = []
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight-loading bars would interleave with ours
+    except ImportError:  # pragma: no cover
+        pass
     examples = load_examples(cfg.data)
     train_ex, eval_ex = split_examples(examples, cfg.eval_data, cfg.eval_fraction, cfg.seed)
     global_batch = cfg.batch_size * env.world
@@ -318,11 +341,18 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
     if cfg.mode == "distill" and cfg.kd != "none":
         if shared:
             kd_vocab = len(student_tok)
-            vs, vt = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+            vs, vt = (
+                student.get_output_embeddings().weight.shape[0],
+                teacher.get_output_embeddings().weight.shape[0],
+            )
             if min(vs, vt) < kd_vocab:
-                raise DistillError(f"tokenizer has {kd_vocab} tokens but the models' output layers have {vs} / {vt}")
+                raise DistillError(
+                    f"tokenizer has {kd_vocab} tokens but the models' output layers have {vs} / {vt}"
+                )
         else:
-            notes.append("teacher and student tokenizers differ: the logit KD term is off (units are aligned per text)")
+            notes.append(
+                "teacher and student tokenizers differ: the logit KD term is off (units are aligned per text)"
+            )
     mta = pairs = None
     if cfg.mode == "distill" and cfg.mta:
         mta, pairs = _resolve_mta(cfg, student, teacher, shared)
@@ -330,17 +360,35 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
         from mta_kernels.units import UnitCollator, UnitExtractor
 
         granularities = tuple(sorted({g for _, _, g in pairs}, key=("word", "phrase").index))
+        extractor = UnitExtractor(cfg.spacy_pipeline, words=cfg.words)
+        try:  # load spaCy now: a missing or parser-less pipeline is a clear error before anything runs
+            extractor.load()
+        except (ImportError, ValueError) as exc:
+            raise DistillError(f"MTA needs spaCy units: {exc} (or pass --no-mta)") from None
         collator = UnitCollator(
             student_tok,
             None if shared else teacher_tok,
-            extractor=UnitExtractor(cfg.spacy_pipeline, words=cfg.words),
+            extractor=extractor,
             max_length=cfg.max_length,
             granularities=granularities,
         )
     else:
         collator = LMCollator(student_tok, None if shared else teacher_tok, cfg.max_length)
-    return Setup(env, student, teacher, student_tok, teacher_tok, shared, mta, pairs, kd_vocab,
-                 TextDataset(train_ex), TextDataset(eval_ex), collator, notes)
+    return Setup(
+        env,
+        student,
+        teacher,
+        student_tok,
+        teacher_tok,
+        shared,
+        mta,
+        pairs,
+        kd_vocab,
+        TextDataset(train_ex),
+        TextDataset(eval_ex),
+        collator,
+        notes,
+    )
 
 
 def fingerprint(cfg: TrainConfig, s: Setup) -> dict:
@@ -353,7 +401,10 @@ def fingerprint(cfg: TrainConfig, s: Setup) -> dict:
 # ----------------------------------------------------------------------------------------- the loop
 def _loader(dataset: TextDataset, batches: list[list[int]], collator: Any, cfg: TrainConfig):
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, collate_fn=collator, num_workers=cfg.num_workers,
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collator,
+        num_workers=cfg.num_workers,
         persistent_workers=False,
     )
 
@@ -384,11 +435,15 @@ def evaluate(s: Setup, cfg: TrainConfig, autocast: Any) -> dict | None:
     for batch in _loader(s.eval_set, batches, lm, cfg):
         batch = to_device(batch, s.env.device)
         with autocast():
-            logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            logits = module(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
         ce, n = O.ce_sum(logits, batch["labels"])
         total, count = total + float(ce), count + n
     total, count = s.env.all_reduce([total, count])
     module.train(was_training)
+    if count == 0:  # every held-out response was truncated away: no number rather than a fake 0
+        return None
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
 
@@ -446,7 +501,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise DistillError(f"checkpoint {ckpt_path!r} does not fit this model: {str(exc).splitlines()[0]}") from None
+            raise DistillError(
+                f"checkpoint {ckpt_path!r} does not fit this model: {str(exc).splitlines()[0]}"
+            ) from None
         step = int(state["step"])
         _set_rng(state.get("rng"))
     ddp = module
@@ -470,11 +527,17 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (env.main and cfg.progress), desc=_desc(cfg, s),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        disable=not (env.main and cfg.progress),
+        desc=_desc(cfg, s),
+        dynamic_ncols=True,
+    )
     stream = micro_batches(s, cfg, step * cfg.grad_accum)
     last_eval = None
-    while step < cfg.steps:
+    stop = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    while step < stop:
         t0 = time.perf_counter()
         micro = [to_device(next(stream), device) for _ in range(cfg.grad_accum)]
         n_tok_local = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
@@ -513,7 +576,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                 dsa = r["dsa"].float() / len(micro) + (0 if dsa is None else dsa)
                 if r["hra"] is not None:
                     hra = r["hra"].float() / len(micro) + (0 if hra is None else hra)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip)) if cfg.clip > 0 else 0.0
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip)) if cfg.clip > 0 else 0.0
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
@@ -542,7 +607,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         if cfg.mode == "teacher":
             rec["loss"] = rec["ce"]
         else:
-            rec["loss"] = (1 - cfg.lam) * rec["ce"] + cfg.lam * ((rec["kd"] or 0.0) + cfg.beta * (rec["mta"] or 0.0))
+            rec["loss"] = (1 - cfg.lam) * rec["ce"] + cfg.lam * (
+                (rec["kd"] or 0.0) + cfg.beta * (rec["mta"] or 0.0)
+            )
         if dsa is not None:
             if env.world > 1:
                 dsa = torch.tensor(env.all_reduce(dsa.tolist())) / env.world
@@ -565,7 +632,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                 post["eval_ppl"] = f"{last_eval['eval_ppl']:.1f}"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == stop:
             if env.main:
                 save_checkpoint(ckpt_path, _state(s, fp, cfg, step, optimizer, scheduler, env))
             if env.world > 1:
@@ -583,8 +650,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         if cfg.plot:
             from mta_kernels.distill.plot import plot_runs
 
-            summary["plot"] = plot_runs({os.path.basename(os.path.normpath(cfg.out)): metrics_path},
-                                        os.path.join(cfg.out, "curves.png"))
+            summary["plot"] = plot_runs(
+                {os.path.basename(os.path.normpath(cfg.out)): metrics_path},
+                os.path.join(cfg.out, "curves.png"),
+            )
     return summary
 
 

@@ -301,7 +301,7 @@ def _saliency_triton(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tenso
     # an IEEE dot (TF32 would be ~1e-3 off the oracle); fp64, and everything under the interpreter
     # (no bf16 arithmetic there), is cast to fp32 first.
     dot_fp32 = triton_interpreting() or hidden.dtype not in (torch.bfloat16, torch.float16)
-    precision = "ieee" if dot_fp32 else "tf32"  # "tf32" is ignored for 16-bit operands
+    precision = "ieee" if dot_fp32 else None  # None: the default, which only matters for fp32 operands
     qk_scale = _LOG2E / math.sqrt(D)
     num_warps = 4
 
@@ -324,29 +324,30 @@ def _saliency_torch(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tensor
     G = L * B
     h = hidden.to(torch.float32).reshape(G, T, D)  # O(L·B·T·D), never O(T²)
     hn = h / (h.std(dim=-1, keepdim=True) + SALIENCY_STD_EPS)  # [G, T, D], as the reference
+    del h
     key_valid = valid.expand(L, B, T).reshape(G, T)  # [G, T]
     n = key_valid.sum(dim=-1)  # [G]
-    row_has_keys = key_valid & (n >= 2)[:, None]  # [G, T] query rows that vote
+    row_votes = key_valid & (n >= 2)[:, None]  # [G, T] query rows that have keys and vote
+    row_weight = row_votes.to(torch.float32)[:, None, :]  # [G, 1, T]
+    key_invalid = ~key_valid[:, None, :]  # [G, 1, T]
     acc = out.view(G, T)
     acc.zero_()
     sqrt_d = math.sqrt(D)
     rows = min(T, _TORCH_CHUNK_ROWS)
     seqs = max(1, min(G, _TORCH_CHUNK_ELEMS // (rows * T)))
-    idx = torch.arange(T, device=hidden.device)
     for g0 in range(0, G, seqs):
         g1 = min(G, g0 + seqs)
         hn_k = hn[g0:g1]  # [g, T, D]
         for q0 in range(0, T, rows):
             q1 = min(T, q0 + rows)
-            s = torch.matmul(hn_k[:, q0:q1], hn_k.transpose(-1, -2)) / sqrt_d  # [g, c, T]
-            keep = key_valid[g0:g1, None, :] & (idx[q0:q1, None] != idx[None, :])  # [g, c, T]
-            s = s.masked_fill_(~keep, float("-inf"))
-            votes = row_has_keys[g0:g1, q0:q1, None]  # [g, c, 1]
-            lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [g, c, 1], -inf for rows without keys
-            lse = torch.where(votes, lse, torch.full_like(lse, float("inf")))
-            p = s.sub_(lse).exp_()  # exp(-inf) = 0 at masked keys and at rows without keys
-            p = torch.where(votes & keep, p, torch.zeros((), device=p.device, dtype=p.dtype))
-            acc[g0:g1] += p.sum(dim=1)
+            s = torch.matmul(hn_k[:, q0:q1], hn_k.transpose(-1, -2)).div_(sqrt_d)  # [g, c, T]
+            s.masked_fill_(key_invalid[g0:g1], float("-inf"))
+            s.diagonal(offset=q0, dim1=1, dim2=2).fill_(float("-inf"))  # i == j
+            # Rows without keys (padding, n < 2) get a dummy finite row: no NaN, weight 0 below. This
+            # also keeps garbage (NaN) hidden states at padding positions out of the result.
+            s.masked_fill_(~row_votes[g0:g1, q0:q1, None], 0.0)
+            p = torch.softmax(s, dim=-1)  # [g, c, T]
+            acc[g0:g1] += torch.bmm(row_weight[g0:g1, :, q0:q1], p).squeeze(1)  # Σ over voting rows
     acc /= n.clamp_min(1)[:, None].to(torch.float32)
     acc.masked_fill_((n == 1)[:, None] & key_valid, 1.0)
     acc.masked_fill_(~key_valid, 0.0)
@@ -409,8 +410,9 @@ def _check_inputs(hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
 def token_saliency(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean attention each token receives under a parameter-free self-attention (SPEC §3).
 
-    Flash-style: the T×T score matrix is never stored (memory O(L·B·T) on the Triton path, plus an
-    fp32 copy of ``hidden`` on the torch path).
+    Flash-style: the T×T score matrix is never stored. Extra memory: O(L·B·T) on the Triton path; on
+    the torch path an fp32 normalised copy of ``hidden`` plus score chunks of at most
+    max(2**19, 128·T) elements.
 
     Args:
         hidden: ``[B, T, D]`` or stacked layers ``[L, B, T, D]``; float32/bfloat16/float16 (float64 is

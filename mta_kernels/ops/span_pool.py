@@ -165,20 +165,6 @@ def _span_pool_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _token_to_unit(ranges: torch.Tensor, num_tokens: int) -> torch.Tensor:  # TEMP shim, delete
-    if hasattr(layout, "token_to_unit"):
-        return layout.token_to_unit(ranges, num_tokens)
-    t2u = torch.full((num_tokens,), -1, dtype=torch.int32, device=ranges.device)
-    r = ranges.long()
-    lengths = r[:, 1] - r[:, 0]
-    unit = torch.repeat_interleave(torch.arange(len(r), device=r.device), lengths)
-    off = torch.arange(len(unit), device=r.device) - torch.repeat_interleave(
-        torch.cumsum(lengths, 0) - lengths, lengths
-    )
-    t2u[r[unit, 0] + off] = unit.int()
-    return t2u
-
-
 def _acc_dtype(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.dtype:
     """float64 when an input is float64 (so that gradcheck works), float32 otherwise (SPEC §8)."""
     if hidden.dtype == torch.float64 or (weights is not None and weights.dtype == torch.float64):
@@ -234,7 +220,7 @@ def _torch_forward(
     outside every unit go to a discarded extra row ``U``). Returns ``out [L, U, D]``, ``inv_den [L, U]``."""
     L, N, D = h3.shape
     U = ranges.shape[0]
-    t2u = _token_to_unit(ranges, N).long()  # [N]
+    t2u = layout.token_to_unit(ranges, N).long()  # [N]
     index = torch.where(t2u >= 0, t2u, U)  # [N], uncovered -> trash row U
     w = torch.ones(L, N, dtype=acc, device=h3.device) if w2 is None else w2.to(acc)  # [L, N]
     w = w * (t2u >= 0)
@@ -339,7 +325,7 @@ def _span_pool_backward_op(
     w2 = None
     if weights is not None:
         w2 = weights.expand(L, N) if weights.dim() == 1 else weights
-    t2u = _token_to_unit(ranges, N)  # int32 [N], -1 = uncovered
+    t2u = layout.token_to_unit(ranges, N)  # int32 [N], -1 = uncovered
     if not use_triton(grad_out):
         grad_hidden = _torch_backward(g3, t2u, w2, inv3)
     else:

@@ -255,50 +255,17 @@ def _seq_bounds(cu_units: torch.Tensor, num_units: int) -> list[int]:
     if bounds[0] != 0:
         raise ValueError(f"cu_units must start at 0, got cu_units[0] = {bounds[0]}")
     if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-        raise ValueError(f"cu_units must be non-decreasing, got {bounds[:16]}{' ...' if len(bounds) > 16 else ''}")
+        raise ValueError(
+            f"cu_units must be non-decreasing, got {bounds[:16]}{' ...' if len(bounds) > 16 else ''}"
+        )
     if bounds[-1] != num_units:
         raise ValueError(f"cu_units ends at {bounds[-1]} but there are {num_units} units")
     return bounds
 
 
-def _work_list(cu_units: torch.Tensor, block_m: int) -> torch.Tensor:
-    """int32 ``[W, 4]`` (row_start, row_end, col_start, col_end) row blocks covering the block diagonal."""
-    if hasattr(layout, "block_diagonal_work_list"):
-        return layout.block_diagonal_work_list(cu_units, block_m)
-    # TEMPORARY local equivalent until the extension ships it (delete then).
-    rows: list[tuple[int, int, int, int]] = []
-    pack: list[int] | None = None
-    bounds = cu_units.tolist()
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi - lo < 2:
-            continue
-        if hi - lo <= block_m:
-            if pack is not None and hi - pack[0] <= block_m:
-                pack[1] = hi
-                continue
-            if pack is not None:
-                rows.append((pack[0], pack[1], pack[0], pack[1]))
-            pack = [lo, hi]
-        else:
-            if pack is not None:
-                rows.append((pack[0], pack[1], pack[0], pack[1]))
-                pack = None
-            rows.extend((r, min(r + block_m, hi), lo, hi) for r in range(lo, hi, block_m))
-    if pack is not None:
-        rows.append((pack[0], pack[1], pack[0], pack[1]))
-    return torch.tensor(rows, dtype=torch.int32, device=cu_units.device).reshape(-1, 4)
-
-
-def _unit_to_seq(cu_units: torch.Tensor) -> torch.Tensor:
-    """int32 ``[U]``: the sequence of each unit."""
-    if hasattr(layout, "unit_to_seq"):
-        return layout.unit_to_seq(cu_units)
-    # TEMPORARY local equivalent until the extension ships it (delete then).
-    lengths = (cu_units[1:] - cu_units[:-1]).long()
-    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_units.device), lengths).to(torch.int32)
-
-
-def _denominator(weights: torch.Tensor | None, bounds: list[int], L: int, U: int, device, dtype) -> torch.Tensor:
+def _denominator(
+    weights: torch.Tensor | None, bounds: list[int], L: int, U: int, device, dtype
+) -> torch.Tensor:
     """``[L]`` Σ_b over sequences with ≥ 2 units of (Σ W)² − Σ W² (float64 prefix sums: deterministic)."""
     lo = torch.tensor(bounds[:-1], dtype=torch.long, device=device)
     hi = torch.tensor(bounds[1:], dtype=torch.long, device=device)
@@ -352,12 +319,12 @@ def _triton_forward(
     den = _denominator(weights, bounds, L, U, device, acc_dtype)  # [L]
 
     BM, BN, BD = _block_sizes(device, acc_dtype)
-    work = _work_list(cu_units, BM)
+    work = layout.block_diagonal_work_list(cu_units, BM)  # [W, 4] int32, only the block diagonal
     num_work = work.shape[0]
-    grad = torch.zeros(L, U, Ds, dtype=acc_dtype, device=device) if compute_grad else student.new_empty(0)
+    grad = torch.zeros(L, U, Ds, dtype=acc_dtype, device=device) if compute_grad else student.new_empty(0, dtype=acc_dtype)
     partial = torch.zeros(L, num_work, dtype=acc_dtype, device=device)
     if num_work > 0 and L > 0:
-        seq = _unit_to_seq(cu_units)
+        seq = layout.unit_to_seq(cu_units, U)  # [U] int32
         native = device.type == "cuda" and not triton_interpreting() and acc_dtype == torch.float32
         w_arg = weights if weights is not None else inv_s  # dummy pointer when unweighted
         _structural_fwd_kernel[(num_work, L)](
@@ -396,14 +363,28 @@ def _triton_forward(
         scale = (4.0 / safe_den).to(acc_dtype) * (den > 0)  # [L]
         BD_E = min(1024, triton.next_power_of_2(Ds))
         _structural_grad_epilogue_kernel[(U, L)](
-            grad, student, norm_s, scale, U, Ds, *student.stride(), NORMALIZE_EPS, BD=BD_E, ACC=_TL_ACC[acc_dtype]
+            grad,
+            student,
+            norm_s,
+            scale,
+            U,
+            Ds,
+            *student.stride(),
+            NORMALIZE_EPS,
+            BD=BD_E,
+            ACC=_TL_ACC[acc_dtype],
         )
     return loss, grad
+
+
+# Sequences of at most this many units are packed into blocks and batched on the torch path.
+_TORCH_PACK = 64
 
 
 def _torch_forward(
     student: torch.Tensor,  # [L, U, Ds]
     teacher: torch.Tensor,  # [L, U, Dt]
+    cu_units: torch.Tensor,
     weights: torch.Tensor | None,  # [L or 1, U]
     bounds: list[int],
     compute_grad: bool,
@@ -411,10 +392,13 @@ def _torch_forward(
     row_chunk: int = 256,
     feature_space: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-diagonal torch path: per sequence, ``row_chunk`` rows at a time (never N×N, never (ΣU)²).
+    """Block-diagonal torch path (any device), never N×N and never (ΣU)² memory.
 
-    A sequence with more units than the feature-space cost model allows uses the identity of SPEC §5
-    (O(N·D²) instead of O(N²·D)); ``feature_space`` True/False forces one formulation (tests).
+    Short sequences (≤ 64 units) are packed several to a block, like the Triton work list, and run as
+    one batched matmul per group of blocks (masked by sequence id). A longer sequence runs alone,
+    ``row_chunk`` rows at a time, or, when the cost model says so (more units than dimensions), with the
+    feature-space identity of SPEC §5 (O(N·D²) instead of O(N²·D)); ``feature_space`` True/False forces
+    one formulation for the long sequences (tests).
     """
     L, U, Ds = student.shape
     Dt = teacher.shape[-1]
@@ -426,13 +410,17 @@ def _torch_forward(
     w = None if weights is None else weights.to(acc_dtype).expand(L, U)
     den = _denominator(weights, bounds, L, U, device, acc_dtype)
     num = torch.zeros(L, dtype=torch.float64, device=device)
-    grad = torch.zeros(L, U, Ds, dtype=acc_dtype, device=device) if compute_grad else student.new_empty(0)
+    grad = torch.zeros(L, U, Ds, dtype=acc_dtype, device=device) if compute_grad else student.new_empty(0, dtype=acc_dtype)
+
+    packs, longs = _pack_sequences(bounds, _TORCH_PACK)
+    if packs:
+        seq = layout.unit_to_seq(cu_units, U)
+        _torch_packed(s_hat, t_hat, w, seq, packs, num, grad if compute_grad else None)
+
     # feature space when N·(2Ds+Dt) > 2Ds²+2DsDt+Dt² (FLOPs of pair space vs feature space, with gradient)
     feature_cost = 2 * Ds * Ds + 2 * Ds * Dt + Dt * Dt
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in longs:
         n = hi - lo
-        if n < 2:
-            continue
         sh, th = s_hat[:, lo:hi], t_hat[:, lo:hi]  # [L, n, Ds], [L, n, Dt]
         ws = None if w is None else w[:, lo:hi]  # [L, n]
         use_features = n * (2 * Ds + Dt) > feature_cost if feature_space is None else feature_space
@@ -461,8 +449,67 @@ def _torch_forward(
         scale = ((4.0 / safe_den) * (den > 0)).to(acc_dtype)[:, None, None]
         big = (norm_s >= NORMALIZE_EPS)[..., None]
         proj = (grad * s_hat).sum(-1, keepdim=True) * s_hat
-        grad = scale * torch.where(big, (grad - proj) / norm_s.clamp_min(NORMALIZE_EPS)[..., None], grad / NORMALIZE_EPS)
+        grad = scale * torch.where(
+            big, (grad - proj) / norm_s.clamp_min(NORMALIZE_EPS)[..., None], grad / NORMALIZE_EPS
+        )
     return loss, grad
+
+
+def _pack_sequences(bounds: list[int], block: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Row ranges of packed short sequences (each spanning ≤ ``block`` units) and the long sequences."""
+    packs: list[tuple[int, int]] = []
+    longs: list[tuple[int, int]] = []
+    start = end = -1
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi - lo < 2:
+            continue
+        if hi - lo > block:
+            longs.append((lo, hi))
+        elif start >= 0 and hi - start <= block:
+            end = hi
+        else:
+            if start >= 0:
+                packs.append((start, end))
+            start, end = lo, hi
+    if start >= 0:
+        packs.append((start, end))
+    return packs, longs
+
+
+def _torch_packed(
+    s_hat: torch.Tensor,  # [L, U, Ds]
+    t_hat: torch.Tensor,  # [L, U, Dt]
+    w: torch.Tensor | None,  # [L, U]
+    seq: torch.Tensor,  # [U] int32
+    packs: list[tuple[int, int]],
+    num: torch.Tensor,  # [L] float64, accumulated in place
+    grad: torch.Tensor | None,  # [L, U, Ds], G rows written in place
+) -> None:
+    """Packed blocks of short sequences as batched ``[L, P, K, K]`` matmuls, K = 64 (memory O(U·K))."""
+    L, _, Ds = s_hat.shape
+    Dt = t_hat.shape[-1]
+    K = _TORCH_PACK
+    device = s_hat.device
+    span = torch.tensor(packs, dtype=torch.long, device=device)  # [P, 2]
+    idx = span[:, :1] + torch.arange(K, device=device)  # [P, K] unit of each slot
+    valid = idx < span[:, 1:]
+    idx = torch.where(valid, idx, torch.zeros_like(idx))  # padding slots read unit 0, masked below
+    not_diag = ~torch.eye(K, dtype=torch.bool, device=device)
+    per_step = max(1, (1 << 22) // (L * K * max(K, Ds + Dt)))
+    for p0 in range(0, len(packs), per_step):
+        ix, ok = idx[p0 : p0 + per_step], valid[p0 : p0 + per_step]  # [p, K]
+        sb, tb = s_hat[:, ix], t_hat[:, ix]  # [L, p, K, Ds], [L, p, K, Dt]
+        sq = seq[ix]
+        pair = (sq[:, :, None] == sq[:, None, :]) & ok[:, :, None] & ok[:, None, :] & not_diag  # [p, K, K]
+        diff = torch.where(pair, sb @ sb.transpose(-1, -2) - tb @ tb.transpose(-1, -2), 0.0)  # [L, p, K, K]
+        e = diff
+        if w is not None:
+            wb = w[:, ix]  # [L, p, K]
+            e = diff * wb[..., :, None] * wb[..., None, :]
+        num += (e * diff).sum((1, 2, 3)).to(torch.float64)
+        if grad is not None:
+            # every unit sits in one slot of one block: a plain (deterministic) indexed write
+            grad[:, ix[ok]] = (e @ sb)[:, ok]
 
 
 def _feature_space(
@@ -505,11 +552,14 @@ def _structural_loss_impl(
     L, U, _ = student.shape
     bounds = _seq_bounds(cu_units, U)
     acc_dtype = _acc_dtype(student, teacher, unit_weights)
+    if L == 0:  # no layer pairs: an empty loss vector
+        grad = student.new_zeros(student.shape if compute_grad else (0,), dtype=acc_dtype)
+        return student.new_zeros(0, dtype=acc_dtype), grad
     # Inside the op nothing is autocast: the kernels and the torch path choose their own precision.
     with torch.autocast(device_type=student.device.type, enabled=False):
         if use_triton(student):
             return _triton_forward(student, teacher, cu_units, unit_weights, bounds, compute_grad, acc_dtype)
-        return _torch_forward(student, teacher, unit_weights, bounds, compute_grad, acc_dtype)
+        return _torch_forward(student, teacher, cu_units, unit_weights, bounds, compute_grad, acc_dtype)
 
 
 @torch.library.custom_op("mta_kernels::structural_loss", mutates_args=())
@@ -552,7 +602,9 @@ _structural_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 when any input is float64 (matches the reference oracle), float32 otherwise (SPEC §8)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return (
+        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    )
 
 
 # ------------------------------------------------------------------------------------ public entry
@@ -618,7 +670,9 @@ def _check_inputs(
         )
     if unit_weights is not None:
         if not isinstance(unit_weights, torch.Tensor) or unit_weights.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"unit_weights must be a float tensor, got {getattr(unit_weights, 'dtype', None)}")
+            raise TypeError(
+                f"unit_weights must be a float tensor, got {getattr(unit_weights, 'dtype', None)}"
+            )
         if unit_weights.device != student.device:
             raise ValueError(f"unit_weights is on {unit_weights.device}, student on {student.device}")
         U = student.shape[-2]

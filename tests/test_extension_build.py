@@ -1,0 +1,147 @@
+"""The compiled extension: it loads, it registers the ops, its CUDA sources compile, and a missing
+build gives an ImportError that says how to build it."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.utils.cpp_extension as cpp_extension
+
+import mta_kernels
+from mta_kernels import layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+OPS = [
+    "validate_layout",
+    "token_to_unit",
+    "unit_to_seq",
+    "offsets_from_lengths",
+    "block_diagonal_work_list",
+    "char_spans_to_token_ranges",
+]
+
+
+def test_import_loads_the_compiled_extension():
+    path = layout.extension_path()
+    assert path.endswith(".so") and os.path.isfile(path), path
+    assert mta_kernels.layout is layout
+    for name in OPS:
+        assert hasattr(torch.ops.mta_kernels, name), name
+        assert isinstance(getattr(torch.ops.mta_kernels, name), torch._ops.OpOverloadPacket)
+
+
+def test_extension_is_not_older_than_its_sources():
+    built = os.path.getmtime(layout.extension_path())
+    sources = [p for p in glob.glob(os.path.join(CSRC, "**", "*"), recursive=True) if os.path.isfile(p)]
+    stale = [os.path.relpath(p, ROOT) for p in sources if os.path.getmtime(p) > built + 1]
+    assert not stale, f"rebuild the extension (`make setup`): sources changed after the build: {stale}"
+
+
+def find_nvcc() -> str | None:
+    candidates = [shutil.which("nvcc")]
+    for home in (cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home:
+            candidates.append(os.path.join(home, "bin", "nvcc"))
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def include_flags() -> list[str]:
+    dirs = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], CSRC]
+    return [f"-I{d}" for d in dirs]
+
+
+def run_all(commands: list[list[str]], timeout: float) -> list[subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(max_workers=max(1, min(len(commands), os.cpu_count() or 1))) as pool:
+        return list(
+            pool.map(lambda c: subprocess.run(c, capture_output=True, text=True, timeout=timeout), commands)
+        )
+
+
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    """`nvcc -c` on every csrc/cuda/*.cu against this torch's headers (a CPU wheel's headers suffice,
+    as the .cu files include no c10/cuda or ATen/cuda header)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin)")
+    sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    assert sources, "no CUDA sources in csrc/cuda"
+    # The defines torch's own extension builds pass to nvcc (COMMON_NVCC_FLAGS), plus ours.
+    flags = list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", ["--expt-relaxed-constexpr"]))
+    flags = [f for f in flags if not f.startswith("-std")] + ["-std=c++17", "-O0", "-DWITH_CUDA"]
+    commands = [
+        [nvcc, "-c", *flags, *include_flags(), src, "-o", str(tmp_path / (os.path.basename(src) + ".o"))]
+        for src in sources
+    ]
+    for src, result in zip(sources, run_all(commands, timeout=300)):
+        assert result.returncode == 0, (
+            f"nvcc failed on {os.path.relpath(src, ROOT)}:\n{result.stderr[-4000:]}"
+        )
+
+
+def test_cuda_glue_sources_parse(tmp_path):
+    """The host-side CUDA sources (csrc/cuda/*.cpp and the CUDA registration of csrc/mta_kernels.cpp)
+    parse with WITH_CUDA against this torch's headers and the CUDA toolkit's. A CPU torch wheel lacks
+    the generated c10/cuda/impl/cuda_cmake_macros.h; an empty stand-in is put last on the include path."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    nvcc = find_nvcc()
+    cuda_include = (
+        os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include") if nvcc else None
+    )
+    if (
+        cxx is None
+        or cuda_include is None
+        or not os.path.isfile(os.path.join(cuda_include, "cuda_runtime_api.h"))
+    ):
+        pytest.skip("needs a C++ compiler and the CUDA toolkit headers (cuda_runtime_api.h)")
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))) + [os.path.join(CSRC, "mta_kernels.cpp")]
+    commands = [
+        [cxx, "-fsyntax-only", "-std=c++17", "-DWITH_CUDA", *include_flags(), f"-I{cuda_include}",
+         f"-I{tmp_path / 'stub'}", src]
+        for src in sources
+    ]  # fmt: skip
+    for src, result in zip(sources, run_all(commands, timeout=300)):
+        assert result.returncode == 0, (
+            f"{cxx} failed on {os.path.relpath(src, ROOT)}:\n{result.stderr[-4000:]}"
+        )
+
+
+BLOCKED_IMPORT = r"""
+import sys
+
+class BlockExtension:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mta_kernels._C":
+            raise ImportError("simulated: no compiled extension")
+        return None
+
+sys.meta_path.insert(0, BlockExtension())
+try:
+    import mta_kernels
+except ImportError as exc:
+    print(exc)
+    sys.exit(0)
+print("imported without the extension")
+sys.exit(1)
+"""
+
+
+def test_missing_extension_gives_a_clear_import_error():
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKED_IMPORT], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    message = result.stdout
+    assert "mta_kernels._C" in message and "simulated: no compiled extension" in message
+    assert "pip install --no-build-isolation -e ." in message and "make setup" in message
