@@ -29,11 +29,10 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-from torch import nn
-
 import harness
+import torch
 from bench_structural import structural_floor
+from torch import nn
 
 PROVIDERS = ("eager_stacked", "eager", "mta_kernels", "compile")  # compile last (see bench_saliency)
 
@@ -77,7 +76,8 @@ def eager_mta_loss(
         B, Ts, Ds = hs.shape
         Tt = ht.shape[1]
         with torch.no_grad():
-            w_t = ref.covered_token_weights(ref.token_saliency(ht, teacher_mask), ub.teacher_ranges, ub.cu_units, Tt)
+            a_t = ref.token_saliency(ht, teacher_mask)
+            w_t = ref.covered_token_weights(a_t, ub.teacher_ranges, ub.cu_units, Tt)
             w_s = ref.covered_token_weights(
                 ref.token_saliency(hs.detach(), student_mask), ub.student_ranges, ub.cu_units, Ts
             )
@@ -152,7 +152,8 @@ def build_inputs(p: dict[str, Any], device: torch.device, dtype: torch.dtype, se
     t_states: list[torch.Tensor] = [t_filler] * (max(pre.teacher_layers) + 1)
     leaves = []
     for k, (ls, lt, _) in enumerate(pairs):
-        s_states[ls] = harness.random_hidden((B, T, pre.d_student), dtype, device, seed + 10 + k).requires_grad_()
+        s_states[ls] = harness.random_hidden((B, T, pre.d_student), dtype, device, seed + 10 + k)
+        s_states[ls].requires_grad_()
         t_states[lt] = harness.random_hidden((B, T, pre.d_teacher), dtype, device, seed + 100 + k)
         leaves.append(s_states[ls])
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
@@ -224,9 +225,8 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
 
         return fwd_bwd
 
-    return harness.BenchSpec(
-        "mta_loss", functools.partial(_build, device=device, dtype=dtype, seed=args.seed), make_fn, mta_floor, PROVIDERS
-    )
+    build = functools.partial(_build, device=device, dtype=dtype, seed=args.seed)
+    return harness.BenchSpec("mta_loss", build, make_fn, mta_floor, PROVIDERS)
 
 
 def _build(p: dict[str, Any], *, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
@@ -246,9 +246,11 @@ def print_floors(args: argparse.Namespace) -> None:
             p = complete(p)
             x = {**layout_inputs(p, torch.device("cpu"), args.seed), "element_size": e}
             b, f = mta_floor(p, x)
+            t_bytes = b / (h100["bandwidth_GBps"] * 1e9) * 1e6
+            t_flops = f / (h100["matmul_TFLOPs"] * 1e12) * 1e6
             print(
-                f"| {p['case']} | {p['preset']} | {p['B']} | {p['T']} | {p['K']} | {b / 1e6:.1f} | {f / 1e9:.1f} |"
-                f" {b / (h100['bandwidth_GBps'] * 1e9) * 1e6:.1f} | {f / (h100['matmul_TFLOPs'] * 1e12) * 1e6:.1f} |"
+                f"| {p['case']} | {p['preset']} | {p['B']} | {p['T']} | {p['K']} |"
+                f" {b / 1e6:.1f} | {f / 1e9:.1f} | {t_bytes:.1f} | {t_flops:.1f} |"
             )
 
 
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.tag is None:
         args.tag = args.case
-    harness.run_bench(make_spec(args), [complete(p) for p in cases(args.case, args.quick)], args, skip=compile_only_at_selected)
+    todo = [complete(p) for p in cases(args.case, args.quick)]
+    harness.run_bench(make_spec(args), todo, args, skip=compile_only_at_selected)
 
 
 if __name__ == "__main__":

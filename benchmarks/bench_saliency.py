@@ -16,11 +16,11 @@ import argparse
 import functools
 from typing import Any
 
+import harness
 import torch
 
-import harness
-
-PROVIDERS = ("eager", "mta_kernels", "compile")  # compile last: a stage timeout during compilation loses least
+# compile last: a stage timeout during compilation then loses the least.
+PROVIDERS = ("eager", "mta_kernels", "compile")
 
 
 def cases(which: str, quick: bool) -> list[dict[str, Any]]:

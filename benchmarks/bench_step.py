@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import harness
 import torch
 import torch.nn.functional as F
-
-import harness
 from bench_mta_loss import eager_mta_loss
 
 PROVIDERS = ("no_mta", "eager_stacked", "eager", "mta_kernels")
@@ -83,7 +82,8 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
         pairs = list(zip(pre.student_layers, pre.teacher_layers, pre.granularities()))
         mta = MTALoss(pairs, pre.d_student, pre.d_teacher, hra="token").to(device)
         units = {
-            g: harness.synth_unit_batch(B, T, g, True, args.seed + i, device) for i, g in enumerate(("word", "phrase"))
+            g: harness.synth_unit_batch(B, T, g, True, args.seed + i, device)
+            for i, g in enumerate(("word", "phrase"))
         }
         params = list(student.parameters()) + list(mta.parameters())
         return {
@@ -130,7 +130,8 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
             s_logits = s_out.logits[:, :-1].reshape(-1, V).float()
             t_logits = t_out.logits[:, :-1].reshape(-1, V).float()
             ce = F.cross_entropy(s_logits, ids[:, 1:].reshape(-1))
-            kd = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
+            log_ps, log_pt = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+            kd = F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean")  # KL(p_t || p_s)
             distil = kd
             if provider != "no_mta":
                 distil = distil + BETA * mta_term(s_out.hidden_states, t_out.hidden_states)
@@ -142,7 +143,8 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
 
     def floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:
         tokens = p["B"] * p["T"]
-        flops = model_flops(x["t_cfg"], tokens, p["B"], p["T"]) + 3 * model_flops(x["s_cfg"], tokens, p["B"], p["T"])
+        flops = model_flops(x["t_cfg"], tokens, p["B"], p["T"])
+        flops += 3 * model_flops(x["s_cfg"], tokens, p["B"], p["T"])  # forward + backward
         weight_bytes = sum(t.numel() * t.element_size() for t in x["teacher"].parameters())
         weight_bytes += 3 * sum(t.numel() * t.element_size() for t in x["student"].parameters())
         return float(weight_bytes), flops
@@ -176,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in data["records"]:
         share = r.get("mta_share")
         if isinstance(share, float):
-            print(f"[step] {r['provider']:14s} step {r['ms_p50']:.2f} ms, MTA loss {r['mta_ms']:.2f} ms = {100 * share:.1f}%")
+            print(
+                f"[step] {r['provider']:14s} step {r['ms_p50']:.2f} ms, "
+                f"MTA loss {r['mta_ms']:.2f} ms = {100 * share:.1f}% of the step"
+            )
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ import argparse
 import functools
 from typing import Any
 
+import harness
 import torch
 
-import harness
-
 PROVIDERS = ("eager_stacked", "eager", "mta_kernels", "compile")  # compile last (see bench_saliency)
+
+
+TS = (256, 512, 1024, 2048)
 
 
 def cases(quick: bool) -> list[dict[str, Any]]:
@@ -34,8 +36,8 @@ def cases(quick: bool) -> list[dict[str, Any]]:
     out = []
     gpt2 = dict(preset="gpt2", Ds=768, Dt=1600)
     for B in (16, 8):
-        out += [dict(case="sweep", mode="fwd+bwd", gran="word", L=1, B=B, T=T, **gpt2) for T in (256, 512, 1024, 2048)]
-    out += [dict(case="sweep", mode="fwd", gran="word", L=1, B=16, T=T, **gpt2) for T in (256, 512, 1024, 2048)]
+        out += [dict(case="sweep", mode="fwd+bwd", gran="word", L=1, B=B, T=T, **gpt2) for T in TS]
+    out += [dict(case="sweep", mode="fwd", gran="word", L=1, B=16, T=T, **gpt2) for T in TS]
     out += [dict(case="sweep", mode="fwd+bwd", gran="phrase", L=2, B=16, T=T, **gpt2) for T in (512, 2048)]
     mistral = dict(preset="mistral", Ds=2048, Dt=4096)
     out += [dict(case="sweep", mode="fwd+bwd", gran="word", L=1, B=8, T=T, **mistral) for T in (512, 2048)]

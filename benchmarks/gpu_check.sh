@@ -39,17 +39,18 @@ else
     DEV_ARGS=(--device cuda)
 fi
 
-RES=$("$PYTHON" - "$MODE" <<'EOF'
+# benchmarks/results/<device slug>-<UTC date>, or $MTA_BENCH_RESULTS when set.
+RES=${MTA_BENCH_RESULTS:-$("$PYTHON" -c '
 import sys
 sys.path.insert(0, "benchmarks")
 import harness
 print(harness.results_dir(harness.pick_device("cpu" if sys.argv[1] == "cpu" else "cuda")))
-EOF
-)
+' "$MODE")}
 if [ -z "$RES" ]; then
+    echo "gpu_check: could not name the results folder from the device (no GPU visible to torch?)" >&2
     RES="benchmarks/results/unknown-$(date -u +%Y-%m-%d)"
-    mkdir -p "$RES"
 fi
+mkdir -p "$RES"
 export MTA_BENCH_RESULTS="$RES"
 LOG="$RES/gpu_check.log"
 NAME=$(basename "$RES")
@@ -92,10 +93,14 @@ stage() {
 
 say "gpu_check mode=$MODE python=$PYTHON results=$RES budget=${BUDGET}s out=${OUT:-<unset>}"
 
+# Each stage's limit is min(its cap, budget left - a reserve that keeps the minimum of the later stages:
+# target 120 s, sweep 40, saliency 40, step 60, summary 10). Estimates for an H100 are in
+# docs/design/benchmarks.md ("Time budget").
+
 # 1-2: build and device ------------------------------------------------------------------------------
 if [ "$MODE" = gpu ]; then
-    stage install 240 320 bash -c "MAX_JOBS=\${MAX_JOBS:-16} '$PYTHON' -m pip install --no-deps --no-build-isolation -e . >'$RES/pip_install.log' 2>&1; rc=\$?; tail -5 '$RES/pip_install.log'; exit \$rc"
-    stage device 30 320 bash -c "nvidia-smi; '$PYTHON' -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
+    stage install 240 280 bash -c "MAX_JOBS=\${MAX_JOBS:-16} '$PYTHON' -m pip install --no-deps --no-build-isolation -e . >'$RES/pip_install.log' 2>&1; rc=\$?; tail -5 '$RES/pip_install.log'; exit \$rc"
+    stage device 20 280 bash -c "nvidia-smi; '$PYTHON' -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
 else
     say "=== [install] dry run: would run $PYTHON -m pip install --no-deps --no-build-isolation -e ."
     stage device 30 0 "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda available:', torch.cuda.is_available())"
@@ -103,29 +108,33 @@ fi
 
 # 3: the CUDA test suite (spaCy-dependent tests skip themselves) ----------------------------------------
 if [ "$MODE" = gpu ]; then
-    stage tests 170 300 bash -c "set -o pipefail; env -u TRITON_INTERPRET '$PYTHON' -m pytest tests -x -q 2>&1 | tee '$RES/pytest_tests.log'"
+    stage tests 150 280 bash -c "set -o pipefail; env -u TRITON_INTERPRET '$PYTHON' -m pytest tests -x -q 2>&1 | tee '$RES/pytest_tests.log'"
 else
     stage tests 120 0 bash -c "'$PYTHON' -m pytest tests --collect-only -q 2>&1 | tail -3 | tee '$RES/pytest_tests.log'"
 fi
 
 # 4-8: benchmarks ------------------------------------------------------------------------------------------
 B=benchmarks
-stage ceilings 60 280 "$PYTHON" $B/harness.py --ceilings --device "${DEV_ARGS[1]}" $([ "$MODE" = cpu ] && echo --quick)
-stage target 150 200 "$PYTHON" $B/bench_mta_loss.py --case target "${DEV_ARGS[@]}"
+stage ceilings 40 270 "$PYTHON" $B/harness.py --ceilings --device "${DEV_ARGS[1]}" $([ "$MODE" = cpu ] && echo --quick)
+stage target 150 150 "$PYTHON" $B/bench_mta_loss.py --case target "${DEV_ARGS[@]}"
 
-# The sweep gets what is left after reserving the saliency case (60 s), the step (110 s) and the summary.
-left=$((BUDGET - (SECONDS - T0) - 190))
-share=$((left > 0 ? left / 4 : 0))
-for s in saliency structural span_pool mta_loss; do
+# The sweep gets what is left after reserving the saliency case, the step and the summary (130 s), split
+# saliency 20%, structural 25%, span_pool 20%, full loss 35%; each script stops starting new
+# measurements 15 s before its share ends (process start-up, the last measurement's overrun).
+left=$((BUDGET - (SECONDS - T0) - 130))
+[ "$left" -lt 0 ] && left=0
+for spec in saliency:20 structural:25 span_pool:20 mta_loss:35; do
+    s=${spec%%:*}
+    share=$((left * ${spec##*:} / 100))
     extra=()
-    [ "$s" = saliency ] || [ "$s" = mta_loss ] && extra=(--case sweep)
-    stage "sweep:$s" $((share + 20)) 190 "$PYTHON" $B/bench_$s.py "${extra[@]}" --max-seconds $((share > 30 ? share - 20 : 10)) "${DEV_ARGS[@]}"
+    if [ "$s" = saliency ] || [ "$s" = mta_loss ]; then extra=(--case sweep); fi
+    stage "sweep:$s" "$share" 130 "$PYTHON" $B/bench_$s.py "${extra[@]}" --max-seconds $((share > 25 ? share - 15 : 10)) "${DEV_ARGS[@]}"
 done
-stage saliency 80 110 "$PYTHON" $B/bench_saliency.py --case issue "${DEV_ARGS[@]}"
+stage saliency 70 80 "$PYTHON" $B/bench_saliency.py --case issue "${DEV_ARGS[@]}"
 stage step 120 10 "$PYTHON" $B/bench_step.py "${DEV_ARGS[@]}"
 
 # 9: summary --------------------------------------------------------------------------------------------
-stage summary 60 0 "$PYTHON" $B/summarize.py "$RES" --plots --write "$RES/summary.md" --brief
+stage summary 30 0 "$PYTHON" $B/summarize.py "$RES" --plots --write "$RES/summary.md" --brief
 export_out
 
 echo

@@ -44,16 +44,19 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-PROVIDERS = ("eager_stacked", "eager", "compile", "mta_kernels")
+PROVIDERS = ("eager_stacked", "eager", "mta_kernels", "compile")  # every provider a bench may have
 QUANTILES = (0.5, 0.2, 0.8)
 
 # ------------------------------------------------------------------------------------- unit statistics
-# Units per token and fraction of tokens covered, per granularity, measured by the units engineer on
-# real text with the package's own extraction + alignment (GPT-2 tokenizer): see
-# benchmarks/NOTES-units.md. PLACEHOLDER values until that file exists: replace them with its numbers.
-UNIT_STATS_SOURCE = "PLACEHOLDER (benchmarks/NOTES-units.md not yet written)"
-UNITS_PER_TOKEN = {"word": 0.50, "phrase": 0.25}
-TOKEN_COVERAGE = {"word": 0.60, "phrase": 0.70}
+# Units per token, per granularity, measured with the package's own extraction + alignment on 64
+# English texts of ~207 words, byte-level BPE tokens (benchmarks/NOTES-units.md, "Units per sequence"):
+# words (in_phrases, the published default) 0.626 per token, phrases 0.354 per token, 1.197 tokens per
+# word. Fraction of tokens covered: words 0.626 x 1.197 = 0.75 (derived); phrases contain their words plus
+# the odd inner punctuation token: 0.78 (estimate). GPT-2's own tokenizer would give ~8% fewer units per
+# token (same file): these densities are slightly pessimistic for the fused kernels' work.
+UNIT_STATS_SOURCE = "benchmarks/NOTES-units.md (measured, byte-level BPE)"
+UNITS_PER_TOKEN = {"word": 0.626, "phrase": 0.354}
+TOKEN_COVERAGE = {"word": 0.75, "phrase": 0.78}
 
 # ------------------------------------------------------------------------------------- model presets
 # SPEC §7: widths and mapped layers (indices into Hugging Face hidden_states; the first n_word pairs are
@@ -83,10 +86,26 @@ class Preset:
 PRESETS = {
     "gpt2": Preset("gpt2", "GPT-2 0.1B", "GPT-2-XL 1.5B", 768, 1600, (6, 9, 12), (24, 36, 48), 1, True),
     "qwen": Preset(
-        "qwen", "Qwen1.5-0.5B", "Qwen1.5-1.8B", 1024, 2048, (14, 16, 18, 20, 22, 24), (14, 16, 18, 20, 22, 24), 1, True
+        "qwen",
+        "Qwen1.5-0.5B",
+        "Qwen1.5-1.8B",
+        1024,
+        2048,
+        (14, 16, 18, 20, 22, 24),
+        (14, 16, 18, 20, 22, 24),
+        1,
+        True,
     ),
     "mistral": Preset(
-        "mistral", "TinyLlama-1.1B", "Mistral-7B", 2048, 4096, (6, 10, 14, 18, 22), (8, 14, 20, 26, 32), 1, False
+        "mistral",
+        "TinyLlama-1.1B",
+        "Mistral-7B",
+        2048,
+        4096,
+        (6, 10, 14, 18, 22),
+        (8, 14, 20, 26, 32),
+        1,
+        False,
     ),
     # Tiny stand-in for CPU smoke runs (not a published setting).
     "tiny": Preset("tiny", "tiny student", "tiny teacher", 48, 80, (1, 2, 3), (2, 4, 6), 1, True),
@@ -205,7 +224,8 @@ def time_fn(
             from triton.testing import do_bench
         except ImportError:
             return _time_cuda_events(fn, warmup_ms, rep_ms, grad_to_none)
-        p50, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=list(QUANTILES))
+        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=list(QUANTILES))
+        p50, p20, p80 = q
         return float(p50), float(p20), float(p80)
     return _time_cpu(fn, warmup_ms, rep_ms, grad_to_none)
 
@@ -318,14 +338,19 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict[str, Any
         copy_bytes, n, dtype = (256 << 20) if quick else (2 << 30), (2048 if quick else 8192), torch.bfloat16
     else:
         copy_bytes, n, dtype = (64 << 20) if quick else (256 << 20), (512 if quick else 1024), torch.float32
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_(generator=gen)
-    dst = torch.empty_like(src)
-    copy_ms = time_fn(lambda: dst.copy_(src), device)[0]
-    del src, dst
-    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
-    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
-    mm_ms = time_fn(lambda: a @ b, device)[0]
-    del a, b
+
+    def copy_time() -> float:
+        src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_(generator=gen)
+        dst = torch.empty_like(src)
+        return time_fn(lambda: dst.copy_(src), device)[0]
+
+    def matmul_time() -> float:  # random data: zeros run faster than real data on some GPUs
+        a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+        b = torch.randn(n, n, device=device, generator=gen).to(dtype)
+        return time_fn(lambda: a @ b, device)[0]
+
+    copy_ms = copy_time()
+    mm_ms = matmul_time()
     free_memory(device)
     return {
         "device": device_name(device),
@@ -438,7 +463,7 @@ class BenchSpec:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>-<date>)")
+    parser.add_argument("--out", default=None, help="results folder (default: results/<device>-<date>)")
     parser.add_argument("--tag", default=None, help="suffix of the result file names")
     parser.add_argument("--providers", default=None, help="comma-separated subset of the providers")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -449,7 +474,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the cross-provider value check")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU: torch intra-op threads (default 1: stable on a shared box)"
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU: torch intra-op threads (default 1: stable when shared)",
     )
     parser.add_argument("--words-per-token", type=float, default=None, help="override the measured density")
     parser.add_argument("--phrases-per-token", type=float, default=None, help="override the measured density")
@@ -566,7 +594,8 @@ def _add_floor(rec: dict[str, Any], bytes_: float, flops: float, ceil: dict[str,
     rec.update(floor_bytes=bytes_, floor_flops=flops, floor_ms=floor_ms)
     if rec.get("ms_p50"):
         s = rec["ms_p50"] * 1e-3
-        rec.update(GBps=bytes_ / s / 1e9, TFLOPs=flops / s / 1e12, pct_of_floor=100.0 * floor_ms / rec["ms_p50"])
+        rec.update(GBps=bytes_ / s / 1e9, TFLOPs=flops / s / 1e12)
+        rec["pct_of_floor"] = 100.0 * floor_ms / rec["ms_p50"]
 
 
 def run_bench(
@@ -576,12 +605,16 @@ def run_bench(
     *,
     skip: Callable[[str, dict[str, Any]], str | None] | None = None,
     post: Callable[[list[dict[str, Any]]], None] | None = None,
+    late: Sequence[str] = ("compile",),
 ) -> Path:
-    """Run every case with every provider; write ``<name>[_<tag>].json/.csv`` (+ plots). Returns the JSON path.
+    """Run every case with every provider; write ``<name>[_<tag>].json/.csv`` and plots; return the JSON.
 
-    ``skip(provider, params)`` may return a reason to leave a provider out of a case (recorded as
-    ``"skipped: <reason>"``). Cases run in the given order; once ``--max-seconds`` is spent the rest are
-    recorded as ``"skipped: time budget"``. ``post(case_records)`` may add derived columns to a case.
+    Two passes: first every case with the providers not in ``late``, then every case with the ``late``
+    ones (torch.compile: its compilation costs seconds to minutes per shape), so that a time budget
+    cut spends the time on the cheap measurements of every shape first. ``skip(provider, params)`` may
+    return a reason to leave a provider out of a case (recorded as ``"skipped: <reason>"``); once
+    ``--max-seconds`` is spent, what is left is recorded as ``"skipped: time budget"``. Results are
+    rewritten after every provider. ``post(case_records)`` may add derived columns to a case.
     """
     device = pick_device(args.device)
     apply_threads(args, device)
@@ -590,6 +623,7 @@ def run_bench(
     folder = results_dir(device, args.out)
     ceil = ceilings_for(device, folder, quick=args.quick)
     providers = [p for p in spec.providers if not args.providers or p in args.providers.split(",")]
+    passes = [[p for p in providers if p not in late], [p for p in providers if p in late]]
     stem = spec.name + (f"_{args.tag}" if args.tag else "")
     json_path = folder / f"{stem}.json"
     meta = {
@@ -609,7 +643,6 @@ def run_bench(
             "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
         },
     }
-    records: list[dict[str, Any]] = []
     deadline = time.monotonic() + args.max_seconds
     print(f"[{stem}] device={meta['env']['device']} results={folder}", flush=True)
     print(
@@ -617,48 +650,60 @@ def run_bench(
         f"{ceil['matmul_dtype']} matmul {ceil['matmul_TFLOPs']:.1f} TFLOP/s",
         flush=True,
     )
-    for params in cases:
-        case_records: list[dict[str, Any]] = []
-        values: dict[str, list[torch.Tensor]] = {}
-        inputs = None
-        build_status = None
-        if time.monotonic() < deadline:
-            try:
-                inputs = spec.build(params)
-            except Exception as exc:  # noqa: BLE001
-                build_status = _error_status(exc)
-                free_memory(device)
-        for provider in providers:
-            reason = skip(provider, params) if skip else None
-            if time.monotonic() >= deadline:
-                rec = {"provider": provider, "status": "skipped: time budget"}
-            elif build_status is not None:
-                rec = {"provider": provider, "status": f"inputs: {build_status}"}
-            elif reason:
-                rec = {"provider": provider, "status": f"skipped: {reason}"}
-            else:
-                rec, vals = run_provider(spec, provider, params, inputs, device, args)
-                if vals is not None:
-                    values[provider] = vals
-            rec = {**params, **rec}
-            if inputs is not None:
-                bytes_, flops = spec.floor(params, inputs)
-                _add_floor(rec, bytes_, flops, ceil)
-            case_records.append(rec)
-            write_results(json_path, meta, records + case_records)  # partial: a killed stage keeps it
-        ref = "eager" if "eager" in values else next(iter(values), None)
-        for rec in case_records:
-            if ref and rec["provider"] in values:
-                rec["check_ref"] = ref
-                rec["rel_err_vs_ref"] = _rel_err(values[rec["provider"]], values[ref])
-        _add_ratios(case_records)
-        if post:
-            post(case_records)
-        records.extend(case_records)
-        del inputs, values
-        free_memory(device)
-        _print_case(stem, case_records)
-        write_results(json_path, meta, records)
+    by_case: list[dict[str, dict[str, Any]]] = [{} for _ in cases]  # case -> provider -> record
+    ref_values: list[list[torch.Tensor] | None] = [None for _ in cases]  # "eager"'s outputs, for the check
+
+    def flat() -> list[dict[str, Any]]:
+        return [by_case[i][p] for i in range(len(cases)) for p in providers if p in by_case[i]]
+
+    for pass_providers in passes:
+        if not pass_providers:
+            continue
+        for i, params in enumerate(cases):
+            recs = by_case[i]
+            inputs, build_status = None, None
+            wanted = [p for p in pass_providers if not (skip and skip(p, params))]
+            if wanted and time.monotonic() < deadline:
+                try:
+                    inputs = spec.build(params)
+                except Exception as exc:  # noqa: BLE001
+                    build_status = _error_status(exc)
+                    free_memory(device)
+            values: dict[str, list[torch.Tensor]] = {}
+            for provider in pass_providers:
+                reason = skip(provider, params) if skip else None
+                if reason:
+                    rec = {"provider": provider, "status": f"skipped: {reason}"}
+                elif time.monotonic() >= deadline:
+                    rec = {"provider": provider, "status": "skipped: time budget"}
+                elif build_status is not None:
+                    rec = {"provider": provider, "status": f"inputs: {build_status}"}
+                else:
+                    rec, vals = run_provider(spec, provider, params, inputs, device, args)
+                    if vals is not None:
+                        values[provider] = vals
+                        if provider == "eager":
+                            ref_values[i] = vals
+                rec = {**params, **rec}
+                if inputs is not None:
+                    _add_floor(rec, *spec.floor(params, inputs), ceil)
+                recs[provider] = rec
+                write_results(json_path, meta, flat())  # partial: a killed stage keeps what it measured
+            ref = "eager" if ref_values[i] is not None else next(iter(values), None)
+            for provider, vals in values.items():
+                ref_vals = ref_values[i] if ref == "eager" else values[ref]
+                recs[provider]["check_ref"] = ref
+                recs[provider]["rel_err_vs_ref"] = _rel_err(vals, ref_vals)
+            case_records = [recs[p] for p in providers if p in recs]
+            _add_ratios(case_records)
+            if post:
+                post(case_records)
+            if pass_providers is passes[0] and not any(not (skip and skip(p, params)) for p in passes[1]):
+                ref_values[i] = None  # no later pass needs it
+            del inputs, values
+            free_memory(device)
+            _print_case(stem, [recs[p] for p in pass_providers])
+            write_results(json_path, meta, flat())
     if not args.no_plots:
         try:
             plot_results(json_path)
@@ -670,7 +715,8 @@ def run_bench(
 
 def case_label(rec: dict[str, Any], keys: Sequence[str] | None = None) -> str:
     keys = keys or [k for k in CASE_KEYS if k in rec]
-    return " ".join(f"{k}={rec[k]}" for k in keys if k in rec and k != "T") + (f" T={rec['T']}" if "T" in rec else "")
+    text = " ".join(f"{k}={rec[k]}" for k in keys if k in rec and k != "T")
+    return text + (f" T={rec['T']}" if "T" in rec else "")
 
 
 # Parameters that identify a case (everything else in a record is a measurement).
@@ -755,8 +801,9 @@ def plot_results(json_path: Path) -> list[Path]:
         fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
         for ax, (title, grp) in zip(axes.flat, groups.items()):
             for provider in data["meta"]["providers"]:
-                pts = sorted((r["T"], r[metric] * scale) for r in grp if r["provider"] == provider and r.get(metric))
-                oom = sorted(r["T"] for r in grp if r["provider"] == provider and r["status"] == "OOM")
+                mine = [r for r in grp if r["provider"] == provider]
+                pts = sorted((r["T"], r[metric] * scale) for r in mine if r.get(metric))
+                oom = sorted(r["T"] for r in mine if r["status"] == "OOM")
                 if pts:
                     line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)[0]
                     if oom:
@@ -786,7 +833,7 @@ def median(xs: Sequence[float]) -> float:
 
 
 def main_ceilings(argv: Sequence[str] | None = None) -> None:
-    """``python benchmarks/harness.py --ceilings``: measure (or read back) the ceilings of a results folder."""
+    """``python benchmarks/harness.py --ceilings``: measure (or read back) a results folder's ceilings."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ceilings", action="store_true", required=True)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])

@@ -136,7 +136,8 @@ def replace_readme(readme: Path, text: str) -> None:
     body = readme.read_text()
     if START not in body or END not in body:
         raise SystemExit(f"{readme} has no {START} ... {END} section")
-    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}{END}", body, flags=re.S)
+    pattern = re.escape(START) + ".*?" + re.escape(END)
+    new = re.sub(pattern, lambda _: f"{START}\n{text}{END}", body, flags=re.S)
     readme.write_text(new)
 
 
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plots", action="store_true", help="(re)draw the plots of every result file")
     parser.add_argument("--readme", type=Path, default=None, help="replace the results section of this file")
     parser.add_argument("--write", type=Path, default=None, help="also write the markdown to this file")
-    parser.add_argument("--brief", action="store_true", help="print only the headline rows (markdown to --write)")
+    parser.add_argument("--brief", action="store_true", help="print the headline rows only")
     args = parser.parse_args(argv)
     if args.plots:
         for f in result_files(args.folder):

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 
+import harness
 import pytest
 import torch
-
-import harness
 
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -49,7 +48,8 @@ def test_layout_op_cpu(benchmark, word_units, op):
 
     if not hasattr(layout, op):
         pytest.skip(f"mta_kernels.layout.{op} does not exist in this build")
-    benchmark.extra_info.update(units=word_units.num_units, tokens=word_units.batch_size * word_units.seq_len_student)
+    benchmark.extra_info["units"] = word_units.num_units
+    benchmark.extra_info["tokens"] = word_units.batch_size * word_units.seq_len_student
     benchmark(LAYOUT_OPS[op], layout, word_units)
 
 
@@ -66,6 +66,7 @@ def small_loss_inputs():
 @pytest.mark.parametrize("provider", ["eager_stacked", "eager", "mta_kernels"])
 def test_mta_loss_cpu_fwd_bwd(benchmark, small_loss_inputs, provider):
     import bench_mta_loss
+
     from mta_kernels import use_backend
 
     x = small_loss_inputs
@@ -88,7 +89,8 @@ def test_mta_loss_cpu_fwd_bwd(benchmark, small_loss_inputs, provider):
 # ------------------------------------------------------------------------ scripts, quick mode
 def _run_quick(module_name: str, tmp_path, extra=()):
     module = __import__(module_name)
-    argv = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--rep-ms", "20", "--warmup-ms", "5", *extra]
+    argv = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--rep-ms", "20", "--warmup-ms", "5"]
+    argv += list(extra)
     module.main(argv)
 
 
@@ -148,7 +150,8 @@ def test_harness_records_oom_and_errors(benchmark, tmp_path):
     parser = argparse.ArgumentParser()
     harness.add_common_args(parser)
     args = parser.parse_args(["--device", "cpu", "--out", str(tmp_path), "--rep-ms", "5", "--warmup-ms", "1"])
-    path = benchmark.pedantic(harness.run_bench, args=(spec, [dict(T=16), dict(T=32)], args), rounds=1, iterations=1)
+    todo = [dict(T=16), dict(T=32)]
+    path = benchmark.pedantic(harness.run_bench, args=(spec, todo, args), rounds=1, iterations=1)
     recs = harness.load_results(path)["records"]
     status = {(r["T"], r["provider"]): r["status"] for r in recs}
     assert status[(16, "oom")] == "OOM" and status[(32, "oom")] == "OOM"

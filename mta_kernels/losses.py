@@ -488,9 +488,9 @@ class MTALoss(nn.Module):
             self._groups.append((g, [k for k, p in enumerate(self.pairs) if p[2] == g]))
         # out[k] = concatenation-of-groups[_order[k]]
         flat = [k for _, ks in self._groups for k in ks]
-        self.register_buffer(
-            "_order", torch.tensor([flat.index(k) for k in range(len(flat))]), persistent=False
-        )
+        order = [flat.index(k) for k in range(len(flat))]
+        self._reorder = order != sorted(order)  # only when granularities interleave in `pairs`
+        self.register_buffer("_order", torch.tensor(order), persistent=False)
 
     # -------------------------------------------------------------------------------- constructors
     @classmethod
@@ -617,10 +617,14 @@ class MTALoss(nn.Module):
                 )
             dsa_parts.append(dsa)
             hra_parts.append(hra)
-        dsa = torch.cat(dsa_parts)[self._order]  # [K], pairs' order
+        dsa = torch.cat(dsa_parts)
+        if self._reorder:
+            dsa = dsa[self._order]  # [K], pairs' order
         if self.hra_level is None:
             return MTALossOutput(loss=dsa.mean(), dsa=dsa.detach(), hra=None)
-        hra = torch.cat(hra_parts)[self._order]
+        hra = torch.cat(hra_parts)
+        if self._reorder:
+            hra = hra[self._order]
         return MTALossOutput(loss=(dsa + self.gamma * hra).mean(), dsa=dsa.detach(), hra=hra.detach())
 
     @staticmethod

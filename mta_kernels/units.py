@@ -109,7 +109,7 @@ class UnitExtractor:
         batch_size: texts per ``nlp.pipe`` batch.
         n_process: processes of ``nlp.pipe`` (keep 1 inside DataLoader workers).
         cache_size: texts whose units are kept (least recently used evicted); ``None`` = unbounded,
-            0 = no cache. A 200-word text costs ~2.5 KB.
+            0 = no cache. A 200-word text costs ~2.2 KB.
 
     Calling the extractor on a list of strings returns one :class:`TextUnits` per string. The spaCy
     pipeline is loaded on the first call that misses the cache. The object pickles without the
@@ -526,7 +526,11 @@ class UnitCollator:
             prompt; their tokens get ``labels = -100`` (response-only loss).
         pad_to_multiple_of: passed to both tokenizers.
 
-    Examples are dicts ``{"text": str, "prompt_length_chars": int (optional)}`` or plain strings.
+    Examples are dicts ``{"text": str, "prompt_length_chars": int (optional)}``, instruction dicts
+    ``{"prompt": str, "output": str}`` (text = prompt + output, the prompt masked), or plain strings.
+    Units are extracted on the whole text (prompt included, SPEC §2); only ``labels`` see the prompt.
+    Labels are -100 at padding and, when ``prompt_length_chars > 0``, at every position before the
+    first real token that starts at or after it (the rule of ``mta_kernels.distill.data.LMCollator``).
     Returns a dict: ``input_ids``, ``attention_mask``, ``labels`` (``input_ids`` with padding, and the
     prompt when given, set to -100), ``teacher_input_ids``, ``teacher_attention_mask`` (the same
     tensors when the tokenization is shared) and ``units`` (``{granularity: UnitBatch}``). Picklable:
@@ -635,7 +639,7 @@ class UnitCollator:
             offsets = student["offset_mapping"]
             real = (offsets[..., 1] > offsets[..., 0]) & (attention_mask != 0)
             for b, prompt_length in enumerate(prompt_lengths):
-                if prompt_length is None:
+                if not prompt_length:  # None or 0: the whole text is the response
                     continue
                 # The response starts at the first real token that starts at or after the prompt's end;
                 # every position before it (prompt, leading specials, left padding) has no label.

@@ -145,6 +145,20 @@ def test_plain_text_data_response_labels(assets, tmp_path):
     assert bool(((plain["labels"] != -100) == plain["attention_mask"].bool()).all())
 
 
+def test_grad_accumulation_matches_big_batch(assets, tmp_path):
+    """batch 4 x 2 micro-batches (with gradient checkpointing) == batch 8: CE/KD are global token sums."""
+    big = _distill_args(assets, tmp_path / "big", "--no-mta", student_tok="bpe", batch=8, steps=4)
+    acc = _distill_args(assets, tmp_path / "acc", "--no-mta", "--grad-accum", "2", "--grad-checkpointing",
+                        student_tok="bpe", batch=4, steps=4)  # fmt: skip
+    assert main(big) == 0 and main(acc) == 0
+    m_big = [r for r in _metrics(tmp_path / "big") if r["kind"] == "train"]
+    m_acc = [r for r in _metrics(tmp_path / "acc") if r["kind"] == "train"]
+    for a, b in zip(m_big, m_acc, strict=True):
+        assert a["target_tokens"] == b["target_tokens"]
+        for key in ("loss", "ce", "kd"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a["step"])
+
+
 # ------------------------------------------------------------------------------------------ resume
 def test_resume_reproduces_uninterrupted_run(assets, tmp_path):
     pytest.importorskip("spacy")

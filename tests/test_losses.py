@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 import torch
-from helpers import assert_within_rule
+from helpers import DEVICE, assert_within_rule
 
 import mta_kernels
 import mta_kernels.losses as losses_mod
@@ -85,8 +85,9 @@ def make_states(num_layers: int, B: int, T: int, D: int, gen: torch.Generator, d
     )
 
 
-def clone_states(states, dtype):
-    return tuple(h.detach().to(dtype).requires_grad_(True) for h in states)
+def clone_states(states, dtype, device=None):
+    """Fresh leaf copies (own .grad) in ``dtype``, on ``device`` (default: where they are)."""
+    return tuple(h.detach().to(device=device or h.device, dtype=dtype).requires_grad_(True) for h in states)
 
 
 # --------------------------------------------------------------------------- the reference composition
@@ -112,7 +113,7 @@ def reference_mta(
             units_s = ref.span_pool(hs_flat, ub.student_ranges)
             units_t = ref.span_pool(ht_flat, ub.teacher_ranges)
         # Unit importance W_u = Σ_{i in u} ŵ^T_i.
-        W = torch.zeros(ub.num_units, dtype=w_t.dtype)
+        W = torch.zeros(ub.num_units, dtype=w_t.dtype, device=w_t.device)
         for u, (start, end) in enumerate(ub.teacher_ranges.tolist()):
             W[u] = w_t[start:end].sum()
 
@@ -125,7 +126,7 @@ def reference_mta(
             hra_terms.append(ref.hra_loss(projected, units_t, W if weighted else None))
         elif hra == "token":
             covered = [i for start, end in ub.student_ranges.tolist() for i in range(start, end)]
-            idx = torch.tensor(covered, dtype=torch.long)
+            idx = torch.tensor(covered, dtype=torch.long, device=hs.device)
             projected = projectors[k](hs_flat[idx].to(projectors[k].weight.dtype))
             hra_terms.append(ref.hra_loss(projected, ht_flat[idx], w_t[idx] if weighted else None))
 
@@ -544,15 +545,25 @@ def test_stacked_module_shape_errors(small):
 
 
 # ------------------------------------------------------------------------------- Triton interpreter
-def test_triton_backend_matches_reference():
-    """The same module with the ops forced onto their Triton kernels (the interpreter on CPU)."""
-    module = MTALoss([(1, 1, "word"), (2, 3, "phrase")], DS, DT, hra="unit")
+@pytest.mark.parametrize("hra", ["unit", "token"])
+def test_triton_backend_matches_reference(hra):
+    """The module with the ops forced onto their Triton kernels: on the GPU where there is one, else the
+    interpreter on the CPU (tiny shapes)."""
+    same = hra == "token"
+    module = MTALoss([(1, 1, "word"), (2, 3, "phrase")], DS, DT, hra=hra).to(DEVICE)
     gen = torch.Generator().manual_seed(12)
-    words, s_mask, t_mask = make_batch(2, 7, 9, [3, 2], False, gen)
-    phrases, _, _ = make_batch(2, 7, 9, [2, 1], False, gen)
-    s_states, t_states = make_states(2, 2, 7, DS, gen), make_states(3, 2, 9, DT, gen)
+    words, s_mask, t_mask = make_batch(2, 7, 9, [3, 2], same, gen)
+    phrases, _, _ = make_batch(2, 7, 9, [2, 1], same, gen)
+    s_states, t_states = make_states(2, 2, 7, DS, gen), make_states(3, 2, 7 if same else 9, DT, gen)
+    s_states, t_states = (
+        clone_states(s_states, torch.float32, DEVICE),
+        clone_states(t_states, torch.float32, DEVICE),
+    )
+    units = {"word": words.to(DEVICE), "phrase": phrases.to(DEVICE)}
+    if same:  # .to() copies each field: keep the one shared tensor of a shared tokenizer
+        units = {g: UnitBatch(u.student_ranges, u.student_ranges, u.cu_units, 7, 7) for g, u in units.items()}
     with mta_kernels.use_backend("triton"):
-        run_and_compare(module, s_states, t_states, {"word": words, "phrase": phrases}, s_mask, t_mask)
+        run_and_compare(module, s_states, t_states, units, s_mask.to(DEVICE), t_mask.to(DEVICE))
 
 
 def test_bad_range_values_name_the_pairs(small):

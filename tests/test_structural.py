@@ -222,6 +222,15 @@ def test_no_gradient_to_teacher_or_weights(backend):
             assert not structural_loss(s, t, cu, w).requires_grad
 
 
+def test_double_backward_refused():
+    """The gradient is computed in the forward: a second derivative through it would be silently 0."""
+    s, t, cu, _ = _inputs([4, 3], 5, 3, torch.float32)
+    s.requires_grad_(True)
+    total = structural_loss(s, t, cu) + (s**2).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(total, s, create_graph=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic(backend):
     s, t, cu, w = _inputs([3, 30, 2, 4], 40, 23, torch.float32, weights="u")
@@ -258,34 +267,39 @@ def test_autocast(backend):
 
 
 def _largest_allocation(n, ds, backend, **torch_kw):
-    """Largest tensor created by the op body on one sequence of n units (TorchDispatchMode does not see
-    inside a custom op, so the body is run directly under the watch)."""
+    """Largest tensor allocated by forward + backward on one sequence of n units (the watch runs the
+    custom op's implementation under the mode); ``torch_kw`` calls the torch path's body directly."""
     s, t, cu, _ = _inputs([n], ds, ds, torch.float32)
-    s3, t3 = s[None], t[None]
+    x = s.clone().requires_grad_(True)
     with watch_allocations() as watch:
-        if backend == "triton":
-            with use_backend("triton"):
-                loss, grad = st._structural_loss_impl(s3, t3, cu, None, True)
+        if torch_kw:
+            s3, t3 = s[None], t[None]
+            loss, grad = st._torch_forward(
+                s3, t3, cu, None, st._seq_bounds(cu, n), True, torch.float32, **torch_kw
+            )
+            assert grad.shape == s3.shape
         else:
-            bounds = st._seq_bounds(cu, n)
-            loss, grad = st._torch_forward(s3, t3, cu, None, bounds, True, torch.float32, **torch_kw)
-    assert torch.isfinite(loss).all() and grad.shape == s3.shape
+            with use_backend(backend):
+                loss = structural_loss(x, t, cu)
+                loss.backward()
+            assert x.grad.shape == x.shape and "mta_kernels::structural_loss" in watch.custom_ops_entered
+    assert torch.isfinite(loss).all()
     return watch.largest, watch.largest_op
 
 
-@pytest.mark.parametrize("feature_space", [False, True])
+@pytest.mark.parametrize("feature_space", [None, False])
 def test_no_quadratic_allocation_torch(feature_space):
+    """N = 1500 > D: the public op takes feature space; pair space (forced) holds 256 × N score rows."""
     n = 1500
-    largest, op = _largest_allocation(n, 16, "torch", feature_space=feature_space)
+    kw = {} if feature_space is None else {"feature_space": feature_space}
+    largest, op = _largest_allocation(n, 16, "torch", **kw)
     assert largest < n * n // 4, f"torch path allocated {largest} elements ({op}) for N={n}"
 
 
 def test_no_quadratic_allocation_triton():
-    # The interpreter runs ~(n/16)² tiles in Python, so n is small there; it also copies the arguments
-    # into byte storages (U·D·4 elements), hence the bound n² rather than n²/4.
-    n = 160 if DEVICE == "cpu" else 1500
+    n = 160 if DEVICE == "cpu" else 1500  # the interpreter runs ~(n/16)² tiles in Python
     largest, op = _largest_allocation(n, 16, "triton")
-    assert largest < n * n, f"triton path allocated {largest} elements ({op}) for N={n}"
+    assert largest < n * n // 4, f"triton path allocated {largest} elements ({op}) for N={n}"
 
 
 def test_work_list_covers_block_diagonal():

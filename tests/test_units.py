@@ -821,3 +821,10 @@ def test_collator_prompt_output_examples(extractor, bpe):
     assert torch.equal(from_pair["labels"], from_text["labels"])
     labelled = from_pair["input_ids"][from_pair["labels"] != -100]
     assert bpe.decode(labelled.tolist()) == output  # exactly the response carries labels
+    # prompt_length_chars = 0 means no prompt: the same labels as without the field
+    zero = collate([{"text": output, "prompt_length_chars": 0}, {"text": prompt}])
+    none = collate([{"text": output}, {"text": prompt}])
+    assert torch.equal(zero["labels"], none["labels"])
+    assert torch.equal(
+        none["labels"][none["attention_mask"] == 1], none["input_ids"][none["attention_mask"] == 1]
+    )

@@ -75,7 +75,7 @@ def _config(**kw) -> TrainConfig:
         max_length=128,
         batch_size=8,
         seed=0,
-        eval_every=40,
+        eval_every=50,
         save_every=1000,
         log_every=1,
         overwrite=True,
@@ -103,7 +103,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, progress: bool = True)
         f"byte-level BPE ({TEACHER_VOCAB}) for the teacher, WordPiece ({STUDENT_VOCAB}) for the student"
     )
 
-    teacher_steps, student_steps = (6, 6) if quick else (240, 140)
+    teacher_steps, student_steps = (6, 6) if quick else (400, 300)
     teacher_out = os.path.join(out, "teacher")
     t0 = time.perf_counter()
     print(f"[demo] 1/3 training the teacher {TEACHER} for {teacher_steps} steps")

@@ -484,7 +484,11 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     device = env.device
     s.student.to(device).train()
     if cfg.grad_checkpointing:
-        s.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5 renamed it (the old name warns); non-reentrant checkpointing works under DDP.
+        if hasattr(s.student, "activation_checkpointing_enable"):
+            s.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            s.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if s.teacher is not None:
         s.teacher.to(device)
     module = Trainable(s.student, s.mta, cfg.kd, cfg.temperature, cfg.skew_alpha, s.kd_vocab).to(device)

@@ -321,7 +321,11 @@ def _triton_forward(
     BM, BN, BD = _block_sizes(device, acc_dtype)
     work = layout.block_diagonal_work_list(cu_units, BM)  # [W, 4] int32, only the block diagonal
     num_work = work.shape[0]
-    grad = torch.zeros(L, U, Ds, dtype=acc_dtype, device=device) if compute_grad else student.new_empty(0, dtype=acc_dtype)
+    grad = (
+        torch.zeros(L, U, Ds, dtype=acc_dtype, device=device)
+        if compute_grad
+        else student.new_empty(0, dtype=acc_dtype)
+    )
     partial = torch.zeros(L, num_work, dtype=acc_dtype, device=device)
     if num_work > 0 and L > 0:
         seq = layout.unit_to_seq(cu_units, U)  # [U] int32
@@ -410,7 +414,11 @@ def _torch_forward(
     w = None if weights is None else weights.to(acc_dtype).expand(L, U)
     den = _denominator(weights, bounds, L, U, device, acc_dtype)
     num = torch.zeros(L, dtype=torch.float64, device=device)
-    grad = torch.zeros(L, U, Ds, dtype=acc_dtype, device=device) if compute_grad else student.new_empty(0, dtype=acc_dtype)
+    grad = (
+        torch.zeros(L, U, Ds, dtype=acc_dtype, device=device)
+        if compute_grad
+        else student.new_empty(0, dtype=acc_dtype)
+    )
 
     packs, longs = _pack_sequences(bounds, _TORCH_PACK)
     if packs:
@@ -593,6 +601,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_grad):
     if not ctx.compute_grad:
         raise RuntimeError("mta_kernels::structural_loss: called with compute_grad=False, it has no gradient")
+    if torch.is_grad_enabled():
+        # create_graph=True: the saved gradient is a constant, so a second derivative through it would be
+        # silently 0. Refuse rather than return a wrong Hessian term.
+        raise RuntimeError(
+            "mta_kernels::structural_loss does not support double backward (create_graph=True): its "
+            "gradient is computed in the forward pass and has no derivative of its own"
+        )
     (grad,) = ctx.saved_tensors
     return (grad * grad_loss[:, None, None]).to(ctx.student_dtype), None, None, None, None
 
