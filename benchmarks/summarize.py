@@ -87,17 +87,22 @@ def brief(folder: Path) -> str:
         out.append(f"{stem} on {data['meta']['env']['device']}:")
         for r in data["records"]:
             if r["status"] != "ok":
-                out.append(f"  {r['provider']:14s} {_status(r)}")
+                out.append(f"  T={r.get('T', '?'):<5} {r['provider']:14s} {_status(r)}")
                 continue
-            ratios = " ".join(
-                f"x{r[f'speedup_vs_{p}']:.2f}/mem÷{r.get(f'mem_ratio_vs_{p}') or float('nan'):.2f} vs {p}"
-                for p in providers
-                if f"speedup_vs_{p}" in r and r["provider"] == "mta_kernels"
-            )
+            ratios = []
+            for p in providers:
+                if r["provider"] != "mta_kernels" or f"speedup_vs_{p}" not in r or p == "no_mta":
+                    continue
+                mem = r.get(f"mem_ratio_vs_{p}")
+                ratios.append(
+                    f"{r[f'speedup_vs_{p}']:.2f}x" + (f" {mem:.2f}x less mem" if mem else "") + f" vs {p};"
+                )
+            ratios = " ".join(ratios)
             share = r.get("mta_share")
             share_s = f" MTA {100 * share:.1f}% of step" if isinstance(share, float) else ""
             out.append(
-                f"  {r['provider']:14s} {r['ms_p50']:10.3f} ms {_mib(r.get('peak_mem_bytes')):>10s} MiB "
+                f"  T={r.get('T', '?'):<5} {r['provider']:14s} {r['ms_p50']:10.3f} ms "
+                f"{_mib(r.get('peak_mem_bytes')):>10s} MiB "
                 f"floor {_fmt(r.get('pct_of_floor'), '.1f')}%{share_s} {ratios}"
             )
     return "\n".join(out)

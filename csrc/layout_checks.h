@@ -62,7 +62,7 @@ MTA_HD int64_t check_unit(const int32_t* ranges, const int32_t* cu, int64_t u, i
   if (start >= end) return kUnitEmpty;
   if (start < 0 || end > num_tokens) return kUnitOutOfBounds;
   if (start < b * seq_len || end > (b + 1) * seq_len) return kUnitCrossesSeq;
-  if (u > static_cast<int64_t>(cu[b])) {
+  if (u > 0 && u > static_cast<int64_t>(cu[b])) {  // u > 0: never read ranges[-1] (broken cu_units)
     if (start < static_cast<int64_t>(ranges[2 * (u - 1)])) return kUnitUnsorted;
     if (start < static_cast<int64_t>(ranges[2 * (u - 1) + 1])) return kUnitOverlaps;
   }

@@ -1,7 +1,26 @@
-"""mta_kernels: fused kernels for MTA distillation (span pooling, token saliency, DSA loss)."""
+"""mta_kernels: fused kernels for MTA distillation (token saliency, span pooling, DSA loss).
+
+``import mta_kernels as mk`` gives the SPEC §9 API: ``mk.token_saliency``, ``mk.span_pool``,
+``mk.structural_loss``, the loss modules ``mk.MTALoss`` / ``mk.DSALoss`` / ``mk.HRALoss``, and the
+eager oracle ``mk.reference``. Units (spaCy) live in ``mta_kernels.units``, imported on demand.
+"""
 
 from mta_kernels import layout, reference
 from mta_kernels._dispatch import use_backend
+from mta_kernels.layout import UnitBatch
+from mta_kernels.losses import DSALoss, HRALoss, MTALoss
+from mta_kernels.ops import span_pool, structural_loss, token_saliency
 
 __version__ = "0.1.0"
-__all__ = ["layout", "reference", "use_backend"]
+__all__ = [
+    "DSALoss",
+    "HRALoss",
+    "MTALoss",
+    "UnitBatch",
+    "layout",
+    "reference",
+    "span_pool",
+    "structural_loss",
+    "token_saliency",
+    "use_backend",
+]

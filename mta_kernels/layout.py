@@ -116,7 +116,7 @@ def block_diagonal_work_list(cu_units: torch.Tensor, block_m: int) -> torch.Tens
 
 
 def char_spans_to_token_ranges(
-    texts: list[str], offsets: torch.Tensor, spans: list[list[tuple[int, int]]]
+    texts: list[str], offsets: torch.Tensor, spans: list[list[tuple[int, int]]] | list[np.ndarray]
 ) -> torch.Tensor:
     """Token range of every character span (SPEC §2 "Mapping units to tokens"), on the CPU.
 
@@ -127,7 +127,8 @@ def char_spans_to_token_ranges(
         texts: ``B`` strings, the texts that were tokenized.
         offsets: integer ``[B, T, 2]``, the fast tokenizer's ``offset_mapping`` (character indices into
             each text; special and padding tokens have an empty range). Moved to the CPU.
-        spans: ``B`` lists of sorted, non-overlapping ``(start, end)`` character spans (``K`` in all).
+        spans: ``B`` lists of sorted, non-overlapping ``(start, end)`` character spans (``K`` in all),
+            or ``B`` integer arrays/tensors ``[K_b, 2]`` (the faster path).
 
     Returns:
         int64 ``[K, 2]`` (CPU): ``[first token, last token + 1)`` of each span as positions local to its
@@ -148,8 +149,11 @@ def char_spans_to_token_ranges(
     cu_chars = torch.from_numpy(np.cumsum([0, *map(len, texts)], dtype=np.int64))
     cu_spans = torch.from_numpy(np.cumsum([0, *map(len, spans)], dtype=np.int64))
     num_spans = int(cu_spans[-1])
-    flat_ints = itertools.chain.from_iterable(itertools.chain.from_iterable(spans))
-    flat = np.fromiter(flat_ints, dtype=np.int64, count=2 * num_spans)
+    if spans and all(isinstance(s, (np.ndarray, torch.Tensor)) for s in spans):
+        flat = np.concatenate([np.asarray(s, dtype=np.int64).reshape(-1) for s in spans])
+    else:  # lists of (start, end) pairs: one pass over the flattened ints, no per-span Python call
+        flat_ints = itertools.chain.from_iterable(itertools.chain.from_iterable(spans))
+        flat = np.fromiter(flat_ints, dtype=np.int64, count=2 * num_spans)
     return torch.ops.mta_kernels.char_spans_to_token_ranges(
         codepoints,
         cu_chars,

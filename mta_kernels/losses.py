@@ -9,8 +9,9 @@ The pairs of one granularity are stacked into ``[L, B, T, D]`` and go through to
 pooling and the structural (DSA) loss in ONE call each per side; the teacher side runs under
 ``torch.no_grad()``. Everything between the ops (covered-token masks, per-sequence normalisation, unit
 importances) is vectorised with static shapes: no Python loop over sequences or units and no
-host-device synchronisation (except the one check ``hra="token"`` needs when the student's and the
-teacher's ranges are two different tensors).
+host-device synchronisation of its own, apart from input checks: ``check_units=True`` validates each
+UnitBatch's values (``layout.validate_layout``), and ``hra="token"`` compares the student's and the
+teacher's ranges when they are two different tensors. Design notes: ``docs/design/losses.md``.
 
 ``DSALoss`` and ``HRALoss`` compute one term for one layer pair (``[B, T, D]`` inputs) or for stacked
 layer pairs (``[L, B, T, D]`` inputs).

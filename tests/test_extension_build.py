@@ -54,6 +54,16 @@ def find_nvcc() -> str | None:
     return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
+def find_cuda_include() -> str | None:
+    """The CUDA toolkit's include dir (nvcc may be a wrapper script, so several places are tried)."""
+    homes = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    nvcc = find_nvcc()
+    if nvcc:
+        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    dirs = [os.path.join(h, "include") for h in homes if h]
+    return next((d for d in dirs if os.path.isfile(os.path.join(d, "cuda_runtime_api.h"))), None)
+
+
 def include_flags() -> list[str]:
     dirs = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], CSRC]
     return [f"-I{d}" for d in dirs]
@@ -66,6 +76,7 @@ def run_all(commands: list[list[str]], timeout: float) -> list[subprocess.Comple
         )
 
 
+@pytest.mark.slow
 def test_cuda_sources_compile_with_nvcc(tmp_path):
     """`nvcc -c` on every csrc/cuda/*.cu against this torch's headers (a CPU wheel's headers suffice,
     as the .cu files include no c10/cuda or ATen/cuda header)."""
@@ -92,15 +103,8 @@ def test_cuda_glue_sources_parse(tmp_path):
     parse with WITH_CUDA against this torch's headers and the CUDA toolkit's. A CPU torch wheel lacks
     the generated c10/cuda/impl/cuda_cmake_macros.h; an empty stand-in is put last on the include path."""
     cxx = shutil.which("g++") or shutil.which("c++")
-    nvcc = find_nvcc()
-    cuda_include = (
-        os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include") if nvcc else None
-    )
-    if (
-        cxx is None
-        or cuda_include is None
-        or not os.path.isfile(os.path.join(cuda_include, "cuda_runtime_api.h"))
-    ):
+    cuda_include = find_cuda_include()
+    if cxx is None or cuda_include is None:
         pytest.skip("needs a C++ compiler and the CUDA toolkit headers (cuda_runtime_api.h)")
     stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)

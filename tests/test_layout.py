@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -482,6 +483,9 @@ def test_char_spans_match_reference(seq_len):
             got = layout.char_spans_to_token_ranges(texts, offsets, spans)
             assert got.dtype == torch.int64 and got.shape == (sum(map(len, spans)), 2)
             assert got.tolist() == ref_char_spans(texts, offsets, spans)
+            # Spans given as per-text arrays (the fast path of the wrapper) give the same result.
+            as_arrays = [np.array(s, dtype=np.int64).reshape(-1, 2) for s in spans]
+            assert torch.equal(layout.char_spans_to_token_ranges(texts, offsets, as_arrays), got)
 
 
 def test_char_spans_whitespace_set_is_python_isspace():

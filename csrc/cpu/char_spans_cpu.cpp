@@ -89,7 +89,10 @@ at::Tensor char_spans_to_token_ranges(const at::Tensor& codepoints, const at::Te
   int64_t* o = out.data_ptr<int64_t>();
   // First bad token per sequence (-1: none); reported after the parallel region, smallest b first.
   std::vector<int64_t> bad_token(num_seqs, -1);
-  at::parallel_for(0, num_seqs, 1, [&](int64_t lo, int64_t hi) {
+  // Threads only pay off for big batches: a sequence is ~1 us of work, waking a thread pool costs more
+  // (and far more on a loaded machine). Chunks of >= ~64k tokens.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(seq_len, 1));
+  at::parallel_for(0, num_seqs, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const int32_t* txt = chars + cu_c[b];
       const int64_t text_len = cu_c[b + 1] - cu_c[b];

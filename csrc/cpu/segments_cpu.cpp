@@ -50,7 +50,8 @@ at::Tensor token_to_unit(const at::Tensor& ranges, int64_t num_tokens) {
   auto out = at::full({num_tokens}, -1, r.options());
   int32_t* o = out.data_ptr<int32_t>();
   // Units of a valid layout do not overlap, so the writes are disjoint and the result deterministic.
-  at::parallel_for(0, num_units, 256, [&](int64_t lo, int64_t hi) {
+  // Memory-bound fills: threads only for large inputs (a pool wake-up costs more than small fills).
+  at::parallel_for(0, num_units, 1 << 14, [&](int64_t lo, int64_t hi) {
     for (int64_t u = lo; u < hi; ++u) {
       for (int64_t t = rp[2 * u]; t < rp[2 * u + 1]; ++t) o[t] = static_cast<int32_t>(u);
     }
@@ -73,7 +74,7 @@ at::Tensor unit_to_seq(const at::Tensor& cu_units, std::optional<int64_t> num_un
                     num_units.value_or(0), " but cu_units[-1] = ", total);
   auto out = at::empty({total}, cu.options());
   int32_t* o = out.data_ptr<int32_t>();
-  at::parallel_for(0, num_seqs, 64, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, num_seqs, 1 << 12, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) std::fill(o + c[b], o + c[b + 1], static_cast<int32_t>(b));
   });
   return out;

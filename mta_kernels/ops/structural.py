@@ -16,8 +16,11 @@ Two implementations behind one op (``mta_kernels._dispatch.use_triton``):
   loops over the column blocks of its sequence(s) and over D in chunks; the normalisation is fused (per-row
   inverse norms); the loss partials go to a ``[L, W]`` buffer summed afterwards and the gradient rows are
   owned by exactly one program: no atomics, deterministic.
-- torch (any device): per sequence, in row chunks (never more than ``chunk × N`` scores), with the
-  feature-space identity of SPEC §5 for sequences that have more units than dimensions.
+- torch (any device): short sequences packed into blocks of ≤ 64 units and batched; a long sequence alone,
+  in row chunks (never more than ``chunk × N`` scores), or with the feature-space identity of SPEC §5 when
+  it has more units than dimensions (cost model).
+
+Deterministic on both paths (no atomics, no scatter-add). Design notes: ``docs/design/structural.md``.
 """
 
 from __future__ import annotations
