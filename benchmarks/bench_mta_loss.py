@@ -99,7 +99,7 @@ def cases(which: str, quick: bool) -> list[dict[str, Any]]:
         return [dict(case="quick", preset="tiny", B=2, T=t) for t in (32, 64)]
     if which == "target":
         return [dict(case="target", preset="gpt2", B=16, T=512)]
-    out = [dict(case="sweep", preset="gpt2", B=16, T=T) for T in (256, 1024, 2048)]
+    out = [dict(case="sweep", preset="gpt2", B=16, T=T) for T in (2048, 1024, 256)]
     out += [dict(case="sweep", preset="gpt2", B=8, T=T) for T in (512, 2048)]
     out += [dict(case="sweep", preset="qwen", B=8, T=T) for T in (512, 2048)]
     out += [dict(case="sweep", preset="mistral", B=8, T=T) for T in (512, 2048)]

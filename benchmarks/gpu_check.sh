@@ -128,7 +128,7 @@ for spec in saliency:20 structural:25 span_pool:20 mta_loss:35; do
     share=$((left * ${spec##*:} / 100))
     extra=()
     if [ "$s" = saliency ] || [ "$s" = mta_loss ]; then extra=(--case sweep); fi
-    stage "sweep:$s" "$share" 130 "$PYTHON" $B/bench_$s.py "${extra[@]}" --max-seconds $((share > 25 ? share - 15 : 10)) "${DEV_ARGS[@]}"
+    stage "sweep:$s" "$share" 130 "$PYTHON" $B/bench_$s.py ${extra[@]+"${extra[@]}"} --max-seconds $((share > 25 ? share - 15 : 10)) "${DEV_ARGS[@]}"
 done
 stage saliency 70 80 "$PYTHON" $B/bench_saliency.py --case issue "${DEV_ARGS[@]}"
 stage step 120 10 "$PYTHON" $B/bench_step.py "${DEV_ARGS[@]}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.fx.node
 
 try:
     from mta_kernels import _C  # noqa: F401  (loading it registers torch.ops.mta_kernels.*)
@@ -161,6 +162,11 @@ def char_spans_to_token_ranges(
         torch.from_numpy(flat).view(num_spans, 2),
         cu_spans,
     )
+
+
+# validate_layout returns nothing: without this, torch.compile's dead-code elimination drops the call
+# (and with it the check). Marked side-effectful, it stays in the graph (aot_eager and inductor).
+torch.fx.node.has_side_effect(torch.ops.mta_kernels.validate_layout.default)
 
 
 # Fake (meta) implementations, so that torch.compile can trace through the ops without running them.

@@ -25,6 +25,15 @@ TEACHER = "builtin:gpt2:2:32"
 STUDENT = "builtin:llama:2:16"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and avoids spinning threads on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Two tokenizers trained on the bundled corpus and a 16-example Dolly JSONL (one fixed batch)."""
@@ -63,6 +72,7 @@ def _distill_args(assets, out, *extra, student_tok="wp", batch=16, steps=6) -> l
         "--lr", "1e-2",
         "--warmup-steps", "1",
         "--backend", "torch",
+        "--device", "cpu",
         "--out", str(out),
         "--no-progress",
         "--no-plot",
@@ -75,7 +85,9 @@ def _distill_args(assets, out, *extra, student_tok="wp", batch=16, steps=6) -> l
 def test_distill_end_to_end(assets, tmp_path, student_tok):
     pytest.importorskip("spacy")
     out = tmp_path / "run"
-    args = _distill_args(assets, out, "--pairs", "1:1:word,2:2:phrase", "--eval-fraction", "0.25",
+    # The cross-tokenizer run extracts the units in a DataLoader worker process.
+    workers = ["--num-workers", "1"] if student_tok == "wp" else []
+    args = _distill_args(assets, out, "--pairs", "1:1:word,2:2:phrase", "--eval-fraction", "0.25", *workers,
                          student_tok=student_tok, batch=12, steps=8)  # fmt: skip
     assert main(args) == 0
     recs = [r for r in _metrics(out) if r["kind"] == "train"]
@@ -110,7 +122,7 @@ def test_train_teacher_and_plot(assets, tmp_path):
     args = [
         "train-teacher", "--model", TEACHER, "--tokenizer", str(assets / "bpe"),
         "--data", str(assets / "data.jsonl"), "--eval-fraction", "0", "--batch-size", "16",
-        "--steps", "6", "--max-length", "96", "--lr", "3e-3", "--warmup-steps", "1",
+        "--steps", "6", "--max-length", "96", "--lr", "3e-3", "--warmup-steps", "1", "--device", "cpu",
         "--out", str(out), "--no-progress",
     ]  # fmt: skip
     assert main(args) == 0
@@ -270,3 +282,18 @@ def test_foreign_checkpoint_is_refused_and_kept(assets, tmp_path, capsys):
     msg = _error(capsys, _distill_args(assets, other, "--no-mta", "--resume", steps=2))
     assert "cannot be read" in msg or "not a checkpoint" in msg
     assert (other / "checkpoint.pt").read_bytes() == b"garbage"
+
+
+def test_demo_quick(tmp_path, capsys):
+    """``make demo``'s code path, 6 steps per run: the table, the plot and every run's files."""
+    pytest.importorskip("spacy")
+    from mta_kernels.distill.demo import run_demo
+
+    runs = run_demo(out=str(tmp_path / "demo"), quick=True, progress=False, backend="torch")
+    printed = capsys.readouterr().out
+    assert "student-mta" in printed and "student-baseline" in printed and "MTA share" in printed
+    assert runs["student-mta"]["mta_share"] > 0 and runs["student-baseline"]["mta_share"] is None
+    for name in ("teacher", "student-mta", "student-baseline"):
+        assert (tmp_path / "demo" / name / "checkpoint.pt").exists()
+        assert math.isfinite(runs[name]["eval_ppl"])
+    assert (tmp_path / "demo" / "curves.png").stat().st_size > 1000

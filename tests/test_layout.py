@@ -597,6 +597,18 @@ def test_ops_trace_under_torch_compile():
     assert f(ranges, cu).item() == expected.item()
 
 
+def test_validate_layout_is_not_dropped_by_torch_compile():
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(r, c):
+        layout.validate_layout(r, c, 10, 10)
+        return r.sum()
+
+    cu = torch.tensor([0, 2], dtype=torch.int32)
+    assert f(torch.tensor([[0, 2], [3, 5]], dtype=torch.int32), cu).item() == 10
+    with pytest.raises(ValueError, match=unit_pattern(1, 0, 1, 5) + " overlaps unit 0"):
+        f(torch.tensor([[0, 2], [1, 5]], dtype=torch.int32), cu)
+
+
 def test_opcheck():
     ranges, cu = random_layout(random.Random(9), 4, 63, 9)
     ops = torch.ops.mta_kernels

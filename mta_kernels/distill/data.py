@@ -69,7 +69,7 @@ def load_examples(path: str) -> list[Example]:
             raise DistillError(f"{path}, line {lineno}: expected a JSON object with 'prompt' and 'output'")
         for key in ("prompt", "output"):
             if not isinstance(obj.get(key), str):
-                found = "missing" if key not in obj else f"a {type(obj[key]).__name__}"
+                found = "missing" if key not in obj else f"of type {type(obj[key]).__name__}"
                 raise DistillError(
                     f"{path}, line {lineno}: field {key!r} must be a string but is {found} "
                     f"(keys present: {sorted(obj)}); the Dolly format has 'prompt' and 'output'"

@@ -174,6 +174,13 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, out_dir: s
     else:
         raise DistillError(f"unknown tokenizer kind {kind!r} (bpe or wordpiece)")
     tok.train_from_iterator(texts, trainer)
+    if kind == "wordpiece":
+        # The WordPiece trainer numbers tokens of equal frequency in hash order (different ids from run
+        # to run, hence a different random init of the student): renumber them deterministically.
+        vocab = tok.get_vocab()
+        fixed = [EOS, PAD, UNK]
+        ordered = fixed + sorted(t for t in vocab if t not in fixed)
+        tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(ordered)}, unk_token=UNK)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
     fast.padding_side = "right"
     os.makedirs(out_dir, exist_ok=True)

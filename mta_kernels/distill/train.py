@@ -85,7 +85,8 @@ def seed_everything(seed: int) -> None:
 class Trainable(nn.Module):
     """Student + MTA projectors in one module (what the optimizer and DDP see).
 
-    ``forward`` runs the student, and returns the summed CE/KD over target tokens and the MTA loss.
+    ``forward(batch)`` runs the student (the teacher output is set in ``teacher_out`` just before) and
+    returns the summed CE/KD over target tokens and the MTA loss.
     """
 
     def __init__(
@@ -105,8 +106,12 @@ class Trainable(nn.Module):
         self.skew_alpha = skew_alpha
         self.kd_vocab = kd_vocab
         self.mta_seconds: list[Any] = []  # timers of the MTA forward (CUDA event pairs or floats)
+        self.teacher_out: Any = None
 
-    def forward(self, batch: dict, teacher_out: Any | None) -> dict[str, Any]:
+    def forward(self, batch: dict) -> dict[str, Any]:
+        # The teacher's output is handed over as an attribute, not an argument: DDP re-packs forward
+        # arguments (moving them to the device) and would rebuild a ModelOutput from a dict's items.
+        teacher_out, self.teacher_out = self.teacher_out, None
         need_hidden = self.mta is not None
         out = self.student(
             input_ids=batch["input_ids"],
@@ -399,7 +404,7 @@ def fingerprint(cfg: TrainConfig, s: Setup) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- the loop
-def _loader(dataset: TextDataset, batches: list[list[int]], collator: Any, cfg: TrainConfig):
+def _loader(dataset: TextDataset, batches: Any, collator: Any, cfg: TrainConfig):
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
@@ -409,15 +414,31 @@ def _loader(dataset: TextDataset, batches: list[list[int]], collator: Any, cfg: 
     )
 
 
+class ResumableBatches(torch.utils.data.Sampler):
+    """Endless batch sampler of this rank's batches, epochs chained, from micro-batch ``start`` on.
+
+    One sampler for the whole run, so DataLoader workers (and the spaCy pipeline they hold) live for
+    the whole run instead of being re-created every epoch.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, rank: int, world: int, start: int) -> None:
+        self.args = (n_items, batch_size)
+        self.seed, self.rank, self.world, self.start = seed, rank, world, start
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(*self.args, epoch, self.seed, self.rank, self.world)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, offset = divmod(self.start, len(self._epoch(0)))
+        while True:
+            yield from self._epoch(epoch)[offset:]
+            epoch, offset = epoch + 1, 0
+
+
 def micro_batches(s: Setup, cfg: TrainConfig, start: int) -> Iterator[dict]:
     """Endless micro-batches of this rank from micro-batch index ``start`` on (epochs chained)."""
-    n = len(s.train_set)
-    per_epoch = len(epoch_batches(n, cfg.batch_size, 0, cfg.seed, s.env.rank, s.env.world))
-    epoch, offset = divmod(start, per_epoch)
-    while True:
-        batches = epoch_batches(n, cfg.batch_size, epoch, cfg.seed, s.env.rank, s.env.world)[offset:]
-        yield from _loader(s.train_set, batches, s.collator, cfg)
-        epoch, offset = epoch + 1, 0
+    sampler = ResumableBatches(len(s.train_set), cfg.batch_size, cfg.seed, s.env.rank, s.env.world, start)
+    return iter(_loader(s.train_set, sampler, s.collator, cfg))
 
 
 @torch.no_grad()
@@ -485,10 +506,11 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     s.student.to(device).train()
     if cfg.grad_checkpointing:
         # transformers >= 5 renamed it (the old name warns); non-reentrant checkpointing works under DDP.
+        no_reentrant = {"use_reentrant": False}
         if hasattr(s.student, "activation_checkpointing_enable"):
-            s.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            s.student.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
         else:
-            s.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            s.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
     if s.teacher is not None:
         s.teacher.to(device)
     module = Trainable(s.student, s.mta, cfg.kd, cfg.temperature, cfg.skew_alpha, s.kd_vocab).to(device)
@@ -563,7 +585,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                             output_hidden_states=s.mta is not None,
                             use_cache=False,
                         )
-                r = ddp(mb, teacher_out)
+                module.teacher_out = teacher_out
+                r = ddp(mb)
                 scale = env.world / n_tok
                 ce = r["ce_sum"] * scale
                 kd = None if r["kd_sum"] is None else r["kd_sum"] * scale

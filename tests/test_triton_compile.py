@@ -1,0 +1,611 @@
+"""GPU-readiness without a GPU: compile every Triton kernel specialisation the launchers use for sm_90.
+
+The op tests run the kernels under Triton's CPU interpreter, which accepts programs the real compiler
+rejects (dtype mismatches in ``tl.where`` / loop-carried values, ``tl.dot`` shapes < 16, fp64 dots, ...).
+Here every ``@triton.jit`` kernel of ``mta_kernels/ops/{saliency,span_pool,structural}.py`` goes through
+the real pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) for ``GPUTarget("cuda", 90, 32)`` with
+exactly the signatures and constexprs that the host launchers pass on CUDA, derived here from the
+launcher code (block sizes come from the launchers' own helpers).
+
+Specialisation rule (``triton._C.libtriton.native_specialize_impl``, the same in triton 3.6 and 3.9, checked
+by ``test_specialisation_rule_matches_triton``): a tensor is ``*<dtype>`` with ``tt.divisibility=16`` when
+its address is 16-byte aligned; an int is ``i32``/``i64`` with ``tt.divisibility=16`` when it is a multiple
+of 16, and the *constant* 1 when it equals 1 (a contiguous last stride); a float is ``fp32``. Each kernel is
+compiled in the launchers' realistic contiguous case (aligned pointers, unit last stride folded in) and in
+a generic case (unaligned pointers, odd strides and sizes), which are the two code paths the JIT builds.
+
+The compiles run in one subprocess without ``TRITON_INTERPRET`` (conftest sets it on machines without a
+GPU, and then ``triton.jit`` wraps nothing that ``triton.compile`` can lower) and an empty Triton cache.
+Run this file as a script (``python tests/test_triton_compile.py [--stats]``) to print the table of
+docs/design/gpu-readiness.md (``--stats`` adds ptxas register/spill counts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+# ------------------------------------------------------------------------------------------ cases
+
+
+@dataclass(frozen=True)
+class Ptr:
+    """A tensor argument: triton element type name, and whether its address is 16-byte aligned."""
+
+    dtype: str
+    aligned: bool = True
+
+
+@dataclass
+class Case:
+    """One specialisation: kernel ``module.kernel`` with its positional runtime arguments (in order, as
+    the launcher passes them) and constexpr keyword arguments."""
+
+    id: str
+    module: str
+    kernel: str
+    args: list
+    constexprs: dict
+    num_warps: int = 4
+    dot_16bit: bool = False  # a tl.dot on 16-bit operands: expected on the tensor cores (wgmma on sm_90)
+    notes: dict = field(default_factory=dict)
+
+
+_TL_NAME = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+FLOAT_DTYPES = ["float32", "bfloat16", "float16", "float64"]
+
+
+def _contig_strides(shape: tuple[int, ...]) -> list[int]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return strides[::-1]
+
+
+def _op_module(name: str):
+    """The op module itself (``mta_kernels.ops`` re-exports functions under the same names)."""
+    import importlib
+
+    return importlib.import_module(f"mta_kernels.ops.{name}")
+
+
+def _saliency_cases() -> list[Case]:
+    sal = _op_module("saliency")
+
+    cases = []
+    # (name, L, B, T, D, contiguous): block sizes from the launcher's _block_sizes; BM = 64 / 32 / 16
+    shapes = [
+        ("big", 4, 8, 2048, 768, True),  # BM = BN = BD = 64, row-scale BD 128
+        ("mid", 1, 3, 20, 24, True),  # BM = 32, BD = 32 (B and T not multiples of 16)
+        ("tiny", 2, 1, 9, 2, True),  # BM = 16, BD = 16, B = 1 folded into a constant
+        ("strided", 3, 5, 63, 60, False),  # layers interleaved, D the slowest axis: no unit stride
+    ]
+    for name, L, B, T, D, contiguous in shapes:
+        dtypes = FLOAT_DTYPES if name in ("big", "strided") else ["float32", "bfloat16"]
+        for dt in dtypes:
+            if contiguous:
+                strides = _contig_strides((L, B, T, D))
+            else:
+                strides = [T * D + 7, 3, 3 * B, 3 * B * T]  # [L, B, T, D] view with padding
+            h = Ptr(_TL_NAME[dt], aligned=contiguous)
+            f32, i8, i32 = Ptr("fp32"), Ptr("i8"), Ptr("i32")
+            BM, BN, BD = sal._block_sizes(T, D)
+            # _saliency_triton on CUDA: triton_interpreting() is False
+            dot_fp32 = dt not in ("bfloat16", "float16")
+            precision = "ieee" if dot_fp32 else None
+            row_bd = min(128, max(16, 1 << (D - 1).bit_length()))
+            cases.append(
+                Case(
+                    f"saliency._row_scale_kernel-{dt}-{name}",
+                    "saliency",
+                    "_row_scale_kernel",
+                    [h, f32, B, T, D, *strides, sal.SALIENCY_STD_EPS],
+                    dict(BR=16, BD=row_bd),
+                )
+            )
+            common = dict(BM=BM, BN=BN, BD=BD, DOT_FP32=dot_fp32, DOT_PRECISION=precision)
+            qk_scale = 0.05
+            cases.append(
+                Case(
+                    f"saliency._lse_kernel-{dt}-{name}",
+                    "saliency",
+                    "_lse_kernel",
+                    [h, f32, i8, i32, i32, f32, B, T, D, *strides, qk_scale],
+                    dict(common),
+                    dot_16bit=not dot_fp32,
+                )
+            )
+            cases.append(
+                Case(
+                    f"saliency._colsum_kernel-{dt}-{name}",
+                    "saliency",
+                    "_colsum_kernel",
+                    [h, f32, i8, i32, i32, f32, f32, B, T, D, *strides, qk_scale],
+                    dict(common),
+                    dot_16bit=not dot_fp32,
+                )
+            )
+    return cases
+
+
+def _span_pool_cases() -> list[Case]:
+    sp = _op_module("span_pool")
+
+    cases = []
+    # (name, hidden dtype, weights: None | "shared" | "layers", weights dtype, L, N, D, U, covered tokens)
+    variants = []
+    for dt in FLOAT_DTYPES:
+        for w in (None, "layers"):
+            variants.append((f"{dt}-{'w' if w else 'now'}", dt, w, dt, 6, 4096, 768, 2000, 3000))
+    variants += [
+        # span lengths 1 / ~3 / >= 8 tokens: BT = 1, 4, 8 (BU = 32, 8, 4); small D: BD = 16
+        ("bfloat16-shared-bt1", "bfloat16", "shared", "float32", 2, 1000, 96, 900, 900),
+        ("bfloat16-now-bt4", "bfloat16", None, "bfloat16", 2, 1000, 768, 100, 350),
+        ("float32-w-bt8-d10", "float32", "layers", "float32", 3, 1000, 10, 10, 900),
+        # fp64 weights with fp32 hidden: accumulates in fp64 (_acc_dtype)
+        ("float32-w64", "float32", "layers", "float64", 2, 500, 64, 100, 200),
+    ]
+    for name, dt, w, wdt, L, N, D, U, covered in variants:
+        acc = "float64" if "float64" in (dt, wdt if w else dt) else "float32"
+        tl_acc = "tl.float64" if acc == "float64" else "tl.float32"
+        BU, BT, BD = sp._fwd_blocks(covered / U, D)
+        h_strides = _contig_strides((L, N, D))
+        if w is None:
+            w_ptr, w_strides = Ptr(_TL_NAME[dt]), [0, 0]  # hidden passed as a dummy pointer
+        elif w == "shared":
+            w_ptr, w_strides = Ptr(_TL_NAME[wdt]), [0, 1]  # [N].expand(L, N)
+        else:
+            w_ptr, w_strides = Ptr(_TL_NAME[wdt]), [N, 1]
+        cases.append(
+            Case(
+                f"span_pool._span_pool_fwd_kernel-{name}",
+                "span_pool",
+                "_span_pool_fwd_kernel",
+                [
+                    Ptr(_TL_NAME[dt]),
+                    w_ptr,
+                    Ptr("i32"),
+                    Ptr(_TL_NAME[dt]),
+                    Ptr(_TL_NAME[acc]),
+                    U,
+                    D,
+                    *h_strides,
+                    *w_strides,
+                    2,
+                    1,  # ranges [U, 2] contiguous
+                    *_contig_strides((L, U, D)),
+                    # out [L, U, D]
+                ],
+                dict(HAS_WEIGHTS=w is not None, ACC_DTYPE=tl_acc, BU=BU, BT=BT, BD=BD, BF16_RTNE_BY_HAND=False),
+                notes=dict(blocks=f"BU={BU} BT={BT} BD={BD}"),
+            )
+        )
+        # backward: grad_out like the output, gathered into a contiguous [L, N, D] grad of hidden
+        bwd_bd = min(128, max(16, 1 << (D - 1).bit_length()))
+        cases.append(
+            Case(
+                f"span_pool._span_pool_bwd_kernel-{name}",
+                "span_pool",
+                "_span_pool_bwd_kernel",
+                [
+                    Ptr(_TL_NAME[dt]),
+                    Ptr("i32"),
+                    w_ptr,
+                    Ptr(_TL_NAME[acc]),
+                    Ptr(_TL_NAME[dt]),
+                    N,
+                    U,
+                    D,
+                    *_contig_strides((L, U, D)),
+                    *w_strides,
+                ],
+                dict(HAS_WEIGHTS=w is not None, ACC_DTYPE=tl_acc, BT=32, BD=bwd_bd, BF16_RTNE_BY_HAND=False),
+            )
+        )
+    # generic: unaligned sliced hidden [L, N, D] out of [B, T, Dpad], grad_out from .sum() (all strides 0)
+    cases.append(
+        Case(
+            "span_pool._span_pool_fwd_kernel-bfloat16-w-generic",
+            "span_pool",
+            "_span_pool_fwd_kernel",
+            [Ptr("bf16", False), Ptr("fp32", False), Ptr("i32", False), Ptr("bf16"), Ptr("fp32"), 77, 60]
+            + [61 * 999, 61, 3, 999 * 2, 2, 4, 2, 77 * 60, 60, 1],
+            dict(HAS_WEIGHTS=True, ACC_DTYPE="tl.float32", BU=16, BT=2, BD=64, BF16_RTNE_BY_HAND=False),
+        )
+    )
+    cases.append(
+        Case(
+            "span_pool._span_pool_bwd_kernel-bfloat16-w-generic",
+            "span_pool",
+            "_span_pool_bwd_kernel",
+            [Ptr("bf16"), Ptr("i32"), Ptr("fp32", False), Ptr("fp32"), Ptr("bf16"), 999, 77, 60]
+            + [0, 0, 0, 999 * 2, 2],
+            dict(HAS_WEIGHTS=True, ACC_DTYPE="tl.float32", BT=32, BD=64, BF16_RTNE_BY_HAND=False),
+        )
+    )
+    return cases
+
+
+def _structural_cases() -> list[Case]:
+    import torch
+
+    st = _op_module("structural")
+
+    cases = []
+    cuda = torch.device("cuda")
+    # (name, student dtype, teacher dtype, weights: None | "shared" | "layers", weights dtype, grad, L, U, Ds, Dt)
+    variants = []
+    for dt in FLOAT_DTYPES:
+        for w in (None, "layers"):
+            for grad in (False, True):
+                variants.append(
+                    (f"{dt}-{'w' if w else 'now'}-{'grad' if grad else 'nograd'}", dt, dt, w, dt, grad, 4, 1000)
+                )
+    variants += [
+        ("bfloat16s-float32t-shared-grad", "bfloat16", "float32", "shared", "float32", True, 2, 300),
+        ("float16s-bfloat16t-now-grad", "float16", "bfloat16", None, None, True, 1, 300),
+    ]
+    for name, sdt, tdt, w, wdt, grad, L, U in variants:
+        Ds, Dt = 1024, 2048
+        acc = "float64" if "float64" in (sdt, tdt, wdt if w else sdt) else "float32"
+        acc_torch = getattr(torch, acc)
+        BM, BN, BD = st._block_sizes(cuda, acc_torch)
+        native = acc == "float32"  # device is cuda, not interpreting
+        if w is None:
+            w_ptr, w_strides = Ptr(_TL_NAME[acc]), [0, 0]  # inv_s as the dummy pointer
+        elif w == "shared":
+            w_ptr, w_strides = Ptr(_TL_NAME[wdt]), [0, 1]  # [1, U]: stride_wl = 0
+        else:
+            w_ptr, w_strides = Ptr(_TL_NAME[wdt]), [U, 1]
+        a = Ptr(_TL_NAME[acc])
+        cases.append(
+            Case(
+                f"structural._structural_fwd_kernel-{name}",
+                "structural",
+                "_structural_fwd_kernel",
+                [Ptr(_TL_NAME[sdt]), Ptr(_TL_NAME[tdt]), a, a, w_ptr, Ptr("i32"), Ptr("i32"), a, a]
+                + [U, Ds, Dt, 37, *_contig_strides((L, U, Ds)), *_contig_strides((L, U, Dt)), *w_strides],
+                dict(
+                    BM=BM,
+                    BN=BN,
+                    BD=BD,
+                    HAS_WEIGHTS=w is not None,
+                    COMPUTE_GRAD=grad,
+                    NATIVE_S=native and sdt in ("bfloat16", "float16"),
+                    NATIVE_T=native and tdt in ("bfloat16", "float16"),
+                    F32_PREC=st.F32_DOT_PRECISION,
+                    ACC=f"tl.{acc}",
+                    IS_FP64=acc == "float64",
+                ),
+                dot_16bit=native and sdt in ("bfloat16", "float16"),
+                notes=dict(blocks=f"BM={BM} BN={BN} BD={BD}"),
+            )
+        )
+    # generic: unaligned, strided student/teacher (slices of wider tensors), odd widths
+    cases.append(
+        Case(
+            "structural._structural_fwd_kernel-bfloat16-w-grad-generic",
+            "structural",
+            "_structural_fwd_kernel",
+            [Ptr("bf16", False), Ptr("bf16", False), Ptr("fp32"), Ptr("fp32"), Ptr("bf16", False)]
+            + [Ptr("i32"), Ptr("i32"), Ptr("fp32"), Ptr("fp32")]
+            + [77, 60, 100, 5, 77 * 61, 61, 3, 77 * 101 * 2, 202, 2, 77 * 3, 3],
+            dict(
+                BM=64,
+                BN=64,
+                BD=64,
+                HAS_WEIGHTS=True,
+                COMPUTE_GRAD=True,
+                NATIVE_S=True,
+                NATIVE_T=True,
+                F32_PREC=st.F32_DOT_PRECISION,
+                ACC="tl.float32",
+                IS_FP64=False,
+            ),
+            dot_16bit=True,
+        )
+    )
+    # gradient epilogue: BD_E = min(1024, next_pow2(Ds)); ACC of the forward
+    for dt, Ds in [("float32", 4096), ("bfloat16", 1024), ("float16", 60), ("float64", 300), ("bfloat16", 5)]:
+        acc = "float64" if dt == "float64" else "float32"
+        bd_e = min(1024, 1 << (Ds - 1).bit_length())
+        a = Ptr(_TL_NAME[acc])
+        cases.append(
+            Case(
+                f"structural._structural_grad_epilogue_kernel-{dt}-Ds{Ds}",
+                "structural",
+                "_structural_grad_epilogue_kernel",
+                [a, Ptr(_TL_NAME[dt]), a, a, 1000, Ds, *_contig_strides((2, 1000, Ds)), st.NORMALIZE_EPS],
+                dict(BD=bd_e, ACC=f"tl.{acc}"),
+            )
+        )
+    return cases
+
+
+def all_cases() -> list[Case]:
+    return _saliency_cases() + _span_pool_cases() + _structural_cases()
+
+
+# ------------------------------------------------------------------------------------ compilation
+
+
+def specialise(value):
+    """``(signature type, divisible by 16)`` of one runtime argument, as the JIT specialises it at launch.
+    Returns ``("constexpr", 1)`` for the int 1."""
+    if isinstance(value, Ptr):
+        return "*" + value.dtype, value.aligned
+    if isinstance(value, bool):
+        return "u1", False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -(2**31) <= value < 2**31 else ("u64" if value >= 2**63 else "i64")
+        return kind, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    raise TypeError(f"cannot specialise {value!r}")
+
+
+def _constexpr_value(v):
+    """Constexpr kwargs: ``"tl.float32"`` style strings name triton dtypes; everything else is literal."""
+    import triton.language as tl
+
+    if isinstance(v, str) and v.startswith("tl."):
+        return getattr(tl, v[3:])
+    return v
+
+
+def _jit_fn(module: str, kernel: str):
+    from triton.runtime.jit import JITFunction
+
+    fn = getattr(_op_module(module), kernel)
+    if not isinstance(fn, JITFunction):  # an InterpretedFunction: TRITON_INTERPRET leaked in
+        raise RuntimeError(f"{module}.{kernel} is {type(fn).__name__}, not a JITFunction")
+    return fn
+
+
+def compile_case(case: Case, target, ptxas_stats: bool = False) -> dict:
+    import triton
+    from triton.compiler import ASTSource
+
+    fn = _jit_fn(case.module, case.kernel)
+    names = fn.arg_names
+    runtime_names = [n for n in names if n not in case.constexprs]
+    assert len(runtime_names) == len(case.args), (
+        f"{case.id}: {len(case.args)} runtime args given, kernel takes {len(runtime_names)}: {runtime_names}"
+    )
+    signature, constexprs, attrs = {}, {}, {}
+    for name, value in zip(runtime_names, case.args):
+        kind, spec = specialise(value)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = spec
+        elif spec:
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    for name, value in case.constexprs.items():
+        signature[name] = "constexpr"
+        constexprs[name] = _constexpr_value(value)
+    signature = {n: signature[n] for n in names}
+    t0 = time.perf_counter()
+    try:
+        k = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+            target=target,
+            options=dict(num_warps=case.num_warps),
+        )
+    except Exception as e:  # noqa: BLE001 - every compiler error is a result to report
+        msg = f"{type(e).__name__}: {e}"
+        return dict(ok=False, error=msg[-3000:], seconds=time.perf_counter() - t0)
+    ptx = k.asm.get("ptx", "")
+    res = dict(
+        ok=True,
+        seconds=round(time.perf_counter() - t0, 2),
+        cubin_bytes=len(k.asm.get("cubin", b"")),
+        ptx_entry=f".entry {case.kernel}" in ptx,
+        wgmma="wgmma.mma_async" in ptx,
+        mma_sync="mma.sync" in ptx,
+        ptx_local=len(re.findall(r"\b(?:ld|st)\.local\b", ptx)),
+        shared=k.metadata.shared,
+        ttgir_dot=bool(re.search(r"ttng\.warp_group_dot|tt\.dot", k.asm.get("ttgir", ""))),
+    )
+    if ptxas_stats:
+        res.update(_ptxas_stats(ptx, target.arch))
+    return res
+
+
+def _ptxas_path(arch: int = 90) -> str:
+    """The ptxas that triton itself runs for ``arch`` (3.9 uses the CUDA 13 one, ``ptxas-blackwell``, for
+    sm_90 too; 3.6 the CUDA 12 ``ptxas``)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
+
+
+def _ptxas_stats(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes from ``ptxas -v``, run as triton runs it."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        Path(src).write_text(ptx)
+        out = subprocess.run(
+            [_ptxas_path(arch), "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(d, "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
+    log = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    return dict(
+        regs=int(regs.group(1)) if regs else None,
+        spill_stores=int(spill.group(1)) if spill else None,
+        spill_loads=int(spill.group(2)) if spill else None,
+        stack=int(stack.group(1)) if stack else None,
+    )
+
+
+def run_all(ptxas_stats: bool = False) -> dict:
+    """Compile every case (in this process: call without TRITON_INTERPRET). Returns ``{id: result}``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", 90, 32)
+    results = {"__triton__": triton.__version__}
+    for case in all_cases():
+        res = compile_case(case, target, ptxas_stats)
+        res["notes"] = case.notes
+        res["dot_16bit"] = case.dot_16bit
+        results[case.id] = res
+    return results
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def _infrastructure_missing() -> str | None:
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+
+        ptxas = _ptxas_path(90)
+    except Exception as e:  # noqa: BLE001
+        return f"triton AOT compile API unavailable: {type(e).__name__}: {e}"
+    if not hasattr(triton, "compile"):
+        return "triton.compile missing"
+    if not (ptxas and os.access(ptxas, os.X_OK)):
+        return f"no executable ptxas for sm_90 ({ptxas!r}): the triton wheel ships none"
+    return None
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    reason = _infrastructure_missing()
+    if reason:
+        pytest.skip(reason)
+    with tempfile.TemporaryDirectory() as cache:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = cache
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 = old default
+        out_path = os.path.join(cache, "results.json")
+        proc = subprocess.run(
+            [sys.executable, __file__, "--json", out_path],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, f"compile worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        return json.loads(Path(out_path).read_text())
+
+
+CASES = all_cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_kernel_compiles_for_sm90(compiled: dict, case: Case) -> None:
+    res = compiled[case.id]
+    assert res["ok"], f"{case.id} does not compile for sm_90 with triton {compiled['__triton__']}:\n{res['error']}"
+    assert res["cubin_bytes"] > 0, f"{case.id}: empty cubin"
+    assert res["ptx_entry"], f"{case.id}: no .entry {case.kernel} in the PTX"
+    if case.dot_16bit:
+        # a bf16/fp16 tl.dot with M >= 64 must land on Hopper's wgmma; 16x16 / 32x32 tiles may use mma.sync
+        assert res["wgmma"] or res["mma_sync"], f"{case.id}: 16-bit tl.dot not on the tensor cores"
+        if case.constexprs.get("BM", 0) >= 64:
+            assert res["wgmma"], f"{case.id}: 64-row 16-bit tl.dot did not become wgmma"
+    assert res["shared"] <= 227 * 1024, f"{case.id}: {res['shared']} B shared memory > sm_90's 227 KB"
+
+
+def test_every_kernel_is_covered() -> None:
+    """Every @triton.jit kernel (a function with a program id, not a helper) of the three op modules has a case."""
+    import importlib
+    import inspect
+
+    kernels = set()
+    for module in ("saliency", "span_pool", "structural"):
+        mod = importlib.import_module(f"mta_kernels.ops.{module}")
+        for name, obj in vars(mod).items():
+            fn = getattr(obj, "fn", None)
+            if fn is not None and callable(fn) and "tl.program_id" in inspect.getsource(fn):
+                kernels.add(f"{module}.{name}")
+    covered = {f"{c.module}.{c.kernel}" for c in CASES}
+    assert kernels, "found no kernels: the discovery is broken"
+    assert kernels <= covered, f"kernels without a compile case: {sorted(kernels - covered)}"
+
+
+def test_specialisation_rule_matches_triton() -> None:
+    """``specialise`` agrees with the installed triton's launch-time specialisation."""
+    import torch
+
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:
+        pytest.skip("this triton has no native_specialize_impl to compare against")
+    base = torch.zeros(64, dtype=torch.bfloat16)
+    samples = [
+        (1, 1),
+        (0, 0),
+        (16, 16),
+        (17, 17),
+        (2**40, 2**40),
+        (2.5, 2.5),
+        (Ptr("bf16"), base),
+        (Ptr("bf16", False), base[1:]),
+        (Ptr("fp32"), torch.zeros(8)),
+    ]
+    for mine, value in samples:
+        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+        ours_kind, ours_spec = specialise(mine)
+        assert ours_kind == kind, f"{value!r}: {ours_kind} != triton's {kind}"
+        if kind == "constexpr":
+            assert ours_spec == spec
+        else:
+            assert ours_spec == (spec == "D"), f"{value!r}: divisibility {ours_spec} != triton's {spec!r}"
+
+
+# ---------------------------------------------------------------------------------------- script
+
+
+def _table(results: dict) -> str:
+    rows = [
+        "| case | ok | s | shared B | wgmma | mma.sync | PTX ld/st.local | regs | spill st/ld B |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cid, r in results.items():
+        if cid.startswith("__"):
+            continue
+        if not r["ok"]:
+            rows.append(f"| {cid} | **FAIL** | {r['seconds']:.1f} | | | | | | |")
+            continue
+        spill = f"{r.get('spill_stores')}/{r.get('spill_loads')}" if "spill_stores" in r else ""
+        rows.append(
+            f"| {cid} | ok | {r['seconds']} | {r['shared']} | {'yes' if r['wgmma'] else ''} | "
+            f"{'yes' if r['mma_sync'] else ''} | {r['ptx_local']} | {r.get('regs', '')} | {spill} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    args = sys.argv[1:]
+    t0 = time.perf_counter()
+    results = run_all(ptxas_stats="--stats" in args)
+    if "--json" in args:
+        Path(args[args.index("--json") + 1]).write_text(json.dumps(results))
+    else:
+        print(f"triton {results['__triton__']}, {time.perf_counter() - t0:.0f} s")
+        print(_table(results))
+        for cid, r in results.items():
+            if not cid.startswith("__") and not r["ok"]:
+                print(f"\n### {cid}\n{r['error']}")
