@@ -49,12 +49,12 @@ QUANTILES = (0.5, 0.2, 0.8)
 
 # ------------------------------------------------------------------------------------- unit statistics
 # Units per token, per granularity, measured with the package's own extraction + alignment on 64
-# English texts of ~207 words, byte-level BPE tokens (benchmarks/NOTES-units.md, "Units per sequence"):
+# English texts of ~207 words, byte-level BPE tokens (benchmarks/NOTES.md, "Units per sequence"):
 # words (in_phrases, the published default) 0.626 per token, phrases 0.354 per token, 1.197 tokens per
 # word. Fraction of tokens covered: words 0.626 x 1.197 = 0.75 (derived); phrases contain their words plus
 # the odd inner punctuation token: 0.78 (estimate). GPT-2's own tokenizer would give ~8% fewer units per
 # token (same file): these densities are slightly pessimistic for the fused kernels' work.
-UNIT_STATS_SOURCE = "benchmarks/NOTES-units.md (measured, byte-level BPE)"
+UNIT_STATS_SOURCE = "benchmarks/NOTES.md "Semantic units" (measured, byte-level BPE)"
 UNITS_PER_TOKEN = {"word": 0.626, "phrase": 0.354}
 TOKEN_COVERAGE = {"word": 0.75, "phrase": 0.78}
 

@@ -4,7 +4,7 @@ tokenizations (the C++ extension op vs the pure-Python loop over tokens), and un
 Run: ``.venv/bin/python -m pytest benchmarks/test_bench_units.py --benchmark-only -s``. The batch is
 64 texts of ~200 words assembled from a bank of hand-written English sentences (news, science,
 narrative, dialogue, instructions); the tokenizers (GPT-2-style byte-level BPE, BERT-style WordPiece)
-are trained here on the bank, offline. The numbers go to ``benchmarks/NOTES-units.md``.
+are trained here on the bank, offline. The numbers go to ``benchmarks/NOTES.md`` ("Semantic units").
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ fast tokenizer's ``offset_mapping`` uses.
 from __future__ import annotations
 
 import bisect
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -312,37 +311,23 @@ def char_spans_to_token_ranges_reference(
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
 
 
-_warned_no_extension = False
-
-
 def _char_spans_to_token_ranges(
     texts: Sequence[str],
     offsets: torch.Tensor,
     spans: Sequence[Sequence[Span]],
     packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The extension op when the build has it, else the reference (same result, ~50x slower).
+    """The extension's char-span -> token-range op (SPEC §2), ``[K, 2]`` local token ranges.
 
     ``packed`` = (codepoints, cu_chars, spans [K, 2], cu_spans) already in the op's tensor form (what
     :func:`mta_kernels.layout.char_spans_to_token_ranges` builds from ``texts`` and ``spans``): given, the
     registered op is called directly, and the texts and spans are converted once per batch, not per side.
     """
-    op = getattr(layout, "char_spans_to_token_ranges", None)
-    if op is not None:
-        if packed is None:
-            return op(texts, offsets, spans)
-        return torch.ops.mta_kernels.char_spans_to_token_ranges(
-            packed[0], packed[1], offsets, packed[2], packed[3]
-        )
-    global _warned_no_extension
-    if not _warned_no_extension:
-        warnings.warn(
-            "mta_kernels._C has no char_spans_to_token_ranges: aligning units in pure Python (slow). "
-            "Rebuild the extension (pip install --no-build-isolation -e .).",
-            stacklevel=3,
-        )
-        _warned_no_extension = True
-    return char_spans_to_token_ranges_reference(texts, offsets, spans)
+    if packed is None:
+        return layout.char_spans_to_token_ranges(texts, offsets, spans)
+    return torch.ops.mta_kernels.char_spans_to_token_ranges(
+        packed[0], packed[1], offsets, packed[2], packed[3]
+    )
 
 
 def _as_numpy(value: Any) -> np.ndarray:

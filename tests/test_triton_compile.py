@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import triton
+import triton.language as tl
 
 # ------------------------------------------------------------------------------------------ cases
 
@@ -117,10 +119,11 @@ def _saliency_cases() -> list[Case]:
             qk_scale = 0.05
             cases.append(
                 Case(
-                    f"saliency._lse_kernel-{dt}-{name}",
+                    f"saliency._row_stats_kernel-{dt}-{name}",
                     "saliency",
-                    "_lse_kernel",
-                    [h, f32, i8, i32, i32, f32, B, T, D, *strides, qk_scale],
+                    "_row_stats_kernel",
+                    # hidden, r, valid_i8, span, n, row_max, row_lsum
+                    [h, f32, i8, i32, i32, f32, f32, B, T, D, *strides, qk_scale],
                     dict(common),
                     dot_16bit=not dot_fp32,
                 )
@@ -130,7 +133,8 @@ def _saliency_cases() -> list[Case]:
                     f"saliency._colsum_kernel-{dt}-{name}",
                     "saliency",
                     "_colsum_kernel",
-                    [h, f32, i8, i32, i32, f32, f32, B, T, D, *strides, qk_scale],
+                    # hidden, r, valid_i8, span, n, row_max, row_lsum, out
+                    [h, f32, i8, i32, i32, f32, f32, f32, B, T, D, *strides, qk_scale],
                     dict(common),
                     dot_16bit=not dot_fp32,
                 )
@@ -186,7 +190,9 @@ def _span_pool_cases() -> list[Case]:
                     *_contig_strides((L, U, D)),
                     # out [L, U, D]
                 ],
-                dict(HAS_WEIGHTS=w is not None, ACC_DTYPE=tl_acc, BU=BU, BT=BT, BD=BD, BF16_RTNE_BY_HAND=False),
+                dict(
+                    HAS_WEIGHTS=w is not None, ACC_DTYPE=tl_acc, BU=BU, BT=BT, BD=BD, BF16_RTNE_BY_HAND=False
+                ),
                 notes=dict(blocks=f"BU={BU} BT={BT} BD={BD}"),
             )
         )
@@ -243,13 +249,22 @@ def _structural_cases() -> list[Case]:
 
     cases = []
     cuda = torch.device("cuda")
-    # (name, student dtype, teacher dtype, weights: None | "shared" | "layers", weights dtype, grad, L, U, Ds, Dt)
+    # (name, student dtype, teacher dtype, weights: None | "shared" | "layers", weights dtype, grad, L, U)
     variants = []
     for dt in FLOAT_DTYPES:
         for w in (None, "layers"):
             for grad in (False, True):
                 variants.append(
-                    (f"{dt}-{'w' if w else 'now'}-{'grad' if grad else 'nograd'}", dt, dt, w, dt, grad, 4, 1000)
+                    (
+                        f"{dt}-{'w' if w else 'now'}-{'grad' if grad else 'nograd'}",
+                        dt,
+                        dt,
+                        w,
+                        dt,
+                        grad,
+                        4,
+                        1000,
+                    )
                 )
     variants += [
         ("bfloat16s-float32t-shared-grad", "bfloat16", "float32", "shared", "float32", True, 2, 300),
@@ -332,6 +347,19 @@ def _structural_cases() -> list[Case]:
     return cases
 
 
+@triton.jit
+def _control_small_dot_kernel(x_ptr, out_ptr, B: tl.constexpr):
+    # Negative control: the interpreter runs an 8x8 tl.dot, the NVIDIA compiler rejects it (K >= 16).
+    o = tl.arange(0, B)
+    b_x = tl.load(x_ptr + o[:, None] * B + o[None, :])  # [B, B]
+    tl.store(out_ptr + o[:, None] * B + o[None, :], tl.dot(b_x, b_x))
+
+
+CONTROL = Case(
+    "control-small-dot-8x8", "__control__", "_control_small_dot_kernel", [Ptr("fp16"), Ptr("fp32")], {"B": 8}
+)
+
+
 def all_cases() -> list[Case]:
     return _saliency_cases() + _span_pool_cases() + _structural_cases()
 
@@ -368,7 +396,7 @@ def _constexpr_value(v):
 def _jit_fn(module: str, kernel: str):
     from triton.runtime.jit import JITFunction
 
-    fn = getattr(_op_module(module), kernel)
+    fn = getattr(sys.modules[__name__] if module == "__control__" else _op_module(module), kernel)
     if not isinstance(fn, JITFunction):  # an InterpretedFunction: TRITON_INTERPRET leaked in
         raise RuntimeError(f"{module}.{kernel} is {type(fn).__name__}, not a JITFunction")
     return fn
@@ -381,9 +409,13 @@ def compile_case(case: Case, target, ptxas_stats: bool = False) -> dict:
     fn = _jit_fn(case.module, case.kernel)
     names = fn.arg_names
     runtime_names = [n for n in names if n not in case.constexprs]
-    assert len(runtime_names) == len(case.args), (
-        f"{case.id}: {len(case.args)} runtime args given, kernel takes {len(runtime_names)}: {runtime_names}"
-    )
+    if len(runtime_names) != len(case.args):  # the kernel's signature changed: update the case
+        return dict(
+            ok=False,
+            seconds=0.0,
+            error=f"{case.id}: the test passes {len(case.args)} runtime args, the kernel takes "
+            f"{len(runtime_names)}: {runtime_names}",
+        )
     signature, constexprs, attrs = {}, {}, {}
     for name, value in zip(runtime_names, case.args):
         kind, spec = specialise(value)
@@ -453,18 +485,21 @@ def _ptxas_stats(ptx: str, arch: int) -> dict:
     )
 
 
-def run_all(ptxas_stats: bool = False) -> dict:
-    """Compile every case (in this process: call without TRITON_INTERPRET). Returns ``{id: result}``."""
+def run_all(ptxas_stats: bool = False, shard: int = 0, num_shards: int = 1) -> dict:
+    """Compile every ``num_shards``-th case from ``shard`` on (in this process: call it without
+    TRITON_INTERPRET). Returns ``{id: result}``."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", 90, 32)
     results = {"__triton__": triton.__version__}
-    for case in all_cases():
+    for case in all_cases()[shard::num_shards]:
         res = compile_case(case, target, ptxas_stats)
         res["notes"] = case.notes
         res["dot_16bit"] = case.dot_16bit
         results[case.id] = res
+    if shard == 0:
+        results[CONTROL.id] = compile_case(CONTROL, target)
     return results
 
 
@@ -492,20 +527,24 @@ def compiled() -> dict:
     reason = _infrastructure_missing()
     if reason:
         pytest.skip(reason)
-    with tempfile.TemporaryDirectory() as cache:
+    # Shards in parallel processes (compiling is single-threaded CPU work), each with an empty cache.
+    num_shards = max(1, min(4, os.cpu_count() or 1))
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_CACHE_DIR"] = cache
+        env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 = old default
-        out_path = os.path.join(cache, "results.json")
-        proc = subprocess.run(
-            [sys.executable, __file__, "--json", out_path],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, f"compile worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        return json.loads(Path(out_path).read_text())
+        procs = []
+        for shard in range(num_shards):
+            out_path = os.path.join(tmp, f"results{shard}.json")
+            cmd = [sys.executable, __file__, "--json", out_path, "--shard", f"{shard}/{num_shards}"]
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            procs.append((proc, out_path))
+        for proc, out_path in procs:
+            out, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, f"compile worker failed:\n{out[-3000:]}\n{err[-5000:]}"
+            results.update(json.loads(Path(out_path).read_text()))
+    return results
 
 
 CASES = all_cases()
@@ -514,7 +553,9 @@ CASES = all_cases()
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_kernel_compiles_for_sm90(compiled: dict, case: Case) -> None:
     res = compiled[case.id]
-    assert res["ok"], f"{case.id} does not compile for sm_90 with triton {compiled['__triton__']}:\n{res['error']}"
+    assert res["ok"], (
+        f"{case.id} does not compile for sm_90 with triton {compiled['__triton__']}:\n{res['error']}"
+    )
     assert res["cubin_bytes"] > 0, f"{case.id}: empty cubin"
     assert res["ptx_entry"], f"{case.id}: no .entry {case.kernel} in the PTX"
     if case.dot_16bit:
@@ -525,8 +566,16 @@ def test_kernel_compiles_for_sm90(compiled: dict, case: Case) -> None:
     assert res["shared"] <= 227 * 1024, f"{case.id}: {res['shared']} B shared memory > sm_90's 227 KB"
 
 
+def test_harness_rejects_what_only_the_interpreter_accepts(compiled: dict) -> None:
+    """The compile path is the real one: an 8x8 tl.dot (fine under TRITON_INTERPRET) must fail."""
+    res = compiled[CONTROL.id]
+    assert not res["ok"], "an 8x8 tl.dot compiled for sm_90: the harness is not running the real compiler"
+    assert "K >= 16" in res["error"], f"failed for another reason than the dot shape:\n{res['error']}"
+
+
 def test_every_kernel_is_covered() -> None:
-    """Every @triton.jit kernel (a function with a program id, not a helper) of the three op modules has a case."""
+    """Every @triton.jit kernel of the three op modules (a function with a program id, not a helper)
+    has a compile case."""
     import importlib
     import inspect
 
@@ -600,7 +649,10 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     args = sys.argv[1:]
     t0 = time.perf_counter()
-    results = run_all(ptxas_stats="--stats" in args)
+    shard, num_shards = 0, 1
+    if "--shard" in args:
+        shard, num_shards = map(int, args[args.index("--shard") + 1].split("/"))
+    results = run_all(ptxas_stats="--stats" in args, shard=shard, num_shards=num_shards)
     if "--json" in args:
         Path(args[args.index("--json") + 1]).write_text(json.dumps(results))
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 KD_KINDS = ("forward", "reverse", "skew", "none")
 MODES = ("teacher", "distill")
@@ -70,7 +70,6 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     save_model: bool = True
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         """Range checks of the plain fields (raises :class:`DistillError`)."""

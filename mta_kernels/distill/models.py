@@ -143,7 +143,8 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, out_dir: s
     """Train a tokenizer on ``texts`` with the ``tokenizers`` library and save it as a HF directory.
 
     Args:
-        kind: ``"bpe"`` (byte-level BPE, GPT-2 style) or ``"wordpiece"`` (BERT-style, cased).
+        kind: ``"bpe"`` (byte-level BPE, GPT-2 style; deterministic) or ``"wordpiece"`` (BERT-style,
+            cased; the ``tokenizers`` trainer is not deterministic across processes).
         vocab_size: target vocabulary size (special tokens included).
     Returns:
         the ``PreTrainedTokenizerFast`` (also saved to ``out_dir``).
@@ -175,8 +176,8 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, out_dir: s
         raise DistillError(f"unknown tokenizer kind {kind!r} (bpe or wordpiece)")
     tok.train_from_iterator(texts, trainer)
     if kind == "wordpiece":
-        # The WordPiece trainer numbers tokens of equal frequency in hash order (different ids from run
-        # to run, hence a different random init of the student): renumber them deterministically.
+        # The WordPiece trainer breaks ties in hash order: ids (and, at the cut-off, even the token set)
+        # change from run to run. Renumbering sorted makes the ids depend on the token set only.
         vocab = tok.get_vocab()
         fixed = [EOS, PAD, UNK]
         ordered = fixed + sorted(t for t in vocab if t not in fixed)

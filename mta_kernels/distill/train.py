@@ -644,7 +644,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
             rec["dsa"] = dsa.tolist()
             rec["hra"] = None if hra is None else hra.tolist()
         if not math.isfinite(rec["loss"]):
-            raise RuntimeError(f"the loss became {rec['loss']} at step {step}: lower --lr or check the data")
+            raise DistillError(
+                f"the loss became {rec['loss']} at step {step} (CE {rec['ce']}, KD {rec['kd']}, "
+                f"MTA {rec['mta']}): lower --lr or check the data; the last checkpoint written is intact"
+            )
         do_eval = step % cfg.eval_every == 0 or step == cfg.steps
         if do_eval:
             last_eval = evaluate(s, cfg, autocast)

@@ -13,12 +13,15 @@ grid axis 2:
 
 0. ``_row_scale_kernel``  grid (T/BR, B, L): r_i in fp32, two passes over D (mean, then the centred
    sum of squares), so bf16 rows with |h| ~ 1e4 neither overflow nor cancel.
-1. ``_lse_kernel``        grid (T/BM, B, L): a block of query rows j runs an online softmax over the
+1. ``_row_stats_kernel``  grid (T/BM, B, L): a block of query rows j runs an online softmax over the
    key blocks; the score tile is ``tl.dot`` of the *raw* hidden rows over D in chunks of BD, scaled
-   by ``r_j r_i log2(e) / sqrt(D)`` afterwards. Stores ``lse2_j`` (base-2 log-sum-exp), and +inf for
-   rows that have no keys (padding, or n < 2): ``exp2(S - inf) = 0`` then drops them in pass 2.
+   by ``r_j r_i log2(e) / sqrt(D)`` afterwards. Stores the row max ``m2_j`` and ``log2`` of the row sum
+   *separately* (+inf max for rows that have no keys: padding, or n < 2). Keeping the max apart matters:
+   scores are not centred (SPEC §3), so rows with a large common direction have S2 ~ 1e4 and a stored
+   log-sum-exp would round to ~1e-3 there; pass 2 recomputes the same tiles, so ``S2 - m2`` is exact
+   for the row's largest score.
 2. ``_colsum_kernel``     grid (T/BN, B, L): a block of key columns i loops over all query blocks j,
-   recomputes the score tile and accumulates ``Σ_j exp2(S_ji - lse2_j)``; then divides by n and
+   recomputes the score tile and accumulates ``Σ_j exp2((S2_ji - m2_j) - log2 l_j)``; then divides by n and
    applies the n == 1 and padding rules. Each output column has one owner: no atomics, deterministic.
 
 The key loop of pass 1 and the query loop of pass 2 run only over ``[first valid, last valid]`` of the
@@ -131,13 +134,14 @@ def _score_tile(
 
 
 @triton.jit
-def _lse_kernel(
+def _row_stats_kernel(
     h_ptr,  # [L, B, T, D]
     r_ptr,  # [L, B, T] fp32 row scales
     valid_ptr,  # [B, T] int8
     span_ptr,  # [B, 2] int32: first valid token, last valid token + 1
     n_ptr,  # [B] int32 valid tokens
-    lse_ptr,  # [L, B, T] fp32 (out): base-2 log-sum-exp of each query row, +inf for rows without keys
+    max_ptr,  # [L, B, T] fp32 (out): base-2 row max m2_j, +inf for rows without keys
+    lsum_ptr,  # [L, B, T] fp32 (out): log2 of the row sum Σ exp2(S2 - m2), in [0, log2 T]
     B,
     T,
     D,
@@ -152,7 +156,7 @@ def _lse_kernel(
     DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # Pass 1: lse2_j = log2 Σ_{i valid, i != j} exp2(S2_ji), S2_ji = r_j r_i (H_j·H_i) log2(e)/sqrt(D),
+    # Pass 1: m2_j = max_i S2_ji and log2 l_j = log2 Σ_{i valid, i != j} exp2(S2_ji - m2_j), S2_ji = r_j r_i (H_j·H_i) log2(e)/sqrt(D),
     # with an online (running max) softmax over key blocks.
     pid_m = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
@@ -195,8 +199,8 @@ def _lse_kernel(
 
     # A valid row of a sequence with n >= 2 has at least one key, so b_sum > 0 there.
     b_has_keys = b_vq & (n_valid >= 2)
-    b_lse = tl.where(b_has_keys, b_max + tl.log2(tl.where(b_has_keys, b_sum, 1.0)), float("inf"))
-    tl.store(lse_ptr + rl_base + o_m, b_lse, mask=m_m)
+    tl.store(max_ptr + rl_base + o_m, tl.where(b_has_keys, b_max, float("inf")), mask=m_m)
+    tl.store(lsum_ptr + rl_base + o_m, tl.log2(tl.where(b_has_keys, b_sum, 1.0)), mask=m_m)
 
 
 @triton.jit
@@ -206,7 +210,8 @@ def _colsum_kernel(
     valid_ptr,  # [B, T] int8
     span_ptr,  # [B, 2] int32
     n_ptr,  # [B] int32
-    lse_ptr,  # [L, B, T] fp32 from pass 1
+    max_ptr,  # [L, B, T] fp32 row max from pass 1
+    lsum_ptr,  # [L, B, T] fp32 log2 row sum from pass 1
     out_ptr,  # [L, B, T] fp32 (out): saliency
     B,
     T,
@@ -222,7 +227,7 @@ def _colsum_kernel(
     DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # Pass 2: a_i = (1/n) Σ_j exp2(S2_ji - lse2_j) over query rows j with keys, i valid, i != j.
+    # Pass 2: a_i = (1/n) Σ_j exp2((S2_ji - m2_j) - log2 l_j) over query rows j with keys, i valid, i != j.
     # This program owns key columns [pid_n*BN, pid_n*BN + BN) of one (layer, sequence) and sums over
     # every query block itself: one writer per output, no atomics, a fixed summation order.
     pid_n = tl.program_id(0)
@@ -249,15 +254,17 @@ def _colsum_kernel(
     for m0 in range(query_lo, query_hi, BM):
         o_m = m0 + tl.arange(0, BM)  # [BM] query rows j
         m_m = o_m < T
-        b_lse = tl.load(lse_ptr + rl_base + o_m, mask=m_m, other=float("inf"))  # [BM]
+        b_max = tl.load(max_ptr + rl_base + o_m, mask=m_m, other=float("inf"))  # [BM]
+        b_lsum = tl.load(lsum_ptr + rl_base + o_m, mask=m_m, other=0.0)  # [BM]
         b_rq = tl.load(r_ptr + rl_base + o_m, mask=m_m, other=0.0) * qk_scale  # [BM]
         p_q = h_base + o_m.to(tl.int64)[:, None] * stride_ht  # [BM, 1]
         b_s = _score_tile(p_q, p_k, m_m, m_n, D, stride_hd, BM, BN, BD, DOT_FP32, DOT_PRECISION)
         b_s = b_s * b_rq[:, None] * b_rk[None, :]  # [BM, BN] S2
-        # Rows without keys carry lse = +inf; masking them (not only relying on exp2(-inf) = 0) keeps
+        # Rows without keys carry m2 = +inf; masking them (not only relying on exp2(-inf) = 0) keeps
         # garbage (even NaN) hidden states at padding positions out of the sum.
-        m_p = (b_lse != float("inf"))[:, None] & b_vk[None, :] & (o_m[:, None] != o_n[None, :])
-        b_p = tl.where(m_p, tl.exp2(tl.where(m_p, b_s - b_lse[:, None], float("-inf"))), 0.0)
+        m_p = (b_max != float("inf"))[:, None] & b_vk[None, :] & (o_m[:, None] != o_n[None, :])
+        b_s = (b_s - b_max[:, None]) - b_lsum[:, None]  # [BM, BN] log2 A_ji
+        b_p = tl.where(m_p, tl.exp2(tl.where(m_p, b_s, float("-inf"))), 0.0)
         b_acc += tl.sum(b_p, axis=0)
 
     b_a = b_acc / tl.maximum(n_valid, 1).to(tl.float32)
@@ -294,7 +301,8 @@ def _saliency_triton(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tenso
     n, span = _mask_stats(valid)
     valid_i8 = valid.to(torch.int8).contiguous()
     r = torch.empty(L, B, T, device=hidden.device, dtype=torch.float32)
-    lse = torch.empty(L, B, T, device=hidden.device, dtype=torch.float32)
+    row_max = torch.empty(L, B, T, device=hidden.device, dtype=torch.float32)
+    row_lsum = torch.empty(L, B, T, device=hidden.device, dtype=torch.float32)
     strides = hidden.stride()
     BM, BN, BD = _block_sizes(T, D)
     # bf16/fp16 stay in their dtype for the dot (products are exact in fp32, tensor cores); fp32 uses
@@ -309,11 +317,11 @@ def _saliency_triton(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tenso
         hidden, r, B, T, D, *strides, SALIENCY_STD_EPS, BR=16, BD=min(128, max(16, triton.next_power_of_2(D)))
     )
     common = dict(BM=BM, BN=BN, BD=BD, DOT_FP32=dot_fp32, DOT_PRECISION=precision, num_warps=num_warps)
-    _lse_kernel[(triton.cdiv(T, BM), B, L)](
-        hidden, r, valid_i8, span, n, lse, B, T, D, *strides, qk_scale, **common
+    _row_stats_kernel[(triton.cdiv(T, BM), B, L)](
+        hidden, r, valid_i8, span, n, row_max, row_lsum, B, T, D, *strides, qk_scale, **common
     )
     _colsum_kernel[(triton.cdiv(T, BN), B, L)](
-        hidden, r, valid_i8, span, n, lse, out, B, T, D, *strides, qk_scale, **common
+        hidden, r, valid_i8, span, n, row_max, row_lsum, out, B, T, D, *strides, qk_scale, **common
     )
 
 
