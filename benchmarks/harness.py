@@ -54,7 +54,7 @@ QUANTILES = (0.5, 0.2, 0.8)
 # word. Fraction of tokens covered: words 0.626 x 1.197 = 0.75 (derived); phrases contain their words plus
 # the odd inner punctuation token: 0.78 (estimate). GPT-2's own tokenizer would give ~8% fewer units per
 # token (same file): these densities are slightly pessimistic for the fused kernels' work.
-UNIT_STATS_SOURCE = "benchmarks/NOTES.md "Semantic units" (measured, byte-level BPE)"
+UNIT_STATS_SOURCE = "benchmarks/NOTES.md, 'Semantic units' (measured, byte-level BPE)"
 UNITS_PER_TOKEN = {"word": 0.626, "phrase": 0.354}
 TOKEN_COVERAGE = {"word": 0.75, "phrase": 0.78}
 

@@ -27,7 +27,9 @@ NORMALIZE_EPS = 1e-8
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 when any input is float64 (the oracle), float32 otherwise (SPEC §8)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return (
+        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    )
 
 
 # --------------------------------------------------------------------------------------- §3 saliency
@@ -77,7 +79,9 @@ def _unit_token_index(ranges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return ranges[unit_id, 0] + offset_in_unit, unit_id
 
 
-def span_pool(hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def span_pool(
+    hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Weighted mean of each unit's token vectors (SPEC §4).
 
     Args:
@@ -96,8 +100,14 @@ def span_pool(hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor 
     dtype = _compute_dtype(hidden, weights)
     token, unit = _unit_token_index(ranges)
     U, D = ranges.shape[0], hidden.shape[-1]
-    w = torch.ones(len(token), dtype=dtype, device=hidden.device) if weights is None else weights.detach()[token].to(dtype)
-    num = torch.zeros(U, D, dtype=dtype, device=hidden.device).index_add(0, unit, hidden[token].to(dtype) * w[:, None])
+    w = (
+        torch.ones(len(token), dtype=dtype, device=hidden.device)
+        if weights is None
+        else weights.detach()[token].to(dtype)
+    )
+    num = torch.zeros(U, D, dtype=dtype, device=hidden.device).index_add(
+        0, unit, hidden[token].to(dtype) * w[:, None]
+    )
     den = torch.zeros(U, dtype=dtype, device=hidden.device).index_add(0, unit, w)
     out = num / torch.where(den > 0, den, torch.ones_like(den))[:, None]
     return out.to(hidden.dtype)
@@ -217,7 +227,11 @@ def structural_loss_stacked(
     t_hat = F.normalize(teacher.detach().to(dtype), dim=-1, eps=NORMALIZE_EPS)
     cs = s_hat @ s_hat.T
     ct = t_hat @ t_hat.T
-    W = torch.ones(U, dtype=dtype, device=student.device) if unit_weights is None else unit_weights.detach().to(dtype)
+    W = (
+        torch.ones(U, dtype=dtype, device=student.device)
+        if unit_weights is None
+        else unit_weights.detach().to(dtype)
+    )
     pair_mask = (seq[:, None] == seq[None, :]) & ~torch.eye(U, dtype=torch.bool, device=student.device)
     ww = (W[:, None] * W[None, :]).masked_select(pair_mask)
     diff = (cs.masked_select(pair_mask) - ct.masked_select(pair_mask)) ** 2
@@ -245,7 +259,9 @@ def hra_loss(
             f"projected student {tuple(projected_student.shape)} and teacher {tuple(teacher.shape)} differ"
         )
     dtype = _compute_dtype(projected_student, teacher, weights)
-    cos = F.cosine_similarity(projected_student.to(dtype), teacher.detach().to(dtype), dim=-1, eps=NORMALIZE_EPS)
+    cos = F.cosine_similarity(
+        projected_student.to(dtype), teacher.detach().to(dtype), dim=-1, eps=NORMALIZE_EPS
+    )
     w = torch.ones_like(cos) if weights is None else weights.detach().to(dtype).expand_as(cos)
     den = w.sum(-1)
     return (w * (1 - cos)).sum(-1) / torch.where(den > 0, den, torch.ones_like(den))
