@@ -101,9 +101,9 @@ def _saliency_cases() -> list[Case]:
                 strides = [T * D + 7, 3, 3 * B, 3 * B * T]  # [L, B, T, D] view with padding
             h = Ptr(_TL_NAME[dt], aligned=contiguous)
             f32, i8, i32 = Ptr("fp32"), Ptr("i8"), Ptr("i32")
-            BM, BN, BD = sal._block_sizes(T, D)
             # _saliency_triton on CUDA: triton_interpreting() is False
             dot_fp32 = dt not in ("bfloat16", "float16")
+            BM, BN, BD = sal._block_sizes(T, D, dot_fp32)
             precision = "ieee" if dot_fp32 else None
             row_bd = min(128, max(16, 1 << (D - 1).bit_length()))
             cases.append(
@@ -274,7 +274,7 @@ def _structural_cases() -> list[Case]:
         Ds, Dt = 1024, 2048
         acc = "float64" if "float64" in (sdt, tdt, wdt if w else sdt) else "float32"
         acc_torch = getattr(torch, acc)
-        BM, BN, BD = st._block_sizes(cuda, acc_torch)
+        BM, BN, BD = st._block_sizes(cuda, acc_torch, getattr(torch, sdt), grad)
         native = acc == "float32"  # device is cuda, not interpreting
         if w is None:
             w_ptr, w_strides = Ptr(_TL_NAME[acc]), [0, 0]  # inv_s as the dummy pointer
@@ -303,10 +303,12 @@ def _structural_cases() -> list[Case]:
                     IS_FP64=acc == "float64",
                 ),
                 dot_16bit=native and sdt in ("bfloat16", "float16"),
+                num_warps=8,  # as the launcher
                 notes=dict(blocks=f"BM={BM} BN={BN} BD={BD}"),
             )
         )
     # generic: unaligned, strided student/teacher (slices of wider tensors), odd widths
+    generic_bm, generic_bn, generic_bd = st._block_sizes(cuda, torch.float32, torch.bfloat16, True)
     cases.append(
         Case(
             "structural._structural_fwd_kernel-bfloat16-w-grad-generic",
@@ -316,9 +318,9 @@ def _structural_cases() -> list[Case]:
             + [Ptr("i32"), Ptr("i32"), Ptr("fp32"), Ptr("fp32")]
             + [77, 60, 100, 5, 77 * 61, 61, 3, 77 * 101 * 2, 202, 2, 77 * 3, 3],
             dict(
-                BM=64,
-                BN=64,
-                BD=64,
+                BM=generic_bm,
+                BN=generic_bn,
+                BD=generic_bd,
                 HAS_WEIGHTS=True,
                 COMPUTE_GRAD=True,
                 NATIVE_S=True,
@@ -328,6 +330,7 @@ def _structural_cases() -> list[Case]:
                 IS_FP64=False,
             ),
             dot_16bit=True,
+            num_warps=8,
         )
     )
     # gradient epilogue: BD_E = min(1024, next_pow2(Ds)); ACC of the forward

@@ -287,10 +287,13 @@ def _mask_stats(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return n, torch.stack([first, last], dim=-1).to(torch.int32).contiguous()
 
 
-def _block_sizes(T: int, D: int) -> tuple[int, int, int]:
-    """Query block BM, key block BN, D chunk BD (powers of two >= 16, the tl.dot minimum)."""
+def _block_sizes(T: int, D: int, fp32_operands: bool) -> tuple[int, int, int]:
+    """Query block BM, key block BN, D chunk BD (powers of two >= 16, the tl.dot minimum).
+
+    fp32 (and fp64) operands take BD <= 32: at BD = 64 ptxas spilled 24–72 B per thread for sm_90 and the
+    tiles used 64 KB of shared memory (AOT compile, docs/design/gpu-readiness.md)."""
     bt = min(64, max(16, triton.next_power_of_2(T)))
-    bd = min(64, max(16, triton.next_power_of_2(D)))
+    bd = min(32 if fp32_operands else 64, max(16, triton.next_power_of_2(D)))
     return bt, bt, bd
 
 
@@ -304,11 +307,11 @@ def _saliency_triton(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tenso
     row_max = torch.empty(L, B, T, device=hidden.device, dtype=torch.float32)
     row_lsum = torch.empty(L, B, T, device=hidden.device, dtype=torch.float32)
     strides = hidden.stride()
-    BM, BN, BD = _block_sizes(T, D)
     # bf16/fp16 stay in their dtype for the dot (products are exact in fp32, tensor cores); fp32 uses
     # an IEEE dot (TF32 would be ~1e-3 off the oracle); fp64, and everything under the interpreter
     # (no bf16 arithmetic there), is cast to fp32 first.
     dot_fp32 = triton_interpreting() or hidden.dtype not in (torch.bfloat16, torch.float16)
+    BM, BN, BD = _block_sizes(T, D, dot_fp32)
     precision = "ieee" if dot_fp32 else None  # None: the default, which only matters for fp32 operands
     qk_scale = _LOG2E / math.sqrt(D)
     num_warps = 4

@@ -285,12 +285,18 @@ def _denominator(
     return ((s1 * s1 - s2) * pairs).sum(-1).to(dtype)
 
 
-def _block_sizes(device: torch.device, acc_dtype: torch.dtype) -> tuple[int, int, int]:
+def _block_sizes(
+    device: torch.device, acc_dtype: torch.dtype, student_dtype: torch.dtype, compute_grad: bool
+) -> tuple[int, int, int]:
     """(BM, BN, BD). Small blocks under the interpreter (tests exercise several blocks and D chunks) and
-    for fp64 (its broadcast-and-sum product holds BM·BN·BD values)."""
+    for fp64 (its broadcast-and-sum product holds BM·BN·BD values). On CUDA, BD is chosen so that ptxas
+    spills no registers at 8 warps for sm_90 (AOT compile of every specialisation,
+    docs/design/gpu-readiness.md): BD = 64 spilled 0.5–3.7 KB per thread once the gradient was on."""
     if device.type != "cuda" or acc_dtype == torch.float64:
         return 16, 16, 16
-    return 64, 64, 64
+    if compute_grad and student_dtype == torch.float32:
+        return 64, 64, 16
+    return 64, 64, 32
 
 
 # input_precision of the kernels' fp32-operand dots (the gradient's E·Ŝ always; S·Sᵀ for fp32 inputs).
@@ -321,7 +327,7 @@ def _triton_forward(
     inv_t = (1.0 / norm_t.clamp_min(NORMALIZE_EPS)).contiguous()
     den = _denominator(weights, bounds, L, U, device, acc_dtype)  # [L]
 
-    BM, BN, BD = _block_sizes(device, acc_dtype)
+    BM, BN, BD = _block_sizes(device, acc_dtype, student.dtype, compute_grad)
     work = layout.block_diagonal_work_list(cu_units, BM)  # [W, 4] int32, only the block diagonal
     num_work = work.shape[0]
     grad = (
@@ -362,6 +368,7 @@ def _triton_forward(
             F32_PREC=F32_DOT_PRECISION,
             ACC=_TL_ACC[acc_dtype],
             IS_FP64=acc_dtype == torch.float64,
+            num_warps=8,
         )
     num = partial.to(torch.float64).sum(-1)  # [L], fixed order: deterministic
     safe_den = torch.where(den > 0, den, torch.ones_like(den))
