@@ -42,6 +42,8 @@ def _make_case(name: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Ten
         hidden, ranges = rand(257, 60), _random_ranges(257, 3, gen)
     elif name == "phrases_D129":
         hidden, ranges = rand(63, 129), _random_ranges(63, 7, gen)
+    elif name == "wide_D8191":  # hidden sizes up to 8192 are tiled over D (a partial last block)
+        hidden, ranges = rand(20, 8191), _random_ranges(20, 4, gen)
     elif name == "stacked_L3":
         hidden, ranges = rand(3, 63, 17), _random_ranges(63, 3, gen)
     elif name == "view_slice":  # [B, T, D'] hidden state, feature slice, flattened: stride_n = 70
@@ -61,6 +63,7 @@ CASES = [
     "U2_span300",
     "words_N257_D60",
     "phrases_D129",
+    "wide_D8191",
     "stacked_L3",
     "view_slice",
     "view_transposed",

@@ -88,6 +88,15 @@ def test_matches_reference(backend, dtype, case):
     _check(s, t, cu, w, backend, f"{backend}/{dtype}/{case}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_sizes_up_to_8192(backend, dtype):
+    # The widest case (Mistral-7B-class teachers are 4096; 8192 must work): D is tiled, never
+    # held whole. Odd widths so the last D chunk is partial on both sides.
+    s, t, cu, w = _inputs([4, 3], 8191, 4097, dtype, weights="u")
+    _check(s, t, cu, w, backend, f"{backend}/{dtype}/D=8191x4097")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "lengths",
