@@ -13,7 +13,6 @@ Floor per call (L stacked layers, B sequences of T tokens, width D, e bytes per 
 from __future__ import annotations
 
 import argparse
-import functools
 from typing import Any
 
 import harness
@@ -54,23 +53,10 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
         mask = torch.ones(p["B"], p["T"], dtype=torch.bool, device=device)
         return {"hidden": hidden, "mask": mask}
 
-    @functools.cache
-    def compiled():
-        from mta_kernels import reference
-
-        return torch.compile(reference.token_saliency)
+    provider_fn = harness.op_providers("token_saliency", "mta_kernels.ops.saliency")
 
     def make_fn(provider: str, p: dict[str, Any], x: dict[str, Any]):
-        from mta_kernels import reference
-
-        if provider == "eager":
-            f = reference.token_saliency
-        elif provider == "compile":
-            f = compiled()
-        elif provider == "mta_kernels":
-            from mta_kernels.ops.saliency import token_saliency as f
-        else:
-            raise ValueError(provider)
+        f = provider_fn(provider)
         return lambda: f(x["hidden"], x["mask"])
 
     def floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:

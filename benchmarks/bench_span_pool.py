@@ -12,7 +12,6 @@ Floor per call (L stacked layers, N = B·T tokens of which C are covered by U un
 from __future__ import annotations
 
 import argparse
-import functools
 from typing import Any
 
 import harness
@@ -68,32 +67,15 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
         x["grad_leaves"] = [hidden] if train else []
         return x
 
-    @functools.cache
-    def compiled():
-        from mta_kernels import reference
-
-        return torch.compile(reference.span_pool)
+    provider_fn = harness.op_providers("span_pool", "mta_kernels.ops.span_pool")
 
     def make_fn(provider: str, p: dict[str, Any], x: dict[str, Any]):
-        from mta_kernels import reference
-
-        if provider == "eager":
-            f = reference.span_pool
-        elif provider == "compile":
-            f = compiled()
-        elif provider == "mta_kernels":
-            from mta_kernels.ops.span_pool import span_pool as f
-        else:
-            raise ValueError(provider)
-        if p["mode"] == "fwd":
-            return lambda: f(x["hidden"], x["ranges"], x["weights"])
-
-        def fwd_bwd():
-            out = f(x["hidden"], x["ranges"], x["weights"])
-            out.backward(x["grad_out"])
-            return out
-
-        return fwd_bwd
+        f = provider_fn(provider)
+        return harness.forward_or_train(
+            p["mode"],
+            lambda: f(x["hidden"], x["ranges"], x["weights"]),
+            lambda out: out.backward(x["grad_out"]),
+        )
 
     def floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:
         L, B, T, D = p["L"], p["B"], p["T"], p["D"]

@@ -14,7 +14,6 @@ Floor per call (L layer pairs, B sequences of N_b units, widths Ds/Dt, e bytes p
 from __future__ import annotations
 
 import argparse
-import functools
 from typing import Any
 
 import harness
@@ -78,34 +77,17 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
             "grad_leaves": [student] if train else [],
         }
 
-    @functools.cache
-    def compiled():
-        from mta_kernels import reference
-
-        return torch.compile(reference.structural_loss)
+    provider_fn = harness.op_providers(
+        "structural_loss", "mta_kernels.ops.structural", {"eager_stacked": "structural_loss_stacked"}
+    )
 
     def make_fn(provider: str, p: dict[str, Any], x: dict[str, Any]):
-        from mta_kernels import reference
-
-        if provider == "eager_stacked":
-            f = reference.structural_loss_stacked
-        elif provider == "eager":
-            f = reference.structural_loss
-        elif provider == "compile":
-            f = compiled()
-        elif provider == "mta_kernels":
-            from mta_kernels.ops.structural import structural_loss as f
-        else:
-            raise ValueError(provider)
-        if p["mode"] == "fwd":
-            return lambda: f(x["student"], x["teacher"], x["cu"], x["weights"])
-
-        def fwd_bwd():
-            loss = f(x["student"], x["teacher"], x["cu"], x["weights"])
-            loss.sum().backward()
-            return loss
-
-        return fwd_bwd
+        f = provider_fn(provider)
+        return harness.forward_or_train(
+            p["mode"],
+            lambda: f(x["student"], x["teacher"], x["cu"], x["weights"]),
+            lambda loss: loss.sum().backward(),
+        )
 
     def floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:
         return structural_floor(p["mode"], p["L"], x["counts"], p["Ds"], p["Dt"], x["student"].element_size())

@@ -26,7 +26,9 @@ import argparse
 import csv
 import dataclasses
 import datetime as _dt
+import functools
 import gc
+import importlib
 import json
 import math
 import os
@@ -458,6 +460,56 @@ class BenchSpec:
     make_fn: Callable[[str, dict[str, Any], dict[str, Any]], Callable[[], Any]]
     floor: Callable[[dict[str, Any], dict[str, Any]], tuple[float, float]]
     providers: Sequence[str]
+
+
+def op_providers(
+    op: str, fused_module: str, more_references: dict[str, str] | None = None
+) -> Callable[[str], Callable[..., Any]]:
+    """The function each provider of a one-op bench times, by provider name.
+
+    ``eager``: ``mta_kernels.reference.<op>``; ``compile``: that function under ``torch.compile``
+    (compiled on first use, once per returned picker, i.e. once per ``make_spec``); ``mta_kernels``: the
+    fused op ``<fused_module>.<op>``; ``more_references`` maps further provider names to other
+    ``mta_kernels.reference`` functions (e.g. ``{"eager_stacked": "structural_loss_stacked"}``). Any
+    other name is a ValueError. The package is imported when a function is picked, not here.
+    """
+
+    @functools.cache
+    def compiled() -> Callable[..., Any]:
+        from mta_kernels import reference
+
+        return torch.compile(getattr(reference, op))
+
+    def pick(provider: str) -> Callable[..., Any]:
+        from mta_kernels import reference
+
+        if provider == "eager":
+            return getattr(reference, op)
+        if more_references and provider in more_references:
+            return getattr(reference, more_references[provider])
+        if provider == "compile":
+            return compiled()
+        if provider == "mta_kernels":
+            return getattr(importlib.import_module(fused_module), op)
+        raise ValueError(provider)
+
+    return pick
+
+
+def forward_or_train(
+    mode: str, forward: Callable[[], Any], backward: Callable[[Any], None]
+) -> Callable[[], Any]:
+    """The timed call of a ``mode`` = ``"fwd"`` / ``"fwd+bwd"`` case: ``forward`` alone, or ``forward``
+    then ``backward(output)``; either returns the forward output (compared across providers)."""
+    if mode == "fwd":
+        return forward
+
+    def fwd_bwd() -> Any:
+        out = forward()
+        backward(out)
+        return out
+
+    return fwd_bwd
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

@@ -503,9 +503,13 @@ class UnitCollator:
     Args:
         student_tokenizer: a ``PreTrainedTokenizerFast`` with a pad token; its ``padding_side`` is used.
         teacher_tokenizer: the teacher's (``None``: the teacher shares the student's tokenization).
-        extractor: a :class:`UnitExtractor` (default: ``UnitExtractor()``).
+        extractor: a :class:`UnitExtractor` (default: ``UnitExtractor()``; none when ``granularities``
+            is empty).
         max_length: truncation length of both tokenizations (tokens).
-        granularities: which :class:`UnitBatch` es to build, from ``("word", "phrase")``.
+        granularities: which :class:`UnitBatch` es to build, a subset of ``("word", "phrase")``. Empty:
+            no units at all (runs without MTA: teacher training, ``--no-mta``, held-out CE): the extractor
+            is never called, spaCy is neither loaded nor needed, and the returned dict has no ``units``
+            key (so a loop that needs units fails loudly instead of reading an empty mapping).
         text_key: the text field of a dict example.
         prompt_length_key: optional int field: the first that many characters of the text are the
             prompt; their tokens get ``labels = -100`` (response-only loss).
@@ -515,11 +519,12 @@ class UnitCollator:
     ``{"prompt": str, "output": str}`` (text = prompt + output, the prompt masked), or plain strings.
     Units are extracted on the whole text (prompt included, SPEC §2); only ``labels`` see the prompt.
     Labels are -100 at padding and, when ``prompt_length_chars > 0``, at every position before the
-    first real token that starts at or after it (the rule of ``mta_kernels.distill.data.LMCollator``).
+    first real token that starts at or after it (the one home of this rule: the distillation loop uses
+    this collator, with ``granularities=()`` when it needs no units).
     Returns a dict: ``input_ids``, ``attention_mask``, ``labels`` (``input_ids`` with padding, and the
     prompt when given, set to -100), ``teacher_input_ids``, ``teacher_attention_mask`` (the same
-    tensors when the tokenization is shared) and ``units`` (``{granularity: UnitBatch}``). Picklable:
-    usable in DataLoader workers.
+    tensors when the tokenization is shared) and, unless ``granularities`` is empty, ``units``
+    (``{granularity: UnitBatch}``). Picklable: usable in DataLoader workers.
     """
 
     def __init__(
@@ -547,15 +552,17 @@ class UnitCollator:
                     "e.g. tokenizer.pad_token = tokenizer.eos_token"
                 )
         granularities = tuple(granularities)
-        if not granularities or any(g not in GRANULARITIES for g in granularities):
+        if any(g not in GRANULARITIES for g in granularities):
             raise ValueError(
-                f"granularities must be a non-empty subset of {GRANULARITIES}, got {granularities}"
+                f"granularities must be a subset of {GRANULARITIES} (empty: no units), got {granularities}"
             )
         if int(max_length) < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizer = teacher_tokenizer
-        self.extractor = extractor if extractor is not None else UnitExtractor()
+        if extractor is None and granularities:
+            extractor = UnitExtractor()
+        self.extractor = extractor
         self.max_length = int(max_length)
         self.granularities = granularities
         self.text_key = text_key
@@ -611,7 +618,7 @@ class UnitCollator:
         if len(examples) == 0:
             raise ValueError("UnitCollator got an empty batch")
         texts, prompt_lengths = self._read_examples(examples)
-        text_units = self.extractor(texts)
+        text_units = self.extractor(texts) if self.granularities else None
         student = self._encode(self.student_tokenizer, texts)
         teacher = self._encode(self.teacher_tokenizer, texts) if self.teacher_tokenizer is not None else None
         units = {
@@ -642,5 +649,6 @@ class UnitCollator:
         else:
             batch["teacher_input_ids"] = batch["input_ids"]
             batch["teacher_attention_mask"] = batch["attention_mask"]
-        batch["units"] = units
+        if self.granularities:
+            batch["units"] = units
         return batch

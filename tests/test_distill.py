@@ -137,15 +137,16 @@ def test_train_teacher_and_plot(assets, tmp_path):
 
 def test_plain_text_data_response_labels(assets, tmp_path):
     """Plain text: every token is a target; JSONL: only the response tokens."""
-    from mta_kernels.distill.data import LMCollator, TextDataset, load_examples
+    from mta_kernels.distill.data import TextDataset, load_examples
     from mta_kernels.distill.models import load_tokenizer
+    from mta_kernels.units import UnitCollator
 
     tok = load_tokenizer(str(assets / "bpe"), "builtin:gpt2:1:8")
     (tmp_path / "a.txt").write_text("The teacher is frozen.\n\nThe student learns.\n")
     text = load_examples(str(tmp_path / "a.txt"))
     assert [e.text for e in text] == ["The teacher is frozen.", "The student learns."]
     jsonl = load_examples(str(assets / "data.jsonl"))[:2]
-    batch = LMCollator(tok, None, 160)(TextDataset(jsonl).items)
+    batch = UnitCollator(tok, None, max_length=160, granularities=())(TextDataset(jsonl).items)
     for b, ex in enumerate(jsonl):
         enc = tok(ex.text, return_offsets_mapping=True, truncation=True, max_length=160)
         labelled = [
@@ -153,7 +154,7 @@ def test_plain_text_data_response_labels(assets, tmp_path):
         ]
         assert labelled and all(start >= len(ex.prompt) for start, _ in labelled)
         assert len(labelled) == sum(1 for s, e in enc["offset_mapping"] if s >= len(ex.prompt))
-    plain = LMCollator(tok, None, 160)(TextDataset(text).items)
+    plain = UnitCollator(tok, None, max_length=160, granularities=())(TextDataset(text).items)
     assert bool(((plain["labels"] != -100) == plain["attention_mask"].bool()).all())
 
 

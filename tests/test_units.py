@@ -650,6 +650,53 @@ def test_collator(extractor, bpe, wordpiece):
         assert torch.equal(got.cu_units, expected.cu_units)
     shared = UnitCollator(bpe, None, extractor, max_length=40, granularities=("phrase",))(examples)
     assert shared["teacher_input_ids"] is shared["input_ids"] and list(shared["units"]) == ["phrase"]
+    # Without units (the distillation loop's --no-mta / held-out collator): the same tensors, no "units".
+    plain = UnitCollator(bpe, wordpiece, max_length=40, granularities=())(examples)
+    assert sorted(plain) == sorted(k for k in batch if k != "units")
+    for key, value in plain.items():
+        assert value.dtype == torch.int64 and torch.equal(value, batch[key]), key
+
+
+def test_collator_without_units(bpe, wordpiece):
+    """granularities=(): no extractor is built or called (no spaCy), no "units" key, the same label rule."""
+    bpe.padding_side = wordpiece.padding_side = "left"
+    texts = _texts(5, seed=41)
+    examples = [{"text": t, "prompt_length_chars": len(t) // 3} for t in texts[:3]]
+    examples += [{"text": texts[3], "prompt_length_chars": 0}, texts[4]]
+    assert UnitCollator(bpe, wordpiece, granularities=()).extractor is None
+
+    class NoExtraction(UnitExtractor):
+        def __call__(self, texts):
+            raise AssertionError("the extractor was called by a collator without units")
+
+    batch = UnitCollator(bpe, wordpiece, NoExtraction(), max_length=33, granularities=())(examples)
+    assert sorted(batch) == [
+        "attention_mask",
+        "input_ids",
+        "labels",
+        "teacher_attention_mask",
+        "teacher_input_ids",
+    ]
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    enc = _encode(bpe, texts, padding_side="left", max_length=33)
+    assert torch.equal(ids, enc["input_ids"]) and torch.equal(mask, enc["attention_mask"])
+    teacher = _encode(wordpiece, texts, padding_side="left", max_length=33)
+    assert torch.equal(batch["teacher_input_ids"], teacher["input_ids"])
+    for b in range(len(texts)):
+        prompt = len(texts[b]) // 3 if b < 3 else 0
+        starts, ends = enc["offset_mapping"][b, :, 0], enc["offset_mapping"][b, :, 1]
+        response = [
+            t for t in range(ids.shape[1]) if mask[b, t] and ends[t] > starts[t] and starts[t] >= prompt
+        ]
+        # no prompt: every real token is a target; else nothing before the first response token
+        first = 0 if not prompt else (response[0] if response else ids.shape[1])
+        expected = torch.where(mask[b] == 1, ids[b], torch.full_like(ids[b], -100))
+        expected[:first] = -100
+        assert torch.equal(labels[b], expected), b
+        assert first > 0 or b >= 3  # left padding plus a prompt: something is masked
+    shared = UnitCollator(bpe, None, max_length=33, granularities=())(examples)
+    assert shared["teacher_input_ids"] is shared["input_ids"] and "units" not in shared
+    bpe.padding_side = wordpiece.padding_side = "right"
 
 
 def test_collator_in_dataloader_workers(extractor, bpe, wordpiece):

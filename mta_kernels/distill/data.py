@@ -1,10 +1,12 @@
-"""Training data: Dolly-style JSONL (``prompt`` + ``output``) or plain text lines, and the collators.
+"""Training data: Dolly-style JSONL (``prompt`` + ``output``) or plain text lines, and the batch order.
 
 JSONL (``.jsonl``/``.json``): one object a line with string fields ``prompt`` and ``output``; the text
 the models see is ``prompt + output`` and the LM/KD losses are taken on the response tokens only (the
 tokens that start at or after the end of the prompt get labels, the others -100). Plain text (any other
-suffix): one example a non-empty line, every token a target. Units (SPEC §2) are extracted from the
-whole text, inside the DataLoader workers (:class:`mta_kernels.units.UnitCollator`).
+suffix): one example a non-empty line, every token a target. The collator is
+:class:`mta_kernels.units.UnitCollator` (the one home of the tokenization and the label rule): with
+units (SPEC §2, extracted from the whole text inside the DataLoader workers) for MTA runs, with
+``granularities=()`` (no units, no spaCy) otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -98,7 +99,7 @@ def split_examples(
 
 
 class TextDataset(torch.utils.data.Dataset):
-    """Examples as the dicts the collators take (``text``, ``prompt_length_chars``)."""
+    """Examples as the dicts the collator takes (``text``, ``prompt_length_chars``)."""
 
     def __init__(self, examples: Sequence[Example]) -> None:
         self.items = [e.as_dict() for e in examples]
@@ -108,67 +109,6 @@ class TextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.items[i]
-
-
-def _response_labels(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, offsets: torch.Tensor, prompt_lengths: list[int]
-) -> torch.Tensor:
-    """``input_ids`` with padding and prompt tokens set to -100 (same rule as ``UnitCollator``)."""
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    nonempty = (offsets[..., 1] > offsets[..., 0]) & (attention_mask != 0)
-    for b, prompt_length in enumerate(prompt_lengths):
-        if prompt_length == 0:
-            continue
-        response = (nonempty[b] & (offsets[b, :, 0] >= prompt_length)).nonzero()
-        first = int(response[0, 0]) if response.numel() else labels.shape[1]
-        labels[b, :first] = -100
-    return labels
-
-
-class LMCollator:
-    """Collator without units (teacher training, ``--no-mta``): tokenizes for the student and teacher.
-
-    Returns the keys of ``UnitCollator`` without ``units``: ``input_ids``, ``attention_mask``,
-    ``labels``, ``teacher_input_ids``, ``teacher_attention_mask`` (the student's when shared).
-    """
-
-    def __init__(self, student_tokenizer: Any, teacher_tokenizer: Any = None, max_length: int = 256) -> None:
-        self.student_tokenizer = student_tokenizer
-        self.teacher_tokenizer = teacher_tokenizer
-        self.max_length = max_length
-
-    def _encode(self, tokenizer: Any, texts: list[str]) -> Any:
-        return tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_offsets_mapping=True,
-            return_tensors="pt",
-        )
-
-    def __call__(self, examples: Sequence[dict]) -> dict[str, Any]:
-        texts = [e["text"] for e in examples]
-        student = self._encode(self.student_tokenizer, texts)
-        labels = _response_labels(
-            student["input_ids"],
-            student["attention_mask"],
-            student["offset_mapping"],
-            [e["prompt_length_chars"] for e in examples],
-        )
-        batch = {
-            "input_ids": student["input_ids"],
-            "attention_mask": student["attention_mask"],
-            "labels": labels,
-        }
-        if self.teacher_tokenizer is not None:
-            teacher = self._encode(self.teacher_tokenizer, texts)
-            batch["teacher_input_ids"] = teacher["input_ids"]
-            batch["teacher_attention_mask"] = teacher["attention_mask"]
-        else:
-            batch["teacher_input_ids"] = student["input_ids"]
-            batch["teacher_attention_mask"] = student["attention_mask"]
-        return batch
 
 
 def epoch_batches(

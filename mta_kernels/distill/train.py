@@ -27,7 +27,8 @@ from torch import nn
 from mta_kernels.distill import models as M
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.config import RESUME_KEYS, DistillError, TrainConfig, parse_pairs
-from mta_kernels.distill.data import LMCollator, TextDataset, epoch_batches, load_examples, split_examples
+from mta_kernels.distill.data import TextDataset, epoch_batches, load_examples, split_examples
+from mta_kernels.units import UnitCollator, UnitExtractor
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "mta-distill-checkpoint/1"
@@ -362,8 +363,6 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
     if cfg.mode == "distill" and cfg.mta:
         mta, pairs = _resolve_mta(cfg, student, teacher, shared)
     if mta is not None:
-        from mta_kernels.units import UnitCollator, UnitExtractor
-
         granularities = tuple(sorted({g for _, _, g in pairs}, key=("word", "phrase").index))
         extractor = UnitExtractor(cfg.spacy_pipeline, words=cfg.words)
         try:  # load spaCy now: a missing or parser-less pipeline is a clear error before anything runs
@@ -378,7 +377,9 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
             granularities=granularities,
         )
     else:
-        collator = LMCollator(student_tok, None if shared else teacher_tok, cfg.max_length)
+        collator = UnitCollator(
+            student_tok, None if shared else teacher_tok, max_length=cfg.max_length, granularities=()
+        )
     return Setup(
         env,
         student,
@@ -451,7 +452,7 @@ def evaluate(s: Setup, cfg: TrainConfig, autocast: Any) -> dict | None:
     module.eval()
     idx = list(range(s.env.rank, len(s.eval_set), s.env.world))
     batches = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
-    lm = LMCollator(s.student_tokenizer, None, cfg.max_length)
+    lm = UnitCollator(s.student_tokenizer, None, max_length=cfg.max_length, granularities=())
     total, count = 0.0, 0.0
     for batch in _loader(s.eval_set, batches, lm, cfg):
         batch = to_device(batch, s.env.device)

@@ -67,6 +67,41 @@ def _dot_nn(a, b, F32_PREC: tl.constexpr, IS_FP64: tl.constexpr):
     return c
 
 
+@triton.jit
+def _gram_tile(
+    X_l,  # [U, D] rows of one layer (student or teacher), any float dtype, explicit strides
+    o_m,  # [BM] int64 row units
+    m_m,  # [BM] rows in range
+    o_n,  # [BN] int64 column units
+    m_n,  # [BN] columns in range
+    D,
+    stride_xu,
+    stride_xd,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    NATIVE: tl.constexpr,
+    F32_PREC: tl.constexpr,
+    ACC: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
+    """Raw (unnormalised) dot products ``X_u·X_v`` of a ``[BM, BN]`` tile, D tiled in chunks of BD (D up
+    to 8192): one body for the student (Ds) and the teacher (Dt), whose widths and dtypes may differ."""
+    b_c = tl.zeros([BM, BN], dtype=ACC)  # [BM, BN]
+    for d in range(0, D, BD):
+        o_d = d + tl.arange(0, BD)
+        m_d = o_d < D
+        p_xm = X_l + o_m[:, None] * stride_xu + o_d[None, :] * stride_xd
+        p_xn = X_l + o_n[:, None] * stride_xu + o_d[None, :] * stride_xd
+        b_xm = tl.load(p_xm, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+        b_xn = tl.load(p_xn, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+        if not NATIVE:
+            b_xm = b_xm.to(ACC)
+            b_xn = b_xn.to(ACC)
+        b_c += _dot_nt(b_xm, b_xn, NATIVE, F32_PREC, IS_FP64)
+    return b_c
+
+
 # Forward and gradient, per layer l (dropped below) with E_uv = W_u W_v (C^S_uv − C^T_uv) on u≠v, same
 # sequence (E_uu = 0), den = Σ_b (Σ_{u in b} W_u)² − Σ_{u in b} W_u²:
 #
@@ -140,31 +175,13 @@ def _structural_fwd_kernel(
         b_inv_s_n = tl.load(INV_S + i_l * U + o_n, mask=m_n, other=0.0)  # [BN]
         b_inv_t_n = tl.load(INV_T + i_l * U + o_n, mask=m_n, other=0.0)  # [BN]
 
-        # raw dot products S_u·S_v and T_u·T_v, D tiled in chunks of BD (D up to 8192)
-        b_cs = tl.zeros([BM, BN], dtype=ACC)  # [BM, BN]
-        for d in range(0, Ds, BD):
-            o_d = d + tl.arange(0, BD)
-            m_d = o_d < Ds
-            p_sm = S_l + o_m[:, None] * stride_su + o_d[None, :] * stride_sd
-            p_sn = S_l + o_n[:, None] * stride_su + o_d[None, :] * stride_sd
-            b_sm = tl.load(p_sm, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-            b_sn = tl.load(p_sn, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
-            if not NATIVE_S:
-                b_sm = b_sm.to(ACC)
-                b_sn = b_sn.to(ACC)
-            b_cs += _dot_nt(b_sm, b_sn, NATIVE_S, F32_PREC, IS_FP64)
-        b_ct = tl.zeros([BM, BN], dtype=ACC)  # [BM, BN]
-        for d in range(0, Dt, BD):
-            o_d = d + tl.arange(0, BD)
-            m_d = o_d < Dt
-            p_tm = T_l + o_m[:, None] * stride_tu + o_d[None, :] * stride_td
-            p_tn = T_l + o_n[:, None] * stride_tu + o_d[None, :] * stride_td
-            b_tm = tl.load(p_tm, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-            b_tn = tl.load(p_tn, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
-            if not NATIVE_T:
-                b_tm = b_tm.to(ACC)
-                b_tn = b_tn.to(ACC)
-            b_ct += _dot_nt(b_tm, b_tn, NATIVE_T, F32_PREC, IS_FP64)
+        # raw dot products S_u·S_v and T_u·T_v (student first, then teacher)
+        b_cs = _gram_tile(
+            S_l, o_m, m_m, o_n, m_n, Ds, stride_su, stride_sd, BM, BN, BD, NATIVE_S, F32_PREC, ACC, IS_FP64
+        )  # [BM, BN]
+        b_ct = _gram_tile(
+            T_l, o_m, m_m, o_n, m_n, Dt, stride_tu, stride_td, BM, BN, BD, NATIVE_T, F32_PREC, ACC, IS_FP64
+        )  # [BM, BN]
 
         # fused normalisation: Ŝ_u·Ŝ_v = (S_u·S_v) / (‖S_u‖ ‖S_v‖)
         b_cs = b_cs * b_inv_s_m[:, None] * b_inv_s_n[None, :]
