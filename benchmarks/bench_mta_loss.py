@@ -223,7 +223,18 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
             loss.backward()
             return loss
 
-        return fwd_bwd
+        if args.autocast == "off":
+            return fwd_bwd
+
+        def fwd_bwd_autocast():
+            # As in a bf16 training step: the HRA projectors (fp32 weights, shared by every provider)
+            # run in bf16, which the fp32 default leaves as the dominant cost (benchmarks/NOTES.md).
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = loss_fn()
+            loss.backward()
+            return loss
+
+        return fwd_bwd_autocast
 
     build = functools.partial(_build, device=device, dtype=dtype, seed=args.seed)
     return harness.BenchSpec("mta_loss", build, make_fn, mta_floor, PROVIDERS)
@@ -258,6 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_common_args(parser)
     parser.add_argument("--case", default="sweep", choices=["sweep", "target"])
+    parser.add_argument(
+        "--autocast",
+        default="off",
+        choices=["off", "bf16"],
+        help="run every provider under torch.autocast(bf16), as in a bf16 training step (use with --tag)",
+    )
     parser.add_argument("--print-floors", action="store_true")
     args = parser.parse_args(argv)
     if args.print_floors:

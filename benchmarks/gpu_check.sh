@@ -117,6 +117,10 @@ fi
 B=benchmarks
 stage ceilings 40 270 "$PYTHON" $B/harness.py --ceilings --device "${DEV_ARGS[1]}" $([ "$MODE" = cpu ] && echo --quick)
 stage target 150 150 "$PYTHON" $B/bench_mta_loss.py --case target "${DEV_ARGS[@]}"
+# The same target under bf16 autocast (as a bf16 training step runs the loss): the fp32 HRA projector is
+# predicted to dominate the run above; compile is left out here for time.
+stage target-autocast 60 150 "$PYTHON" $B/bench_mta_loss.py --case target --autocast bf16 --tag autocast \
+    --providers eager_stacked,eager,mta_kernels "${DEV_ARGS[@]}"
 
 # The sweep gets what is left after reserving the saliency case, the step and the summary (130 s), split
 # saliency 20%, structural 25%, span_pool 20%, full loss 35%; each script stops starting new
