@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mta_kernels import layout
+from mta_kernels._dtypes import accumulation_dtype
 from mta_kernels.layout import UnitBatch
 from mta_kernels.ops.saliency import token_saliency
 from mta_kernels.ops.span_pool import span_pool
@@ -172,16 +173,11 @@ def _unit_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch.Tenso
     return sums.to(token_weights.dtype)
 
 
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise (SPEC §8: losses accumulate in float32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _weighted_cosine_distance(
     projected: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor | None
 ) -> torch.Tensor:
     """``Σ_i w_i (1 − cos(x_i, y_i)) / Σ_i w_i`` over the rows of ``[M, D]`` (0 when Σ w = 0)."""
-    acc = _acc_dtype(projected, teacher)
+    acc = accumulation_dtype(projected, teacher)
     cos = F.cosine_similarity(projected.to(acc), teacher.to(acc), dim=-1, eps=COSINE_EPS)  # [M]
     w = torch.ones_like(cos) if weights is None else weights.to(acc)
     # where, not a product: a row of weight 0 (padding, uncovered token) never leaks a non-finite value.

@@ -4,13 +4,16 @@ Readable rather than fast: it materialises the T×T saliency scores and the per-
 matrices. Every function accepts float64 inputs and then computes in float64 (the oracle); otherwise it
 computes in float32, whatever the input dtype. Same signatures as the fused ops of ``mta_kernels``.
 
-This module imports nothing from the rest of the package: it is the bottom of the stack.
+This module imports only `mta_kernels._dtypes` (the SPEC §8 accumulation rule): it is the bottom of the
+stack.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from mta_kernels._dtypes import accumulation_dtype
 
 __all__ = [
     "token_saliency",
@@ -23,13 +26,6 @@ __all__ = [
 
 SALIENCY_STD_EPS = 1e-5
 NORMALIZE_EPS = 1e-8
-
-
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 when any input is float64 (the oracle), float32 otherwise (SPEC §8)."""
-    return (
-        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-    )
 
 
 # --------------------------------------------------------------------------------------- §3 saliency
@@ -46,7 +42,7 @@ def token_saliency(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.
         return torch.stack([token_saliency(h, attention_mask) for h in hidden])
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, D] or [L, B, T, D], got shape {tuple(hidden.shape)}")
-    dtype = _compute_dtype(hidden)
+    dtype = accumulation_dtype(hidden)
     with torch.no_grad():
         h = hidden.to(dtype)
         valid = attention_mask.to(torch.bool)  # [B, T]
@@ -97,7 +93,7 @@ def span_pool(
         return torch.stack(
             [span_pool(h, ranges, None if weights is None else weights[i]) for i, h in enumerate(hidden)]
         )
-    dtype = _compute_dtype(hidden, weights)
+    dtype = accumulation_dtype(hidden, weights)
     token, unit = _unit_token_index(ranges)
     U, D = ranges.shape[0], hidden.shape[-1]
     w = (
@@ -174,7 +170,7 @@ def structural_loss(
                 for i, (s, t) in enumerate(zip(student, teacher))
             ]
         )
-    dtype = _compute_dtype(student, teacher, unit_weights)
+    dtype = accumulation_dtype(student, teacher, unit_weights)
     s_hat = F.normalize(student.to(dtype), dim=-1, eps=NORMALIZE_EPS)
     t_hat = F.normalize(teacher.detach().to(dtype), dim=-1, eps=NORMALIZE_EPS)
     W = (
@@ -218,7 +214,7 @@ def structural_loss_stacked(
                 for i, (s, t) in enumerate(zip(student, teacher))
             ]
         )
-    dtype = _compute_dtype(student, teacher, unit_weights)
+    dtype = accumulation_dtype(student, teacher, unit_weights)
     U = student.shape[0]
     seq = torch.repeat_interleave(
         torch.arange(len(cu_units) - 1, device=student.device), (cu_units[1:] - cu_units[:-1]).long()
@@ -258,7 +254,7 @@ def hra_loss(
         raise ValueError(
             f"projected student {tuple(projected_student.shape)} and teacher {tuple(teacher.shape)} differ"
         )
-    dtype = _compute_dtype(projected_student, teacher, weights)
+    dtype = accumulation_dtype(projected_student, teacher, weights)
     cos = F.cosine_similarity(
         projected_student.to(dtype), teacher.detach().to(dtype), dim=-1, eps=NORMALIZE_EPS
     )

@@ -156,7 +156,7 @@ def _span_pool_cases() -> list[Case]:
         ("bfloat16-shared-bt1", "bfloat16", "shared", "float32", 2, 1000, 96, 900, 900),
         ("bfloat16-now-bt4", "bfloat16", None, "bfloat16", 2, 1000, 768, 100, 350),
         ("float32-w-bt8-d10", "float32", "layers", "float32", 3, 1000, 10, 10, 900),
-        # fp64 weights with fp32 hidden: accumulates in fp64 (_acc_dtype)
+        # fp64 weights with fp32 hidden: accumulates in fp64 (accumulation_dtype)
         ("float32-w64", "float32", "layers", "float64", 2, 500, 64, 100, 200),
     ]
     for name, dt, w, wdt, L, N, D, U, covered in variants:

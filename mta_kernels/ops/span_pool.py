@@ -20,6 +20,7 @@ import triton.language as tl
 
 from mta_kernels import layout
 from mta_kernels._dispatch import triton_interpreting, use_triton
+from mta_kernels._dtypes import accumulation_dtype
 
 __all__ = ["span_pool"]
 
@@ -165,13 +166,6 @@ def _span_pool_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _acc_dtype(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.dtype:
-    """float64 when an input is float64 (so that gradcheck works), float32 otherwise (SPEC §8)."""
-    if hidden.dtype == torch.float64 or (weights is not None and weights.dtype == torch.float64):
-        return torch.float64
-    return torch.float32
-
-
 def _as_stacked(
     hidden: torch.Tensor, weights: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -263,7 +257,7 @@ def _span_pool_op(
     L, N, D = h3.shape
     U = ranges.shape[0]
     max_len, total = _check_ranges(ranges, N)
-    acc = _acc_dtype(hidden, weights)
+    acc = accumulation_dtype(hidden, weights)
     if not use_triton(hidden):
         out, inv_den = _torch_forward(h3, ranges, w2, acc)
     else:
@@ -305,7 +299,7 @@ def _(
     lead = hidden.shape[:-2]
     U = ranges.shape[0]
     out = hidden.new_empty(*lead, U, hidden.shape[-1])
-    inv_den = hidden.new_empty(*lead, U, dtype=_acc_dtype(hidden, weights))
+    inv_den = hidden.new_empty(*lead, U, dtype=accumulation_dtype(hidden, weights))
     return out, inv_den
 
 

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from mta_kernels import layout
 from mta_kernels._dispatch import triton_interpreting, use_triton
+from mta_kernels._dtypes import accumulation_dtype
 
 __all__ = ["structural_loss"]
 
@@ -586,7 +587,7 @@ def _structural_loss_impl(
     """
     L, U, _ = student.shape
     bounds = _seq_bounds(cu_units, U)
-    acc_dtype = _acc_dtype(student, teacher, unit_weights)
+    acc_dtype = accumulation_dtype(student, teacher, unit_weights)
     if L == 0:  # no layer pairs: an empty loss vector
         grad = student.new_zeros(student.shape if compute_grad else (0,), dtype=acc_dtype)
         return student.new_zeros(0, dtype=acc_dtype), grad
@@ -611,7 +612,7 @@ def _structural_loss_op(
 
 @_structural_loss_op.register_fake
 def _(student, teacher, cu_units, unit_weights, compute_grad):
-    acc_dtype = _acc_dtype(student, teacher, unit_weights)
+    acc_dtype = accumulation_dtype(student, teacher, unit_weights)
     loss = student.new_empty(student.shape[:1], dtype=acc_dtype)
     grad = student.new_empty(student.shape if compute_grad else (0,), dtype=acc_dtype)
     return loss, grad
@@ -640,13 +641,6 @@ def _backward(ctx, grad_loss, _grad_grad):
 
 
 _structural_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 when any input is float64 (matches the reference oracle), float32 otherwise (SPEC §8)."""
-    return (
-        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-    )
 
 
 # ------------------------------------------------------------------------------------ public entry
