@@ -650,6 +650,49 @@ def _as_stacked(
     )
 
 
+def _single_term(
+    what: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    units: UnitBatch,
+    student_mask: torch.Tensor | None,
+    teacher_mask: torch.Tensor | None,
+    *,
+    dims: tuple[int | None, int | None],
+    projectors: list[nn.Linear],
+    pooling: str,
+    weighted: bool,
+    hra_level: str | None,
+    check_units: bool,
+) -> torch.Tensor:
+    """The forward of :class:`DSALoss` (``hra_level=None``) and :class:`HRALoss`: checks, then one term
+    over one layer pair ``[B, T, D]`` (scalar) or stacked pairs ``[L, B, T, D]`` (``[L]``)."""
+    student4, teacher4, squeeze = _as_stacked(student, teacher, what)
+    _check_stacked_pair(student4, teacher4, dims[0], dims[1], what)
+    L, B, Ts, _ = student4.shape
+    Tt = teacher4.shape[2]
+    if hra_level is not None and L != len(projectors):
+        raise ValueError(f"{what}: {L} stacked layer pairs but {len(projectors)} projectors (num_pairs)")
+    _check_units(units, B, Ts, Tt, student4.device, what, check_units)
+    if hra_level == "token":
+        _check_same_tokenization(units, what)
+    with _naming(what):
+        dsa, hra = _stacked_terms(
+            student4,
+            teacher4,
+            units,
+            _check_mask(student_mask, B, Ts, student4.device, "student_mask"),
+            _check_mask(teacher_mask, B, Tt, student4.device, "teacher_mask"),
+            pooling=pooling,
+            weighted=weighted,
+            with_dsa=hra_level is None,
+            hra_level=hra_level,
+            projectors=projectors,
+        )
+    term = dsa if hra_level is None else hra
+    return term[0] if squeeze else term
+
+
 class DSALoss(nn.Module):
     """DSA alone (SPEC §4–§5) for one layer pair or L stacked layer pairs of one granularity.
 
@@ -675,25 +718,20 @@ class DSALoss(nn.Module):
         student_mask: torch.Tensor | None = None,
         teacher_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        student4, teacher4, squeeze = _as_stacked(student, teacher, "DSALoss")
-        _check_stacked_pair(student4, teacher4, None, None, "DSALoss")
-        _, B, Ts, _ = student4.shape
-        Tt = teacher4.shape[2]
-        _check_units(units, B, Ts, Tt, student4.device, "DSALoss", self.check_units)
-        with _naming("DSALoss"):
-            dsa, _ = _stacked_terms(
-                student4,
-                teacher4,
-                units,
-                _check_mask(student_mask, B, Ts, student4.device, "student_mask"),
-                _check_mask(teacher_mask, B, Tt, student4.device, "teacher_mask"),
-                pooling=self.pooling,
-                weighted=self.weighted,
-                with_dsa=True,
-                hra_level=None,
-                projectors=[],
-            )
-        return dsa[0] if squeeze else dsa
+        return _single_term(
+            "DSALoss",
+            student,
+            teacher,
+            units,
+            student_mask,
+            teacher_mask,
+            dims=(None, None),
+            projectors=[],
+            pooling=self.pooling,
+            weighted=self.weighted,
+            hra_level=None,
+            check_units=self.check_units,
+        )
 
 
 class HRALoss(nn.Module):
@@ -745,28 +783,17 @@ class HRALoss(nn.Module):
         student_mask: torch.Tensor | None = None,
         teacher_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        student4, teacher4, squeeze = _as_stacked(student, teacher, "HRALoss")
-        _check_stacked_pair(student4, teacher4, self.student_dim, self.teacher_dim, "HRALoss")
-        L, B, Ts, _ = student4.shape
-        Tt = teacher4.shape[2]
-        if L != len(self.projectors):
-            raise ValueError(
-                f"HRALoss: {L} stacked layer pairs but {len(self.projectors)} projectors (num_pairs)"
-            )
-        _check_units(units, B, Ts, Tt, student4.device, "HRALoss", self.check_units)
-        if self.level == "token":
-            _check_same_tokenization(units, "HRALoss")
-        with _naming("HRALoss"):
-            _, hra = _stacked_terms(
-                student4,
-                teacher4,
-                units,
-                _check_mask(student_mask, B, Ts, student4.device, "student_mask"),
-                _check_mask(teacher_mask, B, Tt, student4.device, "teacher_mask"),
-                pooling=self.pooling,
-                weighted=self.weighted,
-                with_dsa=False,
-                hra_level=self.level,
-                projectors=list(self.projectors),
-            )
-        return hra[0] if squeeze else hra
+        return _single_term(
+            "HRALoss",
+            student,
+            teacher,
+            units,
+            student_mask,
+            teacher_mask,
+            dims=(self.student_dim, self.teacher_dim),
+            projectors=list(self.projectors),
+            pooling=self.pooling,
+            weighted=self.weighted,
+            hra_level=self.level,
+            check_units=self.check_units,
+        )
