@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
 
-_BACKENDS = ("auto", "triton", "torch")
+from mta_kernels._triton import HAS_TRITON
+from mta_kernels.constants import BACKENDS
+
 _forced: contextvars.ContextVar[str] = contextvars.ContextVar("mta_kernels_backend", default="auto")
 
 
@@ -26,8 +30,8 @@ def triton_interpreting() -> bool:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force ``"triton"`` or ``"torch"`` for ops called inside the block (``"auto"`` restores the rule)."""
-    if name not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     token = _forced.set(name)
     try:
         yield
@@ -39,9 +43,25 @@ def use_triton(t: torch.Tensor) -> bool:
     """Whether an op on tensor ``t`` should launch the Triton kernels."""
     forced = _forced.get()
     if forced != "auto":
+        if forced == "triton" and not HAS_TRITON:
+            raise RuntimeError("use_backend('triton') needs triton installed (pip install triton)")
         if forced == "triton" and not (t.is_cuda or triton_interpreting()):
             raise RuntimeError(
                 "use_backend('triton') on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
             )
         return forced == "triton"
+    if not HAS_TRITON:
+        if t.is_cuda:
+            _warn_no_triton()
+        return False
     return t.is_cuda or (t.device.type == "cpu" and triton_interpreting())
+
+
+@functools.cache
+def _warn_no_triton() -> None:
+    warnings.warn(
+        "mta_kernels: triton is not installed, so CUDA tensors run the (slower) torch path; "
+        "pip install triton for the fused kernels",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mta_kernels import layout
+from mta_kernels.constants import GRANULARITIES
 from mta_kernels.layout import UnitBatch
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
 
 Span = tuple[int, int]
 
-GRANULARITIES = ("word", "phrase")
 WORD_MODES = ("in_phrases", "all")
 
 # The verb-phrase pattern of SPEC §2: AUX* ADV* VERB+ ADV*, matched greedily (longest).

@@ -10,6 +10,7 @@ import json
 import sys
 import textwrap
 
+from mta_kernels.constants import BACKENDS, POOLINGS
 from mta_kernels.distill.config import DistillError, TrainConfig
 
 
@@ -101,13 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--pairs", default=None, help="explicit mapping 'S:T:word|phrase,...', e.g. '6:24:word,9:36:phrase'"
     )
-    g.add_argument("--pooling", choices=("attention", "mean"), default=d.pooling)
+    g.add_argument("--pooling", choices=POOLINGS, default=d.pooling)
     g.add_argument("--unweighted", dest="weighted", action="store_false", help="unit importances all 1")
     g.add_argument("--words", choices=("in_phrases", "all"), default=d.words)
     g.add_argument("--spacy-pipeline", default=d.spacy_pipeline)
     g.add_argument(
         "--backend",
-        choices=("auto", "torch", "triton"),
+        choices=BACKENDS,
         default=d.backend,
         help="mta_kernels ops: auto (Triton on GPU, torch on CPU), or force one",
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from mta_kernels.constants import BACKENDS, GRANULARITIES, POOLINGS
+
 KD_KINDS = ("forward", "reverse", "skew", "none")
 MODES = ("teacher", "distill")
 
@@ -98,11 +100,11 @@ class TrainConfig:
             raise DistillError(f"--skew-alpha must lie in [0, 1), got {self.skew_alpha}")
         if self.preset and self.pairs:
             raise DistillError("give either --preset or --pairs, not both")
-        if self.pooling not in ("attention", "mean"):
+        if self.pooling not in POOLINGS:
             raise DistillError(f"--pooling must be 'attention' or 'mean', got {self.pooling!r}")
         if self.words not in ("in_phrases", "all"):
             raise DistillError(f"--words must be 'in_phrases' or 'all', got {self.words!r}")
-        if self.backend not in ("auto", "torch", "triton"):
+        if self.backend not in BACKENDS:
             raise DistillError(f"--backend must be auto, torch or triton, got {self.backend!r}")
 
     def to_dict(self) -> dict:
@@ -152,7 +154,7 @@ def parse_pairs(text: str) -> list[tuple[int, int, str]]:
         if not item:
             continue
         parts = item.split(":")
-        if len(parts) != 3 or parts[2] not in ("word", "phrase"):
+        if len(parts) != 3 or parts[2] not in GRANULARITIES:
             raise DistillError(
                 f"--pairs item {item!r} is not STUDENT:TEACHER:word|phrase (e.g. '6:24:word,9:36:phrase')"
             )

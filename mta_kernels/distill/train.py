@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mta_kernels.constants import GRANULARITIES
 from mta_kernels.distill import models as M
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.config import RESUME_KEYS, DistillError, TrainConfig, parse_pairs
@@ -363,7 +364,7 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
     if cfg.mode == "distill" and cfg.mta:
         mta, pairs = _resolve_mta(cfg, student, teacher, shared)
     if mta is not None:
-        granularities = tuple(sorted({g for _, _, g in pairs}, key=("word", "phrase").index))
+        granularities = tuple(sorted({g for _, _, g in pairs}, key=GRANULARITIES.index))
         extractor = UnitExtractor(cfg.spacy_pipeline, words=cfg.words)
         try:  # load spaCy now: a missing or parser-less pipeline is a clear error before anything runs
             extractor.load()

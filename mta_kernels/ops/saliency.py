@@ -43,10 +43,9 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from mta_kernels._dispatch import triton_interpreting, use_triton
+from mta_kernels._triton import tl, triton
 
 __all__ = ["token_saliency"]
 

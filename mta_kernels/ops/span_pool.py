@@ -15,12 +15,11 @@ returns the output and ``1 / den`` per unit) and ``torch.ops.mta_kernels.span_po
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from mta_kernels import layout
 from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
+from mta_kernels._triton import tl, triton
 
 __all__ = ["span_pool"]
 

@@ -26,12 +26,11 @@ Deterministic on both paths (no atomics, no scatter-add). Design notes: ``docs/d
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from mta_kernels import layout
 from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
+from mta_kernels._triton import tl, triton
 
 __all__ = ["structural_loss"]
 
