@@ -102,8 +102,9 @@ def run_and_compare(
     check_grads: bool = True,
     floor: float = 1e-5,
 ) -> None:
-    """Module vs the float64 oracle under the SPEC §8 rule (eager = the composition in the input dtype);
-    values, per-pair terms, and the gradients w.r.t. the student's layers and the projectors."""
+    """Module vs ``reference.mta_loss`` in float64 under the tolerance rule (eager = ``reference.mta_loss``
+    in the input dtype; docs/method.md#numerical-tolerance-rule): values, per-pair terms, and the
+    gradients w.r.t. the student's layers and the projectors."""
     dtype = s_states[0].dtype
     kw = dict(pooling=module.pooling, weighted=module.weighted, hra=module.hra_level, gamma=module.gamma)
 
