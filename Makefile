@@ -14,7 +14,7 @@ setup: $(STAMP)
 
 $(STAMP): $(BUILD_INPUTS)
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv --system-site-packages $(VENV)
-	@$(PIP) install -q -U "pip>=24" "setuptools>=70.1" wheel ninja
+	@$(PIP) install -q -U "pip>=24" "setuptools>=77" wheel ninja
 	@# Reuse an importable torch (a CUDA build, say); install the CPU 2.13.0 wheel only when none is.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	@$(PY) -c "import torch; print('mta_kernels setup: torch', torch.__version__, '(cuda %s)' % torch.version.cuda)"

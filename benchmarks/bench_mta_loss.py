@@ -1,9 +1,10 @@
 """The full MTA loss (saliency + pooling + DSA + HRA over all layer pairs), forward + backward.
 
 Providers:
-    eager_stacked  the published formulation: reference saliency and pooling per pair, DSA as one
-                   (ΣU)×(ΣU) matrix per side with cross-sequence pairs masked (structural_loss_stacked);
-    eager          the same composition with the block-diagonal reference DSA;
+    eager_stacked  the published formulation: ``mta_kernels.reference.mta_loss(..., stacked=True)``,
+                   reference saliency and pooling per pair, DSA as one (ΣU)×(ΣU) matrix per side with
+                   cross-sequence pairs masked (structural_loss_stacked);
+    eager          ``mta_kernels.reference.mta_loss``: the same with the block-diagonal reference DSA;
     compile        torch.compile of ``eager``;
     mta_kernels    ``mta_kernels.losses.MTALoss`` (stacked pairs, fused ops).
 All four share the MTALoss module's settings and HRA projectors, so they compute the same number (the
@@ -26,71 +27,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import harness
 import torch
 from bench_structural import structural_floor
-from torch import nn
 
 PROVIDERS = ("eager_stacked", "eager", "mta_kernels", "compile")  # compile last (see bench_saliency)
-
-
-# --------------------------------------------------------------------------- eager composition
-def _unit_weight_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
-    """W_u = Σ_{i in u} w_i: gather the covered tokens, scatter-add into units (the published way)."""
-    from mta_kernels.reference import _unit_token_index
-
-    token, unit = _unit_token_index(ranges)
-    return torch.zeros(ranges.shape[0], dtype=token_weights.dtype, device=token_weights.device).index_add(
-        0, unit, token_weights[token]
-    )
-
-
-def _project(projector: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return projector(x.to(projector.weight.dtype))
-
-
-def eager_mta_loss(
-    student_states: Sequence[torch.Tensor],
-    teacher_states: Sequence[torch.Tensor],
-    units: dict[str, Any],
-    student_mask: torch.Tensor,
-    teacher_mask: torch.Tensor,
-    *,
-    pairs: Sequence[tuple[int, int, str]],
-    projectors: Sequence[nn.Linear],
-    hra_level: str,
-    gamma: float,
-    stacked: bool,
-) -> torch.Tensor:
-    """L_MTA (SPEC §4–§7, attention pooling, weighted) from the eager reference ops, one pair at a time."""
-    from mta_kernels import reference as ref
-
-    dsa_fn = ref.structural_loss_stacked if stacked else ref.structural_loss
-    terms = []
-    for k, (ls, lt, g) in enumerate(pairs):
-        ub = units[g]
-        hs, ht = student_states[ls], teacher_states[lt].detach()
-        B, Ts, Ds = hs.shape
-        Tt = ht.shape[1]
-        with torch.no_grad():
-            a_t = ref.token_saliency(ht, teacher_mask)
-            w_t = ref.covered_token_weights(a_t, ub.teacher_ranges, ub.cu_units, Tt)
-            w_s = ref.covered_token_weights(
-                ref.token_saliency(hs.detach(), student_mask), ub.student_ranges, ub.cu_units, Ts
-            )
-            h_t = ref.span_pool(ht.reshape(B * Tt, -1), ub.teacher_ranges, w_t)
-            unit_w = _unit_weight_sums(w_t, ub.teacher_ranges)
-        h_s = ref.span_pool(hs.reshape(B * Ts, Ds), ub.student_ranges, w_s)
-        dsa = dsa_fn(h_s, h_t, ub.cu_units, unit_w)
-        if hra_level == "unit":
-            hra = ref.hra_loss(_project(projectors[k], h_s), h_t, unit_w)
-        else:  # token level: covered tokens weighted by the teacher's normalised saliency
-            hra = ref.hra_loss(_project(projectors[k], hs.reshape(B * Ts, Ds)), ht.reshape(B * Tt, -1), w_t)
-        terms.append(dsa + gamma * hra)
-    return torch.stack(terms).mean()
 
 
 # ------------------------------------------------------------------------------------- cases
@@ -172,26 +115,31 @@ def build_inputs(p: dict[str, Any], device: torch.device, dtype: torch.dtype, se
 
 def make_loss_fn(provider: str, x: dict[str, Any], compiled_cache: dict[str, Any] | None = None):
     """A zero-argument callable returning the scalar loss of ``provider`` on inputs ``x`` (no backward)."""
+    from mta_kernels import reference
+
     module = x["module"]
     if provider == "mta_kernels":
         return lambda: module(x["s_states"], x["t_states"], x["units"], x["mask"], x["mask"]).loss
+    # The eager providers: the package's oracle of the whole loss with the module's settings.
     kwargs = dict(
         pairs=x["pairs"],
         projectors=list(module.projectors),
-        hra_level=x["hra_level"],
+        pooling=module.pooling,
+        weighted=module.weighted,
+        hra=x["hra_level"],
         gamma=module.gamma,
         stacked=provider == "eager_stacked",
     )
     if provider in ("eager", "eager_stacked"):
-        f = eager_mta_loss
+        f = reference.mta_loss
     elif provider == "compile":
         cache = compiled_cache if compiled_cache is not None else {}
         if "f" not in cache:
-            cache["f"] = torch.compile(eager_mta_loss)
+            cache["f"] = torch.compile(reference.mta_loss)
         f = cache["f"]
     else:
         raise ValueError(provider)
-    return lambda: f(x["s_states"], x["t_states"], x["units"], x["mask"], x["mask"], **kwargs)
+    return lambda: f(x["s_states"], x["t_states"], x["units"], x["mask"], x["mask"], **kwargs).loss
 
 
 def mta_floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:
@@ -245,7 +193,8 @@ def _build(p: dict[str, Any], *, device: torch.device, dtype: torch.dtype, seed:
 
 
 def print_floors(args: argparse.Namespace) -> None:
-    """Floors of the cases on the CPU (no GPU needed): bytes, FLOPs and times at the PERF-NOTES ceilings."""
+    """Floors of the cases on the CPU (no GPU needed): bytes, FLOPs and times at the H100 ceilings
+    (3.0 TB/s, 800 TFLOP/s; benchmarks/NOTES.md, "Denominators")."""
     harness.apply_unit_overrides(args)
     e = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     h100 = {"bandwidth_GBps": 3000.0, "matmul_TFLOPs": 800.0}

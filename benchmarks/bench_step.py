@@ -23,7 +23,6 @@ from typing import Any
 import harness
 import torch
 import torch.nn.functional as F
-from bench_mta_loss import eager_mta_loss
 
 PROVIDERS = ("no_mta", "eager_stacked", "eager", "mta_kernels")
 LAM, BETA = 0.5, 2.0
@@ -103,13 +102,15 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
     def make_fn(provider: str, p: dict[str, Any], x: dict[str, Any]):
         if provider not in PROVIDERS:
             raise ValueError(provider)
+        from mta_kernels import reference
+
         student, teacher, ids, mask, mta = x["student"], x["teacher"], x["ids"], x["mask"], x["mta"]
         bool_mask = mask.bool()
 
         def mta_term(s_states, t_states) -> torch.Tensor:
             if provider == "mta_kernels":
                 return mta(s_states, t_states, x["units"], bool_mask, bool_mask).loss
-            return eager_mta_loss(
+            return reference.mta_loss(
                 s_states,
                 t_states,
                 x["units"],
@@ -117,10 +118,10 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
                 bool_mask,
                 pairs=x["pairs"],
                 projectors=list(mta.projectors),
-                hra_level="token",
+                hra="token",
                 gamma=mta.gamma,
                 stacked=provider == "eager_stacked",
-            )
+            ).loss
 
         def step():
             with torch.no_grad():

@@ -18,7 +18,8 @@ import torch
 
 import mta_kernels.units as units_mod
 from mta_kernels import layout
-from mta_kernels.units import UnitCollator, UnitExtractor, align_units, char_spans_to_token_ranges_reference
+from mta_kernels.reference import char_spans_to_token_ranges_reference
+from mta_kernels.units import UnitCollator, UnitExtractor, align_units
 
 spacy = pytest.importorskip("spacy")
 transformers = pytest.importorskip("transformers")

@@ -1,5 +1,6 @@
-// Per-element checks of the packed layout (SPEC §2), shared by the CPU loop and the CUDA kernel so
-// that both find the same first offending entry and report it with the same message.
+// Per-element checks of the packed layout (docs/method.md#packed-layout), shared by the CPU loop and
+// the CUDA kernel so that both find the same first offending entry and report it with the same
+// message.
 //
 // A check returns 0 when the entry is fine, else an error code. The first error of a layout is the
 // smallest key `index * kNumCodes + code`: cu_units errors are reported before unit errors (a unit

@@ -1,7 +1,7 @@
 // Dispatching front of the mta_kernels._C extension: op schemas (TORCH_LIBRARY), CPU and CUDA
 // implementations (TORCH_LIBRARY_IMPL), and an importable Python module.
 //
-// The layout ops of SPEC §2 live here; the Python wrappers, fake (meta) implementations and
+// The layout ops (docs/method.md#packed-layout) live here; the Python wrappers, fake (meta) implementations and
 // docstrings with shapes are in mta_kernels/layout.py.
 #include <Python.h>
 #include <torch/library.h>

@@ -1,4 +1,4 @@
-// Declarations of the layout ops (SPEC §2 "Packed (varlen) layout"): CPU implementations, and the
+// Declarations of the layout ops (docs/method.md#packed-layout): CPU implementations, and the
 // checks and messages the CPU and CUDA implementations share.
 #pragma once
 #include <torch/types.h>

@@ -1,8 +1,9 @@
 """mta_kernels: fused kernels for MTA distillation (token saliency, span pooling, DSA loss).
 
-``import mta_kernels as mk`` gives the SPEC §9 API: ``mk.token_saliency``, ``mk.span_pool``,
-``mk.structural_loss``, the loss modules ``mk.MTALoss`` / ``mk.DSALoss`` / ``mk.HRALoss``, and the
-eager oracle ``mk.reference``. Units (spaCy) live in ``mta_kernels.units``, imported on demand.
+``import mta_kernels as mk`` gives the public API (docs/method.md#public-api): ``mk.token_saliency``,
+``mk.span_pool``, ``mk.structural_loss``, the loss modules ``mk.MTALoss`` / ``mk.DSALoss`` /
+``mk.HRALoss``, and the eager oracle ``mk.reference``. Units (spaCy) live in ``mta_kernels.units``,
+imported on demand. The method: docs/method.md.
 """
 
 from mta_kernels import layout, reference

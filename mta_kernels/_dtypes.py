@@ -1,4 +1,5 @@
-"""The accumulation dtype rule of SPEC §8, shared by the reference, the ops and the losses."""
+"""The accumulation dtype rule (docs/method.md#numerical-tolerance-rule), shared by the reference, the ops
+and the losses."""
 
 from __future__ import annotations
 

@@ -1,19 +1,29 @@
-"""Eager PyTorch reference of SPEC §3–§6: the oracle for tests and the baseline for benchmarks.
+"""Eager PyTorch reference of the method: the oracle for tests and the baseline for benchmarks.
 
-Readable rather than fast: it materialises the T×T saliency scores and the per-sequence N×N cosine
-matrices. Every function accepts float64 inputs and then computes in float64 (the oracle); otherwise it
-computes in float32, whatever the input dtype. Same signatures as the fused ops of ``mta_kernels``.
+The math is in docs/method.md (token saliency, span pooling, DSA, HRA, the objective). Readable rather
+than fast: it materialises the T×T saliency scores and the per-sequence N×N cosine matrices. Every
+function accepts float64 inputs and then computes in float64 (the oracle); otherwise it computes in
+float32, whatever the input dtype (docs/method.md#numerical-tolerance-rule). The op functions have the
+signatures of the fused ops of ``mta_kernels``; :func:`mta_loss` is the whole MTA loss, the oracle of
+``mta_kernels.MTALoss``; :func:`char_spans_to_token_ranges_reference` is the oracle of the extension's
+token-assignment op.
 
-This module imports only `mta_kernels._dtypes` (the SPEC §8 accumulation rule): it is the bottom of the
-stack.
+This module imports only ``mta_kernels._dtypes`` (the accumulation rule) and ``mta_kernels.constants``:
+it is the bottom of the stack.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mta_kernels._dtypes import accumulation_dtype
+from mta_kernels.constants import COSINE_EPS, GRANULARITIES, HRA_LEVELS, POOLINGS
 
 __all__ = [
     "token_saliency",
@@ -22,15 +32,21 @@ __all__ = [
     "structural_loss_stacked",
     "hra_loss",
     "covered_token_weights",
+    "unit_weight_sums",
+    "mta_loss",
+    "MTATerms",
+    "char_spans_to_token_ranges_reference",
 ]
 
 SALIENCY_STD_EPS = 1e-5
 NORMALIZE_EPS = 1e-8
 
 
-# --------------------------------------------------------------------------------------- §3 saliency
+# ----------------------------------------------------------------------------------- token saliency
 def token_saliency(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean attention each token receives under a parameter-free self-attention (SPEC §3).
+    """Mean attention each token receives under a parameter-free self-attention.
+
+    docs/method.md#token-saliency.
 
     Args:
         hidden: ``[B, T, D]`` or stacked layers ``[L, B, T, D]``.
@@ -63,7 +79,7 @@ def token_saliency(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.
         return a * valid
 
 
-# ---------------------------------------------------------------------------------------- §4 pooling
+# ------------------------------------------------------------------------------------- span pooling
 def _unit_token_index(ranges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat token indices covered by the units and, for each, its unit id."""
     ranges = ranges.long()
@@ -78,7 +94,7 @@ def _unit_token_index(ranges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def span_pool(
     hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Weighted mean of each unit's token vectors (SPEC §4).
+    """Weighted mean of each unit's token vectors (docs/method.md#span-pooling).
 
     Args:
         hidden: ``[N, D]`` or ``[L, N, D]``, N = B*T flat tokens.
@@ -112,7 +128,7 @@ def span_pool(
 def covered_token_weights(
     saliency: torch.Tensor, ranges: torch.Tensor, cu_units: torch.Tensor, seq_len: int
 ) -> torch.Tensor:
-    """Attention weights normalised over the covered tokens of each sequence (SPEC §4).
+    """Attention weights normalised over the covered tokens of each sequence (docs/method.md#span-pooling).
 
     ``w_i = a_i / Σ_{k covered, same sequence} a_k`` for covered tokens, 0 elsewhere.
 
@@ -134,7 +150,7 @@ def covered_token_weights(
     return (a.reshape(*lead, B, T) / per_seq).reshape(*lead, B * T)
 
 
-# ------------------------------------------------------------------------------------------ §5 DSA
+# ----------------------------------------------------------------------------------------- DSA loss
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor, cu_units: torch.Tensor) -> None:
     if student.dim() != teacher.dim() or student.shape[:-1] != teacher.shape[:-1]:
         raise ValueError(
@@ -150,7 +166,9 @@ def structural_loss(
     cu_units: torch.Tensor,
     unit_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DSA loss, block-diagonal: pairwise cosine geometry of units within each sequence (SPEC §5).
+    """DSA loss, block-diagonal: pairwise cosine geometry of units within each sequence.
+
+    docs/method.md#dsa-loss.
 
     Args:
         student: ``[U, Ds]`` or ``[L, U, Ds]`` unit vectors (gradient flows here).
@@ -235,11 +253,11 @@ def structural_loss_stacked(
     return (ww * diff).sum() / torch.where(den > 0, den, torch.ones_like(den))
 
 
-# ------------------------------------------------------------------------------------------ §6 HRA
+# ----------------------------------------------------------------------------------------- HRA loss
 def hra_loss(
     projected_student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Weighted cosine distance between projected student and teacher vectors (SPEC §6).
+    """Weighted cosine distance between projected student and teacher vectors (docs/method.md#hra-loss).
 
     ``L = Σ_i w_i (1 − cos(P h^S_i, h^T_i)) / Σ_i w_i`` over rows i (covered tokens or units).
 
@@ -255,9 +273,181 @@ def hra_loss(
             f"projected student {tuple(projected_student.shape)} and teacher {tuple(teacher.shape)} differ"
         )
     dtype = accumulation_dtype(projected_student, teacher, weights)
-    cos = F.cosine_similarity(
-        projected_student.to(dtype), teacher.detach().to(dtype), dim=-1, eps=NORMALIZE_EPS
-    )
+    cos = F.cosine_similarity(projected_student.to(dtype), teacher.detach().to(dtype), dim=-1, eps=COSINE_EPS)
     w = torch.ones_like(cos) if weights is None else weights.detach().to(dtype).expand_as(cos)
     den = w.sum(-1)
     return (w * (1 - cos)).sum(-1) / torch.where(den > 0, den, torch.ones_like(den))
+
+
+# ------------------------------------------------------------------------------------ the objective
+def unit_weight_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """Unit importance ``W_u = Σ_{i in u} w_i`` (docs/method.md#span-pooling).
+
+    Args:
+        token_weights: ``[N]`` flat token weights (N = B*T), e.g. the teacher's normalised saliency.
+        ranges: int32 ``[U, 2]`` flat token ranges of the units.
+    Returns:
+        ``[U]`` in token_weights' dtype (0 for a unit whose weights are all 0).
+    """
+    token, unit = _unit_token_index(ranges)
+    out = torch.zeros(ranges.shape[0], dtype=token_weights.dtype, device=token_weights.device)
+    return out.index_add(0, unit, token_weights.detach()[token])
+
+
+class MTATerms(NamedTuple):
+    """What :func:`mta_loss` returns (the fields of ``mta_kernels.losses.MTALossOutput``).
+
+    Attributes:
+        loss: scalar ``(1/K) Σ_k (dsa_k + γ · hra_k)`` (``(1/K) Σ_k dsa_k`` without HRA), with grad.
+        dsa: ``[K]`` DSA term of each layer pair, in the order of ``pairs``.
+        hra: ``[K]`` HRA term of each layer pair, or ``None`` when ``hra=None``.
+    """
+
+    loss: torch.Tensor
+    dsa: torch.Tensor
+    hra: torch.Tensor | None
+
+
+def _project(projector: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weight = getattr(projector, "weight", None)
+    return projector(x if weight is None else x.to(weight.dtype))
+
+
+def mta_loss(
+    student_hidden_states: Sequence[torch.Tensor],
+    teacher_hidden_states: Sequence[torch.Tensor],
+    units: Mapping[str, Any],
+    student_mask: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    *,
+    pairs: Sequence[tuple[int, int, str]],
+    projectors: Sequence[nn.Module] | None = None,
+    pooling: str = "attention",
+    weighted: bool = True,
+    hra: str | None = "unit",
+    gamma: float = 0.1,
+    stacked: bool = False,
+) -> MTATerms:
+    """The whole MTA loss, composed from the functions above one layer pair at a time.
+
+    The oracle of ``mta_kernels.MTALoss`` (same arguments, same meaning; docs/method.md#the-objective).
+    For pair k = (student layer ls, teacher layer lt, granularity g), with the units ``units[g]``:
+
+    - ŵ^T, ŵ^S: token saliency of each side normalised over the covered tokens of each sequence;
+    - unit vectors: span pooling of each side, weighted by ŵ (``pooling="attention"``) or plain means;
+    - unit importance ``W_u = Σ_{i in u} ŵ^T_i`` when ``weighted``, else 1;
+    - DSA on the unit vectors with W (the published (ΣU)×(ΣU) form when ``stacked``);
+    - HRA: ``"unit"`` compares ``P_k h^S_u`` with ``h^T_u`` weighted by W; ``"token"`` compares
+      ``P_k H^S_i`` with ``H^T_i`` over the covered tokens, weighted by ŵ^T_i (1 when not ``weighted``).
+
+    Args:
+        student_hidden_states: sequence of ``[B, Ts, Ds]`` (Hugging Face ``hidden_states``); gradients
+            flow to the layers the pairs use.
+        teacher_hidden_states: sequence of ``[B, Tt, Dt]`` (constants).
+        units: granularity -> packed units with ``student_ranges`` / ``teacher_ranges`` (int32 ``[U, 2]``,
+            flat into ``B*Ts`` / ``B*Tt``) and ``cu_units`` (int32 ``[B+1]``), e.g. a ``UnitBatch``.
+        student_mask, teacher_mask: ``[B, Ts]`` / ``[B, Tt]`` attention masks (bool or 0/1).
+        pairs: K triples ``(student_layer, teacher_layer, granularity)``.
+        projectors: K modules mapping ``[M, Ds]`` -> ``[M, Dt]`` (the HRA projectors ``P_k``); required
+            unless ``hra`` is None. Rows are cast to a projector's weight dtype first.
+        pooling: ``"attention"`` or ``"mean"``; weighted: weight units and tokens by the teacher's
+            saliency; hra: ``"token"`` (the two sides share one tokenization), ``"unit"`` or ``None``;
+        gamma: weight γ of the HRA term; stacked: compute DSA with :func:`structural_loss_stacked`.
+    Returns:
+        :class:`MTATerms` ``(loss, dsa [K], hra [K] or None)``, float32 (float64 for float64 inputs).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if hra not in HRA_LEVELS:
+        raise ValueError(f"hra must be one of {HRA_LEVELS}, got {hra!r}")
+    if not pairs:
+        raise ValueError("pairs must name at least one (student_layer, teacher_layer, granularity)")
+    if hra is not None and (projectors is None or len(projectors) != len(pairs)):
+        raise ValueError(f"hra={hra!r} needs one projector per pair ({len(pairs)})")
+    dsa_fn = structural_loss_stacked if stacked else structural_loss
+    dsa_terms, hra_terms = [], []
+    for k, (ls, lt, granularity) in enumerate(pairs):
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"pair {k}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if granularity not in units:
+            raise ValueError(f"pair {k}: needs units[{granularity!r}] but units has {sorted(units)}")
+        ub = units[granularity]
+        hs, ht = student_hidden_states[ls], teacher_hidden_states[lt].detach()
+        B, Ts, Ds = hs.shape
+        Tt, Dt = ht.shape[1:]
+        hs_flat, ht_flat = hs.reshape(B * Ts, Ds), ht.reshape(B * Tt, Dt)
+
+        # Saliency carries no gradient (token_saliency runs under no_grad).
+        w_t = covered_token_weights(token_saliency(ht, teacher_mask), ub.teacher_ranges, ub.cu_units, Tt)
+        if pooling == "attention":
+            w_s = covered_token_weights(token_saliency(hs, student_mask), ub.student_ranges, ub.cu_units, Ts)
+            units_s = span_pool(hs_flat, ub.student_ranges, w_s)
+            units_t = span_pool(ht_flat, ub.teacher_ranges, w_t)
+        else:
+            units_s = span_pool(hs_flat, ub.student_ranges)
+            units_t = span_pool(ht_flat, ub.teacher_ranges)
+        unit_w = unit_weight_sums(w_t, ub.teacher_ranges) if weighted else None
+
+        dsa_terms.append(dsa_fn(units_s, units_t, ub.cu_units, unit_w))
+
+        if hra == "unit":
+            hra_terms.append(hra_loss(_project(projectors[k], units_s), units_t, unit_w))
+        elif hra == "token":
+            if Ts != Tt or not torch.equal(ub.student_ranges, ub.teacher_ranges):
+                raise ValueError(
+                    f"pair {k}: hra='token' needs one tokenization shared by student and teacher "
+                    "(equal ranges and sequence lengths); use hra='unit'"
+                )
+            covered, _ = _unit_token_index(ub.student_ranges)  # the covered tokens, in order
+            hra_terms.append(
+                hra_loss(
+                    _project(projectors[k], hs_flat[covered]),
+                    ht_flat[covered],
+                    w_t[covered] if weighted else None,
+                )
+            )
+
+    dsa = torch.stack(dsa_terms)
+    if hra is None:
+        return MTATerms(dsa.mean(), dsa, None)
+    hra_vec = torch.stack(hra_terms)
+    return MTATerms((dsa + gamma * hra_vec).mean(), dsa, hra_vec)
+
+
+# ----------------------------------------------------------------------------- units -> tokens
+def char_spans_to_token_ranges_reference(
+    texts: Sequence[str], offsets: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]]
+) -> torch.Tensor:
+    """Pure-Python token-assignment rule: the oracle of ``layout.char_spans_to_token_ranges``.
+
+    docs/method.md#mapping-units-to-tokens. A token belongs to the span containing its first
+    non-whitespace character (``str.isspace``).
+
+    Args:
+        texts: B strings.
+        offsets: int64 ``[B, T, 2]`` character range ``[ts, te)`` of each token; an empty range
+            (padding, special tokens) belongs to no unit.
+        spans: per sequence, sorted non-overlapping character spans ``(start, end)``.
+
+    Returns:
+        int64 ``[K, 2]``, K = total number of spans, in order: ``[first token, last token + 1)`` in
+        local token positions of the span's sequence, or ``[-1, -1]`` when no token belongs to it.
+    """
+    rows: list[list[int]] = []
+    for b, text in enumerate(texts):
+        seq_spans = list(spans[b])
+        starts = [s for s, _ in seq_spans]
+        ranges = [[-1, -1] for _ in seq_spans]
+        for t, (ts, te) in enumerate(offsets[b].tolist()):
+            while ts < te and text[ts].isspace():
+                ts += 1
+            if ts >= te:
+                continue  # empty or whitespace-only token
+            u = bisect.bisect_right(starts, ts) - 1
+            if u < 0 or ts >= seq_spans[u][1]:
+                continue  # starts outside every unit
+            if ranges[u][0] < 0:
+                ranges[u][0] = t
+            ranges[u][1] = t + 1
+        rows.extend(ranges)
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)

@@ -1,4 +1,4 @@
-"""Semantic units (SPEC §2): spaCy words and phrases, their token ranges in one or two tokenizations,
+"""Semantic units: spaCy words and phrases, their token ranges in one or two tokenizations,
 and a collator that packs them for the training loop.
 
 Three layers, each usable alone:
@@ -10,12 +10,11 @@ Three layers, each usable alone:
 - :class:`UnitCollator` does both for a list of examples: the ``collate_fn`` of a ``DataLoader``.
 
 Character spans are ``[start, end)`` indices into the Python string (code points), the same unit a
-fast tokenizer's ``offset_mapping`` uses.
+fast tokenizer's ``offset_mapping`` uses. The rules: docs/method.md#semantic-units.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,14 +33,13 @@ __all__ = [
     "UnitExtractor",
     "UnitCollator",
     "align_units",
-    "char_spans_to_token_ranges_reference",
 ]
 
 Span = tuple[int, int]
 
 WORD_MODES = ("in_phrases", "all")
 
-# The verb-phrase pattern of SPEC §2: AUX* ADV* VERB+ ADV*, matched greedily (longest).
+# The verb-phrase pattern of docs/method.md#semantic-units: AUX* ADV* VERB+ ADV*, matched greedily (longest).
 VERB_PHRASE_PATTERN = [
     {"POS": "AUX", "OP": "*"},
     {"POS": "ADV", "OP": "*"},
@@ -99,7 +97,7 @@ def _text_units(words: np.ndarray, phrases: np.ndarray) -> TextUnits:
 
 
 class UnitExtractor:
-    """Words and phrases of texts (SPEC §2), with spaCy, cached per text.
+    """Words and phrases of texts (docs/method.md#semantic-units), with spaCy, cached per text.
 
     Args:
         pipeline: name or path of a spaCy pipeline that has a dependency parser and POS tags
@@ -275,49 +273,13 @@ class UnitExtractor:
 # ---------------------------------------------------------------------------------------------------
 
 
-def char_spans_to_token_ranges_reference(
-    texts: Sequence[str], offsets: torch.Tensor, spans: Sequence[Sequence[Span]]
-) -> torch.Tensor:
-    """Pure-Python reference of the SPEC §2 token-assignment rule (oracle of the extension op).
-
-    Args:
-        texts: B strings.
-        offsets: int64 ``[B, T, 2]`` character range ``[ts, te)`` of each token; an empty range
-            (padding, special tokens) belongs to no unit.
-        spans: per sequence, sorted non-overlapping character spans ``(start, end)``.
-
-    Returns:
-        int64 ``[K, 2]``, K = total number of spans, in order: ``[first token, last token + 1)`` in
-        local token positions of the span's sequence, or ``[-1, -1]`` when no token belongs to it.
-        A token belongs to the span containing its first non-whitespace character (``str.isspace``).
-    """
-    rows: list[list[int]] = []
-    for b, text in enumerate(texts):
-        seq_spans = list(spans[b])
-        starts = [s for s, _ in seq_spans]
-        ranges = [[-1, -1] for _ in seq_spans]
-        for t, (ts, te) in enumerate(offsets[b].tolist()):
-            while ts < te and text[ts].isspace():
-                ts += 1
-            if ts >= te:
-                continue  # empty or whitespace-only token
-            u = bisect.bisect_right(starts, ts) - 1
-            if u < 0 or ts >= seq_spans[u][1]:
-                continue  # starts outside every unit
-            if ranges[u][0] < 0:
-                ranges[u][0] = t
-            ranges[u][1] = t + 1
-        rows.extend(ranges)
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
-
-
 def _char_spans_to_token_ranges(
     texts: Sequence[str],
     offsets: torch.Tensor,
     spans: Sequence[Sequence[Span]],
     packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The extension's char-span -> token-range op (SPEC §2), ``[K, 2]`` local token ranges.
+    """The extension's char-span -> token-range op (docs/method.md#mapping-units-to-tokens), ``[K, 2]``.
 
     ``packed`` = (codepoints, cu_chars, spans [K, 2], cu_spans) already in the op's tensor form (what
     :func:`mta_kernels.layout.char_spans_to_token_ranges` builds from ``texts`` and ``spans``): given, the

@@ -1,8 +1,9 @@
-"""MTALoss / DSALoss / HRALoss (SPEC §4–§7) against a readable composition of the reference functions.
+"""MTALoss / DSALoss / HRALoss against the eager oracle of the whole loss, ``reference.mta_loss``.
 
-The oracle is ``reference_mta`` below run in float64; the "eager" baseline of the SPEC §8 rule is the
-same composition run in the input dtype. Units are built by hand (random sorted, non-overlapping ranges
-per sequence, the same unit count in both tokenizations), never by spaCy.
+The oracle is ``reference.mta_loss`` run in float64; the "eager" baseline of the tolerance rule
+(docs/method.md#numerical-tolerance-rule) is the same function run in the input dtype. Units are built
+by hand (random sorted, non-overlapping ranges per sequence, the same unit count in both tokenizations),
+never by spaCy.
 """
 
 from __future__ import annotations
@@ -90,53 +91,6 @@ def clone_states(states, dtype, device=None):
     return tuple(h.detach().to(device=device or h.device, dtype=dtype).requires_grad_(True) for h in states)
 
 
-# --------------------------------------------------------------------------- the reference composition
-def reference_mta(
-    pairs, s_states, t_states, units, s_mask, t_mask, *, pooling, weighted, hra, gamma, projectors
-):
-    """SPEC §4–§7 composed from ``mta_kernels.reference``, one pair at a time: (loss, dsa [K], hra [K])."""
-    dsa_terms, hra_terms = [], []
-    for k, (ls, lt, granularity) in enumerate(pairs):
-        ub = units[granularity]
-        hs, ht = s_states[ls], t_states[lt].detach()
-        B, Ts, Ds = hs.shape
-        Tt, Dt = ht.shape[1:]
-        hs_flat, ht_flat = hs.reshape(B * Ts, Ds), ht.reshape(B * Tt, Dt)
-
-        # §4: saliency -> weights normalised over the covered tokens of each sequence.
-        w_s = ref.covered_token_weights(ref.token_saliency(hs, s_mask), ub.student_ranges, ub.cu_units, Ts)
-        w_t = ref.covered_token_weights(ref.token_saliency(ht, t_mask), ub.teacher_ranges, ub.cu_units, Tt)
-        if pooling == "attention":
-            units_s = ref.span_pool(hs_flat, ub.student_ranges, w_s)
-            units_t = ref.span_pool(ht_flat, ub.teacher_ranges, w_t)
-        else:
-            units_s = ref.span_pool(hs_flat, ub.student_ranges)
-            units_t = ref.span_pool(ht_flat, ub.teacher_ranges)
-        # Unit importance W_u = Σ_{i in u} ŵ^T_i.
-        W = torch.zeros(ub.num_units, dtype=w_t.dtype, device=w_t.device)
-        for u, (start, end) in enumerate(ub.teacher_ranges.tolist()):
-            W[u] = w_t[start:end].sum()
-
-        # §5 DSA.
-        dsa_terms.append(ref.structural_loss(units_s, units_t, ub.cu_units, W if weighted else None))
-
-        # §6 HRA.
-        if hra == "unit":
-            projected = projectors[k](units_s.to(projectors[k].weight.dtype))
-            hra_terms.append(ref.hra_loss(projected, units_t, W if weighted else None))
-        elif hra == "token":
-            covered = [i for start, end in ub.student_ranges.tolist() for i in range(start, end)]
-            idx = torch.tensor(covered, dtype=torch.long, device=hs.device)
-            projected = projectors[k](hs_flat[idx].to(projectors[k].weight.dtype))
-            hra_terms.append(ref.hra_loss(projected, ht_flat[idx], w_t[idx] if weighted else None))
-
-    dsa = torch.stack(dsa_terms)
-    if hra is None:
-        return dsa.mean(), dsa, None
-    hra_vec = torch.stack(hra_terms)
-    return (dsa + gamma * hra_vec).mean(), dsa, hra_vec
-
-
 def run_and_compare(
     module: MTALoss,
     s_states,
@@ -148,8 +102,9 @@ def run_and_compare(
     check_grads: bool = True,
     floor: float = 1e-5,
 ) -> None:
-    """Module vs the float64 oracle under the SPEC §8 rule (eager = the composition in the input dtype);
-    values, per-pair terms, and the gradients w.r.t. the student's layers and the projectors."""
+    """Module vs ``reference.mta_loss`` in float64 under the tolerance rule (eager = ``reference.mta_loss``
+    in the input dtype; docs/method.md#numerical-tolerance-rule): values, per-pair terms, and the
+    gradients w.r.t. the student's layers and the projectors."""
     dtype = s_states[0].dtype
     kw = dict(pooling=module.pooling, weighted=module.weighted, hra=module.hra_level, gamma=module.gamma)
 
@@ -163,8 +118,8 @@ def run_and_compare(
             if (module.hra_level is not None)
             else None
         )
-        loss, dsa, hra = reference_mta(
-            module.pairs, states, teacher, units, s_mask, t_mask, projectors=proj, **kw
+        loss, dsa, hra = ref.mta_loss(
+            states, teacher, units, s_mask, t_mask, pairs=module.pairs, projectors=proj, **kw
         )
         results[name] = (loss, dsa, hra, states, proj)
 

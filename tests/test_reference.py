@@ -1,8 +1,9 @@
-"""The eager reference (the oracle) against cases small enough to compute by hand (SPEC §3–§6)."""
+"""The eager reference (the oracle) against cases small enough to compute by hand (docs/method.md)."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ def _cu(*lengths: int) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-# ------------------------------------------------------------------------------------------ §5 DSA
+# ---------------------------------------------------------------------------------------- DSA loss
 # Three units with known cosines. Student: (1,0), (0,1), (1,1) -> C01 = 0, C02 = C12 = 1/sqrt(2).
 # Teacher: (1,0,0), (2,0,0), (0,0,3)  -> C01 = 1, C02 = C12 = 0.
 STUDENT3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=F64)
@@ -91,7 +92,7 @@ def test_structural_teacher_gets_no_gradient():
     assert t.grad is None
 
 
-# ---------------------------------------------------------------------------------------- §4 pool
+# ------------------------------------------------------------------------------------ span pooling
 def test_span_pool_by_hand():
     hidden = torch.arange(12, dtype=F64).reshape(6, 2)  # row i = (2i, 2i+1)
     ranges = torch.tensor([[0, 2], [3, 6]], dtype=torch.int32)
@@ -125,7 +126,7 @@ def test_covered_token_weights_by_hand():
     torch.testing.assert_close(w, expected)
 
 
-# ------------------------------------------------------------------------------------ §3 saliency
+# ---------------------------------------------------------------------------------- token saliency
 def test_saliency_by_hand():
     # D = 2 rows ±(1, -1): unbiased std sqrt(2), so S = ±c with c = 2 / ((sqrt2 + 1e-5)^2 sqrt2).
     h = torch.tensor([[[1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]]], dtype=F64)
@@ -160,7 +161,7 @@ def test_saliency_special_cases_by_hand():
     torch.testing.assert_close(stacked[1], expected)
 
 
-# ------------------------------------------------------------------------------------------ §6 HRA
+# ---------------------------------------------------------------------------------------- HRA loss
 def test_hra_by_hand():
     p = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]], dtype=F64)
     t = torch.tensor([[2.0, 0.0], [1.0, 0.0], [1.0, 0.0]], dtype=F64)
@@ -172,3 +173,86 @@ def test_hra_by_hand():
     torch.testing.assert_close(reference.hra_loss(p, t, w), torch.tensor(1 / 4, dtype=F64))
     # weights summing to 0: 0, not NaN
     assert reference.hra_loss(p, t, torch.zeros(3, dtype=F64)).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------- the whole loss
+def _hand_case():
+    """One sequence, 3 tokens, units [0, 1) and [1, 3); student units (1,0), (0,1) -> C_S01 = 0;
+    teacher units (1,0,0), (2,0,0) -> C_T01 = 1. Projector: Ds = 2 -> Dt = 3, the identity on the
+    first two coordinates, no bias."""
+    student = (torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]], dtype=F64, requires_grad=True),)
+    teacher = (torch.tensor([[[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [2.0, 0.0, 0.0]]], dtype=F64),)
+    ranges = torch.tensor([[0, 1], [1, 3]], dtype=torch.int32)
+    units = SimpleNamespace(student_ranges=ranges, teacher_ranges=ranges, cu_units=_cu(2))
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    proj = torch.nn.Linear(2, 3, dtype=F64)
+    with torch.no_grad():
+        proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        proj.bias.zero_()
+    return student, teacher, units, mask, proj
+
+
+@pytest.mark.parametrize("hra, expected_hra", [("unit", 0.5), ("token", 2 / 3), (None, None)])
+def test_mta_loss_by_hand(hra, expected_hra):
+    # DSA: the two ordered pairs each contribute (0 − 1)² with weight 1 -> 2 / 2 = 1 for both pairs.
+    # HRA unit: cos = 1 and 0 -> mean(1 − cos) = 1/2. HRA token: covered tokens 0, 1, 2 project to
+    # (1,0,0), (0,1,0), (0,1,0) against (1,0,0), (2,0,0), (2,0,0): 1 − cos = 0, 1, 1 -> 2/3.
+    student, teacher, units, mask, proj = _hand_case()
+    pairs = [(0, 0, "word"), (0, 0, "phrase")]
+    out = reference.mta_loss(
+        student,
+        teacher,
+        {"word": units, "phrase": units},
+        mask,
+        mask,
+        pairs=pairs,
+        projectors=[proj, proj] if hra else None,
+        pooling="mean",
+        weighted=False,
+        hra=hra,
+        gamma=0.3,
+    )
+    torch.testing.assert_close(out.dsa, torch.ones(2, dtype=F64))
+    if hra is None:
+        assert out.hra is None
+        torch.testing.assert_close(out.loss, torch.tensor(1.0, dtype=F64))
+    else:
+        torch.testing.assert_close(out.hra, torch.full((2,), expected_hra, dtype=F64))
+        torch.testing.assert_close(out.loss, torch.tensor(1.0 + 0.3 * expected_hra, dtype=F64))
+    out.loss.backward()
+    assert student[0].grad is not None and student[0].grad.abs().sum() > 0
+
+
+def test_mta_loss_stacked_matches_block_diagonal():
+    gen = torch.Generator().manual_seed(0)
+    student = (torch.randn(2, 6, 5, generator=gen, dtype=F64),)
+    teacher = (torch.randn(2, 6, 7, generator=gen, dtype=F64),)
+    ranges = torch.tensor([[0, 2], [2, 3], [4, 6], [6, 7], [8, 11]], dtype=torch.int32)
+    units = {"word": SimpleNamespace(student_ranges=ranges, teacher_ranges=ranges, cu_units=_cu(3, 2))}
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    proj = [torch.nn.Linear(5, 7, dtype=F64)]
+    kw = dict(pairs=[(0, 0, "word")], projectors=proj, hra="unit")
+    block = reference.mta_loss(student, teacher, units, mask, mask, **kw)
+    stacked = reference.mta_loss(student, teacher, units, mask, mask, stacked=True, **kw)
+    torch.testing.assert_close(block.loss, stacked.loss)
+    assert block.loss > 0
+
+
+def test_mta_loss_bad_arguments():
+    student, teacher, units, mask, proj = _hand_case()
+    other = SimpleNamespace(
+        student_ranges=units.student_ranges,
+        teacher_ranges=torch.tensor([[0, 2], [2, 3]], dtype=torch.int32),
+        cu_units=units.cu_units,
+    )
+    call = dict(pairs=[(0, 0, "word")], projectors=[proj])
+    with pytest.raises(ValueError, match="one tokenization"):
+        reference.mta_loss(student, teacher, {"word": other}, mask, mask, hra="token", **call)
+    with pytest.raises(ValueError, match="pooling"):
+        reference.mta_loss(student, teacher, {"word": units}, mask, mask, pooling="max", **call)
+    with pytest.raises(ValueError, match="hra"):
+        reference.mta_loss(student, teacher, {"word": units}, mask, mask, hra="layer", **call)
+    with pytest.raises(ValueError, match="projector"):
+        reference.mta_loss(student, teacher, {"word": units}, mask, mask, pairs=[(0, 0, "word")])
+    with pytest.raises(ValueError, match="phrase"):
+        reference.mta_loss(student, teacher, {"word": units}, mask, mask, pairs=[(0, 0, "phrase")], hra=None)

@@ -1,6 +1,7 @@
-"""Semantic units (SPEC §2): extraction with the real spaCy pipeline, alignment to two genuinely different
+"""Semantic units: extraction with the real spaCy pipeline, alignment to two genuinely different
 tokenizations (a byte-level BPE and a lower-casing WordPiece, both trained here, offline), the packed
-layout, the collator, bad inputs, and the extension op against the pure-Python rule.
+layout, the collator, bad inputs, and the extension op against the pure-Python rule
+(docs/method.md#semantic-units).
 
 Tests that need spaCy ask for the ``extractor`` fixture (skipped where spaCy is not installed, e.g. on
 the GPU machine); the tokenizer-only tests run everywhere.
@@ -18,12 +19,12 @@ import torch
 
 from mta_kernels import layout
 from mta_kernels.layout import UnitBatch
+from mta_kernels.reference import char_spans_to_token_ranges_reference
 from mta_kernels.units import (
     TextUnits,
     UnitCollator,
     UnitExtractor,
     align_units,
-    char_spans_to_token_ranges_reference,
 )
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -212,7 +213,8 @@ def _owner_by_scan(text: str, ts: int, te: int, spans) -> int:
 
 
 def _check_batch(ub: UnitBatch, text_units, texts, encodings, granularity: str) -> None:
-    """Every SPEC §2 property of a UnitBatch, checked from the raw offsets of each encoding."""
+    """Every property of a UnitBatch (docs/method.md#packed-layout), checked from the raw offsets of each
+    encoding."""
     batch = len(texts)
     assert ub.cu_units.dtype == torch.int32 and ub.cu_units.shape == (batch + 1,)
     assert ub.student_ranges.dtype == torch.int32 and ub.teacher_ranges.dtype == torch.int32

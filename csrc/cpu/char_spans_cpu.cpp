@@ -1,4 +1,5 @@
-// char_spans_to_token_ranges (SPEC §2 "Mapping units to tokens"), CPU only: a host preprocessing step.
+// char_spans_to_token_ranges (docs/method.md#mapping-units-to-tokens), CPU only: a host preprocessing
+// step.
 //
 // Token t of sequence b covers characters [ts, te) of its text (HF offset_mapping). ts moves forward
 // past whitespace (Python's str.isspace()); if then ts >= te the token belongs to no unit, else to the
