@@ -14,7 +14,7 @@ __all__ = ["MTAPreset", "PRESETS", "auto_pairs"]
 
 @dataclass(frozen=True)
 class MTAPreset:
-    """One row of SPEC §7's table: layer indices are Hugging Face ``hidden_states`` indices."""
+    """One published setting (docs/method.md#layer-presets); layer indices are ``hidden_states`` indices."""
 
     student_layers: tuple[int, ...]
     teacher_layers: tuple[int, ...]
@@ -70,7 +70,7 @@ def auto_pairs(
         t_k = round(s_k · L_t / L_s)
 
     The first ``n_word`` pairs are word level, the rest phrase level. With the defaults
-    (f = 0.5, K = 3) GPT-2 (12 layers) ← GPT-2-XL (48) gives ``6 9 12 ← 24 36 48``: SPEC §7's preset.
+    (f = 0.5, K = 3) GPT-2 (12 layers) ← GPT-2-XL (48) gives ``6 9 12 ← 24 36 48``, the published preset.
     Indices are Hugging Face ``hidden_states`` indices (0 = embeddings), so a model with L layers has
     valid indices 0..L. Raises ValueError when the rule would map two pairs to the same layer.
     """

@@ -1,4 +1,4 @@
-"""The repository stands on its own: nothing refers to files outside it, every link into our docs resolves."""
+"""The repository stands on its own: nothing refers to files outside it (links: tests/test_docs.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Built from pieces so that this file does not match itself.
 OUTSIDE_REFERENCES = re.compile("|".join(["SP" + "EC", "PERF" + "-NOTES", r"\.\./sha" + "red"]))
-ANCHOR_LINK = re.compile(r"(docs/[\w./-]+\.md)#([\w-]+)")
-MD_LINK = re.compile(r"\]\(([^)#\s]+)(?:#([\w-]+))?\)")
 
 
 def _tracked_files() -> list[Path]:
@@ -30,17 +28,6 @@ def _text_files() -> list[Path]:
     return [p for p in _tracked_files() if p.suffix in suffixes or p.name in names]
 
 
-def _anchors(md: Path) -> set[str]:
-    """GitHub-style anchors of a Markdown file's headings."""
-    anchors = set()
-    for line in md.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"#+\s+(.*)", line)
-        if m:
-            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
-            anchors.add(slug)
-    return anchors
-
-
 def test_no_reference_to_files_outside_the_repository():
     hits = []
     for path in _text_files():
@@ -48,29 +35,6 @@ def test_no_reference_to_files_outside_the_repository():
             if OUTSIDE_REFERENCES.search(line):
                 hits.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()[:100]}")
     assert not hits, "references to files that are not in the repository:\n" + "\n".join(hits)
-
-
-def test_links_into_our_docs_resolve():
-    bad = []
-    for path in _text_files():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        for doc, anchor in ANCHOR_LINK.findall(text):
-            target = ROOT / doc
-            if not target.is_file():
-                bad.append(f"{path.relative_to(ROOT)}: {doc} does not exist")
-            elif anchor not in _anchors(target):
-                bad.append(f"{path.relative_to(ROOT)}: {doc}#{anchor}: no such heading")
-        if path.suffix == ".md":
-            prose = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))  # code is not a link
-            for link, anchor in MD_LINK.findall(prose):
-                if re.match(r"[a-z]+:", link):  # http:, https:, mailto:
-                    continue
-                target = (path.parent / link).resolve()
-                if not target.exists():
-                    bad.append(f"{path.relative_to(ROOT)}: link to {link} does not resolve")
-                elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
-                    bad.append(f"{path.relative_to(ROOT)}: {link}#{anchor}: no such heading")
-    assert not bad, "broken links:\n" + "\n".join(bad)
 
 
 def test_the_method_and_the_licence_are_in_the_repository():
