@@ -137,9 +137,9 @@ def test_train_teacher_and_plot(assets, tmp_path):
 
 def test_plain_text_data_response_labels(assets, tmp_path):
     """Plain text: every token is a target; JSONL: only the response tokens."""
+    from mta_kernels.distill.collate import UnitCollator
     from mta_kernels.distill.data import TextDataset, load_examples
     from mta_kernels.distill.models import load_tokenizer
-    from mta_kernels.units import UnitCollator
 
     tok = load_tokenizer(str(assets / "bpe"), "builtin:gpt2:1:8")
     (tmp_path / "a.txt").write_text("The teacher is frozen.\n\nThe student learns.\n")
@@ -219,9 +219,9 @@ def test_torchrun_two_processes_match_one_with_double_batch(assets, tmp_path):
     for key in ("ce", "kd"):
         assert m2[0][key] == pytest.approx(m1[0][key], rel=1e-5)
     assert m2[0]["target_tokens"] == m1[0]["target_tokens"]
-    # MTA: the DSA denominator is per batch (SPEC §5), so two half batches average two ratios instead of
-    # taking one ratio of sums; the weights then drift apart slightly. Measured on this data over 4
-    # steps: MTA within 0.6 % (step 2), total loss within 5e-4; the bounds leave 3-4x room.
+    # MTA: the DSA denominator is per batch (docs/method.md#dsa-loss), so two half batches average two
+    # ratios instead of taking one ratio of sums; the weights then drift apart slightly. Measured on this
+    # data over 4 steps: MTA within 0.6 % (step 2), total loss within 5e-4; the bounds leave 3-4x room.
     for a, b in zip(m1, m2):
         assert b["mta"] == pytest.approx(a["mta"], rel=0.02)
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)

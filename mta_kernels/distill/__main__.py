@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-tokenizer", default=None)
     p.add_argument("--student", required=True, help="local HF directory or builtin:gpt2|llama:LAYERS:DIM")
     p.add_argument("--student-tokenizer", default=None)
-    g = p.add_argument_group("objective (SPEC §7)")
+    g = p.add_argument_group("objective (docs/method.md#the-objective)")
     g.add_argument("--lam", type=float, default=d.lam, help="λ: weight of the distillation terms")
     g.add_argument("--beta", type=float, default=d.beta, help="β: weight of MTA inside the distillation term")
     g.add_argument("--gamma", type=float, default=d.gamma, help="γ: weight of HRA inside MTA")

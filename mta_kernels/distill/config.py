@@ -45,7 +45,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | None = None  # None: on for CUDA, off for CPU
     grad_checkpointing: bool = False
-    # Objective (SPEC §7): L = (1 − λ) CE + λ (KD + β MTA).
+    # Objective (docs/method.md#the-objective): L = (1 − λ) CE + λ (KD + β MTA).
     lam: float = 0.5
     beta: float = 2.0
     gamma: float = 0.1

@@ -4,9 +4,9 @@ JSONL (``.jsonl``/``.json``): one object a line with string fields ``prompt`` an
 the models see is ``prompt + output`` and the LM/KD losses are taken on the response tokens only (the
 tokens that start at or after the end of the prompt get labels, the others -100). Plain text (any other
 suffix): one example a non-empty line, every token a target. The collator is
-:class:`mta_kernels.units.UnitCollator` (the one home of the tokenization and the label rule): with
-units (SPEC §2, extracted from the whole text inside the DataLoader workers) for MTA runs, with
-``granularities=()`` (no units, no spaCy) otherwise.
+:class:`mta_kernels.distill.collate.UnitCollator` (the one home of the tokenization, truncation and
+label rules): with units (docs/method.md#semantic-units, extracted from the whole text inside the
+DataLoader workers) for MTA runs, with ``granularities=()`` (no units, no spaCy) otherwise.
 """
 
 from __future__ import annotations

@@ -189,10 +189,6 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, out_dir: s
     return fast
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def freeze(model: nn.Module) -> nn.Module:
     """Teacher: eval mode, no gradients."""
     model.eval()
@@ -203,7 +199,6 @@ def freeze(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "build_model",
-    "count_parameters",
     "freeze",
     "hidden_size",
     "is_builtin",
