@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mta_kernels.distill.__main__ import main
+from mta_kernels.distill.checks import RUN_MARKER
 from mta_kernels.distill.demo import CORPUS, DOLLY
 from mta_kernels.distill.models import train_tokenizer
 
@@ -36,8 +37,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("distill"))
+
+
+def make_assets(root):
     """Two tokenizers trained on the bundled corpus and a 16-example Dolly JSONL (one fixed batch)."""
-    root = tmp_path_factory.mktemp("distill")
     with open(CORPUS, encoding="utf-8") as f:
         corpus = [ln.strip() for ln in f if ln.strip()]
     train_tokenizer("bpe", corpus, 400, str(root / "bpe"))
@@ -280,6 +284,9 @@ def test_foreign_checkpoint_is_refused_and_kept(assets, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     (other / "checkpoint.pt").write_bytes(b"garbage")
+    msg = _error(capsys, _distill_args(assets, other, "--no-mta", "--resume", steps=2))
+    assert "not created by mta-distill" in msg and "--overwrite" in msg  # not ours: not even read
+    (other / RUN_MARKER).write_text("")
     msg = _error(capsys, _distill_args(assets, other, "--no-mta", "--resume", steps=2))
     assert "cannot be read" in msg or "not a checkpoint" in msg
     assert (other / "checkpoint.pt").read_bytes() == b"garbage"

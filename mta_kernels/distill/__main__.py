@@ -20,6 +20,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--data", required=True, help="JSONL with 'prompt'/'output' (Dolly) or text, one example a line"
     )
+    g.add_argument(
+        "--format",
+        dest="data_format",
+        choices=("auto", "jsonl", "text"),
+        default=d.data_format,
+        help="data format (default: read from the content: JSONL when the first line is a JSON object)",
+    )
     g.add_argument("--eval-data", default=None, help="held-out file (default: --eval-fraction of --data)")
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per sequence (truncation)")
@@ -105,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pooling", choices=POOLINGS, default=d.pooling)
     g.add_argument("--unweighted", dest="weighted", action="store_false", help="unit importances all 1")
     g.add_argument("--words", choices=("in_phrases", "all"), default=d.words)
-    g.add_argument("--spacy-pipeline", default=d.spacy_pipeline)
+    g.add_argument(
+        "--spacy-model",
+        "--spacy-pipeline",
+        dest="spacy_pipeline",
+        default=d.spacy_pipeline,
+        help="spaCy pipeline of the units (name or path; its language must be the data's; default: English)",
+    )
     g.add_argument(
         "--backend",
         choices=BACKENDS,

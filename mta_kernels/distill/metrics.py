@@ -48,6 +48,12 @@ def summarise(metrics_path: str) -> dict:
     }
     shares = [r["mta_share"] for r in timed if r.get("mta_share") is not None]
     out["mta_share"] = float(np.median(shares)) if shares else None
+    covered = [r["unit_coverage"] for r in train_recs if r.get("unit_coverage")]
+    if covered:  # mean over the logged steps of each step's fractions
+        out["unit_coverage"] = {
+            g: {k: float(np.mean([c[g][k] for c in covered])) for k in ("examples", "tokens")}
+            for g in covered[0]
+        }
     if evals:
         out["eval_loss"], out["eval_ppl"] = evals[-1]["eval_loss"], evals[-1]["eval_ppl"]
     return out

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mta_kernels.constants import GRANULARITIES
+from mta_kernels.distill import checks
 from mta_kernels.distill import models as M
 from mta_kernels.distill.collate import UnitCollator
 from mta_kernels.distill.config import RESUME_KEYS, DistillError, TrainConfig, parse_pairs
@@ -114,6 +115,9 @@ class Setup:
     eval_set: TextDataset
     collator: UnitCollator
     notes: list[str]
+    warnings: list[str]
+    granularities: tuple[str, ...]
+    data_checks: dict
 
 
 def _resolve_mta(
@@ -171,14 +175,15 @@ def _check_pairs(pairs: list[tuple[int, int, str]], ls: int, lt: int, where: str
 def build(cfg: TrainConfig, env: DistEnv) -> Setup:
     """Load data, tokenizers and models, resolve the objective; raises :class:`DistillError` on bad input."""
     notes: list[str] = []
+    warnings: list[str] = []
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight-loading bars would interleave with ours
     except ImportError:  # pragma: no cover
         pass
-    examples = load_examples(cfg.data)
-    train_ex, eval_ex = split_examples(examples, cfg.eval_data, cfg.eval_fraction, cfg.seed)
+    examples = load_examples(cfg.data, cfg.data_format)
+    train_ex, eval_ex = split_examples(examples, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.data_format)
     global_batch = cfg.batch_size * env.world
     if len(train_ex) < global_batch:
         raise DistillError(
@@ -194,6 +199,9 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
         teacher = M.freeze(M.build_model(cfg.teacher, teacher_tok, cfg.max_length))
     torch.manual_seed(cfg.seed)
     student = M.build_model(cfg.student, student_tok, cfg.max_length)
+    checks.check_model(student, student_tok, cfg, "student")
+    if teacher is not None:
+        checks.check_model(teacher, teacher_tok, cfg, "teacher")
 
     kd_vocab = None
     if cfg.mode == "distill" and cfg.kd != "none":
@@ -231,6 +239,27 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
         max_length=cfg.max_length,
         granularities=granularities,
     )
+    train_set = TextDataset(train_ex)
+    lm = UnitCollator(student_tok, None, max_length=cfg.max_length, granularities=())
+    data_checks = {
+        "truncation": checks.scan_targets(train_set, lm, cfg.max_length, cfg.progress and env.main)
+    }
+    note = checks.truncation_note(data_checks["truncation"], cfg.max_length)
+    if note:
+        notes.append(note)
+    if extractor is not None:
+        sample = [train_set[i] for i in range(min(len(train_set), 64))]
+        warning = checks.language_warning(
+            [e["text"] for e in train_set.items[:2000]], extractor.load().lang, cfg.spacy_pipeline
+        )
+        if warning:
+            warnings.append(warning)
+        # The first examples' units (cached by the extractor, so training reuses them).
+        cov = checks.coverage(collator(sample)["stats"], granularities)
+        data_checks["unit_coverage_first_examples"] = cov
+        warning = checks.coverage_warning(cov, f"the first {len(sample)} training examples")
+        if warning:
+            warnings.append(warning)
     return Setup(
         env,
         student,
@@ -241,10 +270,13 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
         mta,
         pairs,
         kd_vocab,
-        TextDataset(train_ex),
+        train_set,
         TextDataset(eval_ex),
         collator,
         notes,
+        warnings,
+        granularities,
+        data_checks,
     )
 
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mta_kernels.distill import checks
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.checkpoint import (
     CHECKPOINT_NAME,
@@ -118,8 +120,10 @@ def evaluate(s: Setup, cfg: TrainConfig, autocast: Any) -> dict | None:
 def train(cfg: TrainConfig) -> dict:
     """Run a whole training (or resume one). Returns the final summary (also in ``<out>/summary.json``)."""
     cfg.validate()
+    checks.check_out_dir(cfg)
     env = setup_dist(cfg)
     try:
+        checks.check_backend(cfg, env.device.type)
         if cfg.backend != "auto":
             from mta_kernels import use_backend
 
@@ -171,12 +175,21 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int) -> None:
-    os.makedirs(cfg.out, exist_ok=True)
+    checks.mark_out_dir(cfg.out)
     trim_metrics(os.path.join(cfg.out, METRICS_NAME), step)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump({**cfg.to_dict(), "pairs_resolved": fp["pairs"], "world_size": s.env.world}, f, indent=1)
     for note in s.notes:
         print(f"note: {note}")
+    for warning in s.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _stat_keys(s: Setup) -> list[str]:
+    keys = ["examples", "tokens"]
+    for g in s.granularities:
+        keys += [f"units_{g}_examples", f"units_{g}_tokens"]
+    return keys
 
 
 def _train(cfg: TrainConfig, env: DistEnv) -> dict:
@@ -215,9 +228,13 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     stream = micro_batches(s, cfg, step * cfg.grad_accum)
     last_eval = None
     stop = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    stat_keys = _stat_keys(s) if s.granularities else []
     while step < stop:
         micro = [to_device(next(stream), device) for _ in range(cfg.grad_accum)]
-        rec, _ = stepper.step(micro, step + 1)
+        local = [sum(mb["stats"][k] for mb in micro) for k in stat_keys]
+        rec, reduced = stepper.step(micro, step + 1, local)
+        if stat_keys:
+            rec["unit_coverage"] = checks.coverage(dict(zip(stat_keys, reduced)), s.granularities)
         step += 1
         do_eval = step % cfg.eval_every == 0 or step == cfg.steps
         if do_eval:
@@ -259,6 +276,14 @@ def _finish(cfg: TrainConfig, s: Setup, step: int, last_eval: dict | None, metri
     if not s.env.main:
         return summary
     summary.update(summarise(metrics_path))
+    summary["data_checks"] = s.data_checks
+    warnings = list(s.warnings)
+    if summary.get("unit_coverage"):
+        warning = checks.coverage_warning(summary["unit_coverage"], "the training batches")
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+            warnings.append(warning)
+    summary["warnings"] = warnings
     if cfg.save_model:
         model_dir = os.path.join(cfg.out, "model")
         s.student.save_pretrained(model_dir)
