@@ -19,11 +19,15 @@ import pytest
 import torch
 
 from mta_kernels.distill.__main__ import main
+from mta_kernels.distill.checkpoint import load_checkpoint
 from mta_kernels.distill.checks import script_share
 from mta_kernels.distill.data import load_examples
-from tests.test_distill import _distill_args, _error, _metrics, make_assets
+from mta_kernels.distill.demo import DOLLY
+from tests.test_distill import _distill_args, _error, _metrics, _train_losses, make_assets
 
 pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,6 +70,7 @@ def _cli(args: list[str], env_extra: dict | None = None, timeout: int = 120) -> 
     env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run(
         [sys.executable, "-m", "mta_kernels.distill", *args],
+        cwd=ROOT,  # this checkout's package, not another installed copy
         env=env,
         capture_output=True,
         text=True,
@@ -74,15 +79,17 @@ def _cli(args: list[str], env_extra: dict | None = None, timeout: int = 120) -> 
 
 
 # ------------------------------------------------------------------------- 1. the output directory
-def test_1_out_holding_a_model_is_refused_and_left_byte_identical(assets, tmp_path):
+def test_1_out_holding_a_model_is_refused_and_left_byte_identical(assets, tmp_path, capsys):
     model = _model_dir(tmp_path / "hf-model", assets / "bpe")
     before = _snapshot(model)
-    for extra in ([], ["--overwrite"]):  # --overwrite never allows writing into a model
-        r = _cli(_distill_args(assets, model, "--no-mta", *extra, steps=1))
-        assert r.returncode == 2, r.stderr[-2000:]
-        err = " ".join(r.stderr.split())
-        assert err.startswith("error: ") and "holds a model" in err and "Traceback" not in err
-        assert _snapshot(model) == before
+    r = _cli(_distill_args(assets, model, "--no-mta", steps=1))
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = " ".join(r.stderr.split())
+    assert err.startswith("error: ") and "holds a model" in err and "Traceback" not in err
+    assert _snapshot(model) == before
+    msg = _error(capsys, _distill_args(assets, model, "--no-mta", "--overwrite", steps=1))
+    assert "holds a model" in msg  # --overwrite never allows writing into a model
+    assert _snapshot(model) == before
 
 
 def test_1_foreign_non_empty_out_needs_overwrite(assets, tmp_path, capsys):
@@ -236,3 +243,69 @@ def test_7_clear_errors(assets, tmp_path, capsys, monkeypatch):
     msg = _error(capsys, args)
     assert "line 3" in msg and "at column 27 of 26" in msg  # the end of the record, not "column 1"
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------- 8. pre-emption, killed writes
+@pytest.fixture(scope="module")
+def resume_data(assets):
+    """32 examples, batch 8: 4 batches an epoch, so a resumed run must also find its place in the data."""
+    with open(DOLLY, encoding="utf-8") as f:
+        (assets / "d32.jsonl").write_text("".join([ln for ln in f if ln.strip()][:32]))
+    return assets / "d32.jsonl"
+
+
+def _mta_args(assets, data, out, *extra) -> list[str]:
+    args = _distill_args(assets, out, "--pairs", "1:1:word,2:2:phrase", "--batch-size", "8", *extra, steps=6)
+    args[args.index("--data") + 1] = str(data)
+    return args
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, resume_data, tmp_path_factory) -> list[float]:
+    pytest.importorskip("spacy")
+    out = tmp_path_factory.mktemp("full") / "run"
+    assert main(_mta_args(assets, resume_data, out, "--save-every", "2")) == 0
+    return _train_losses(out)
+
+
+def test_8_sigterm_mid_step_checkpoints_and_resume_is_exact(assets, resume_data, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    args = _mta_args(assets, resume_data, out, "--save-every", "100")  # no checkpoint but the pre-emption's
+    r = _cli(args, {"MTA_DISTILL_FAULT": "sigterm@step:3"})
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert (
+        "pre-empted (SIGTERM): step 3 finished and checkpointed" in r.stderr and "Traceback" not in r.stderr
+    )
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert [x["step"] for x in _metrics(out) if x["kind"] == "train"] == [1, 2, 3]
+    assert main([*args, "--resume"]) == 0
+    # Same data order, optimizer, schedule and RNG: the uninterrupted run's numbers, bit for bit.
+    assert _train_losses(out) == uninterrupted
+
+
+def test_8_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(
+    assets, resume_data, uninterrupted, tmp_path
+):
+    out = tmp_path / "run"
+    args = _mta_args(assets, resume_data, out, "--save-every", "2")
+    r = _cli(args, {"MTA_DISTILL_FAULT": "sigkill@save:2"})  # killed half-way through step 4's checkpoint
+    assert r.returncode == -9, r.stderr[-3000:]
+    leftovers = [n for n in os.listdir(out) if ".tmp." in n]
+    assert leftovers and all(n.startswith("checkpoint.pt.tmp.") for n in leftovers)
+    assert (out / leftovers[0]).stat().st_size > 0
+    state = load_checkpoint(str(out / "checkpoint.pt"))  # the previous checkpoint, whole
+    assert state["step"] == 2
+    assert main([*args, "--resume"]) == 0
+    assert not [n for n in os.listdir(out) if ".tmp." in n]
+    assert _train_losses(out) == uninterrupted
+
+
+def test_8_ctrl_c_in_process_checkpoints_the_step(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MTA_DISTILL_FAULT", "sigint@step:1")
+    out = tmp_path / "run"
+    assert main(_distill_args(assets, out, "--no-mta", "--save-every", "100", steps=3)) == 75
+    assert "pre-empted (SIGINT): step 1" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 1
+    monkeypatch.delenv("MTA_DISTILL_FAULT")
+    assert main(_distill_args(assets, out, "--no-mta", "--save-every", "100", "--resume", steps=3)) == 0
+    assert [x["step"] for x in _metrics(out) if x["kind"] == "train"] == [1, 2, 3]

@@ -1,6 +1,9 @@
 """Command line: ``python -m mta_kernels.distill {train-teacher,distill,demo} ...`` (``mta-distill``).
 
-Bad input (data, models, layer pairs, checkpoints) prints one paragraph ``error: ...`` and exits 2.
+Exit status: 0 done; 2 bad input (data, models, layer pairs, output directory, checkpoints: one
+paragraph ``error: ...``, nothing written); 75 pre-empted (SIGTERM or Ctrl-C: the current step finished
+and its checkpoint was written; ``--resume`` continues); 130 stopped by a second signal (the last
+checkpoint written is intact).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import textwrap
 
 from mta_kernels.constants import BACKENDS, POOLINGS
 from mta_kernels.distill.config import DistillError, TrainConfig
+from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -165,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as exc:
         print(textwrap.fill(f"error: {exc}", width=100), file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(
+            f"pre-empted ({exc.signame}): step {exc.step} finished and checkpointed in {exc.checkpoint}; "
+            "run the same command with --resume to continue",
+            file=sys.stderr,
+        )
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint written is intact (resume with --resume)", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from mta_kernels.distill import faults
 from mta_kernels.distill.config import DistillError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -23,7 +24,11 @@ CHECKPOINT_FORMAT = "mta-distill-checkpoint/1"
 
 
 def atomic_write_bytes(path: str, writer: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``path`` through ``writer(file)`` into a temporary sibling, fsync, then ``os.replace``."""
+    """Write ``path`` through ``writer(file)`` into a temporary sibling, fsync, then ``os.replace``.
+
+    A process killed before the rename leaves ``path`` as it was (and a ``.tmp.<pid>`` sibling that the
+    next run in the directory removes, see :func:`remove_stale_temporaries`).
+    """
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -36,9 +41,22 @@ def atomic_write_bytes(path: str, writer: Callable[[IO[bytes]], Any]) -> None:
             os.remove(tmp)
 
 
+def remove_stale_temporaries(out: str) -> None:
+    """Remove the temporary files of atomic writes that a killed process left in ``out``."""
+    for name in os.listdir(out):
+        if ".tmp." in name and name.split(".tmp.")[0] in (CHECKPOINT_NAME, "metrics.jsonl", "config.json"):
+            os.remove(os.path.join(out, name))
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """``torch.save`` to a temporary file in the same directory, then ``os.replace``: never half-written."""
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+    def write(f: IO[bytes]) -> None:
+        target = faults.checkpoint_file(f)  # f itself unless a test injects a fault
+        torch.save(state, target)
+        target.flush()
+
+    atomic_write_bytes(path, write)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -25,14 +25,26 @@ def trim_metrics(path: str, step: int) -> None:
         return
     with open(path) as f:
         lines = f.readlines()
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    # A line cut short by a killed process is dropped too (it belongs to a step after the checkpoint).
+    keep = [ln for ln in lines if (rec := _parse(ln)) is not None and rec.get("step", 0) <= step]
     if len(keep) != len(lines):
         atomic_write_bytes(path, lambda f: f.write("".join(keep).encode()))
 
 
+def _parse(line: str) -> dict | None:
+    if not line.endswith("\n"):
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics file (a last line cut short by a killed process is skipped)."""
     with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+        return [rec for ln in f if ln.strip() and (rec := _parse(ln)) is not None]
 
 
 def summarise(metrics_path: str) -> dict:

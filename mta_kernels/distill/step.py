@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mta_kernels.distill import faults
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.config import DistillError
 from mta_kernels.distill.prepare import DistEnv
@@ -166,12 +167,14 @@ class Stepper:
                 use_cache=False,
             )
 
-    def step(self, micro: list[dict], step: int, extra_reduce: list[float] = ()) -> tuple[dict, list[float]]:
+    def step(
+        self, micro: list[dict], step: int, extra_reduce: Callable[[], list[float]] | None = None
+    ) -> tuple[dict, list[float]]:
         """One optimizer step over this rank's micro-batches (already on the device).
 
-        ``step`` is the number of the step being taken (1-based). ``extra_reduce`` are numbers summed
-        over ranks with the step's own all-reduce (no extra collective), returned as the second item.
-        Returns the ``kind: "train"`` metrics record and the reduced extras.
+        ``step`` is the number of the step being taken (1-based). ``extra_reduce()`` is called after the
+        update; its numbers are summed over ranks with the step's own all-reduce (no extra collective)
+        and returned as the second item. Returns the ``kind: "train"`` metrics record and those sums.
         """
         env, module = self.env, self.module
         t0 = time.perf_counter()
@@ -193,6 +196,8 @@ class Stepper:
                 kd = None if r["kd_sum"] is None else r["kd_sum"] * scale
                 mta = None if r["mta"] is None else r["mta"] / len(micro)
                 loss = self.objective(ce, kd, mta)
+            if i == 0:
+                faults.at_step(step)  # test hook: a signal in the middle of the step
             loss.backward()
             sums["ce"] += float(r["ce_sum"].detach())
             sums["kd"] += 0.0 if kd is None else float(r["kd_sum"].detach())
@@ -212,7 +217,8 @@ class Stepper:
             torch.cuda.synchronize(env.device)
         step_time = time.perf_counter() - t0
         mta_time = sum(t.seconds() for t in module.mta_seconds)
-        reduced = env.all_reduce([sums["ce"], sums["kd"], sums["mta"], *extra_reduce])
+        extra = [] if extra_reduce is None else extra_reduce()
+        reduced = env.all_reduce([sums["ce"], sums["kd"], sums["mta"], *extra])
         ce_sum, kd_sum, mta_sum = reduced[:3]
         rec = {
             "kind": "train",

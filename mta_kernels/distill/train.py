@@ -21,13 +21,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mta_kernels.distill import checks
+from mta_kernels.distill import checks, faults
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.checkpoint import (
     CHECKPOINT_NAME,
+    atomic_write_bytes,
     check_resume_compatible,
     load_checkpoint,
     make_state,
+    remove_stale_temporaries,
     restore_state,
     save_checkpoint,
 )
@@ -58,6 +60,7 @@ def _loader(dataset: TextDataset, batches: Any, collator: Any, cfg: TrainConfig)
         collate_fn=collator,
         num_workers=cfg.num_workers,
         persistent_workers=False,
+        worker_init_fn=faults.ignore_signals_in_worker if cfg.num_workers else None,
     )
 
 
@@ -176,13 +179,20 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int) -> None:
     checks.mark_out_dir(cfg.out)
+    remove_stale_temporaries(cfg.out)
     trim_metrics(os.path.join(cfg.out, METRICS_NAME), step)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump({**cfg.to_dict(), "pairs_resolved": fp["pairs"], "world_size": s.env.world}, f, indent=1)
+    _write_json(
+        os.path.join(cfg.out, "config.json"),
+        {**cfg.to_dict(), "pairs_resolved": fp["pairs"], "world_size": s.env.world},
+    )
     for note in s.notes:
         print(f"note: {note}")
     for warning in s.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def _stat_keys(s: Setup) -> list[str]:
@@ -229,43 +239,53 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     last_eval = None
     stop = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
     stat_keys = _stat_keys(s) if s.granularities else []
-    while step < stop:
-        micro = [to_device(next(stream), device) for _ in range(cfg.grad_accum)]
-        local = [sum(mb["stats"][k] for mb in micro) for k in stat_keys]
-        rec, reduced = stepper.step(micro, step + 1, local)
-        if stat_keys:
-            rec["unit_coverage"] = checks.coverage(dict(zip(stat_keys, reduced)), s.granularities)
-        step += 1
-        do_eval = step % cfg.eval_every == 0 or step == cfg.steps
-        if do_eval:
-            last_eval = evaluate(s, cfg, autocast)
+
+    def save() -> None:
         if env.main:
-            records = [rec] if (step % cfg.log_every == 0 or step == cfg.steps) else []
-            if do_eval and last_eval is not None:
-                records.append({"kind": "eval", "step": step, **last_eval})
-            append_records(metrics_path, records)
-            post = {"loss": f"{rec['loss']:.3f}"}
-            if last_eval is not None:
-                post["eval_ppl"] = f"{last_eval['eval_ppl']:.1f}"
-            bar.set_postfix(post, refresh=False)
-            bar.update(1)
-        if step % cfg.save_every == 0 or step == stop:
+            state = make_state(
+                step=step,
+                config=cfg.to_dict(),
+                fingerprint=fp,
+                student=s.student,
+                mta=s.mta,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                device=device,
+            )
+            save_checkpoint(ckpt_path, state)
+        if env.world > 1:
+            dist.barrier()
+
+    with faults.catch_signals() as signal_flag:
+        while step < stop:
+            micro = [to_device(next(stream), device) for _ in range(cfg.grad_accum)]
+            local = [sum(mb["stats"][k] for mb in micro) for k in stat_keys]
+            # The stop request rides on the step's all-reduce: every rank stops after the same step.
+            rec, reduced = stepper.step(
+                micro, step + 1, lambda local=local: [*local, float(signal_flag.requested)]
+            )
+            if stat_keys:
+                rec["unit_coverage"] = checks.coverage(dict(zip(stat_keys, reduced)), s.granularities)
+            preempted = reduced[-1] > 0
+            step += 1
+            do_eval = step % cfg.eval_every == 0 or step == cfg.steps
+            if do_eval:
+                last_eval = evaluate(s, cfg, autocast)
             if env.main:
-                save_checkpoint(
-                    ckpt_path,
-                    make_state(
-                        step=step,
-                        config=cfg.to_dict(),
-                        fingerprint=fp,
-                        student=s.student,
-                        mta=s.mta,
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        device=device,
-                    ),
-                )
-            if env.world > 1:
-                dist.barrier()
+                records = [rec] if (step % cfg.log_every == 0 or step == cfg.steps or preempted) else []
+                if do_eval and last_eval is not None:
+                    records.append({"kind": "eval", "step": step, **last_eval})
+                append_records(metrics_path, records)
+                post = {"loss": f"{rec['loss']:.3f}"}
+                if last_eval is not None:
+                    post["eval_ppl"] = f"{last_eval['eval_ppl']:.1f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if preempted or step % cfg.save_every == 0 or step == stop:
+                save()
+            if preempted:
+                bar.close()
+                raise faults.Preempted(signal_flag.signame or "SIGTERM", step, ckpt_path)
     bar.close()
     return _finish(cfg, s, step, last_eval, metrics_path)
 
@@ -288,8 +308,7 @@ def _finish(cfg: TrainConfig, s: Setup, step: int, last_eval: dict | None, metri
         model_dir = os.path.join(cfg.out, "model")
         s.student.save_pretrained(model_dir)
         s.student_tokenizer.save_pretrained(model_dir)
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    _write_json(os.path.join(cfg.out, "summary.json"), summary)
     if cfg.plot:
         from mta_kernels.distill.plot import plot_runs
 
