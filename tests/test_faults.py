@@ -87,6 +87,7 @@ def test_1_out_holding_a_model_is_refused_and_left_byte_identical(assets, tmp_pa
     err = " ".join(r.stderr.split())
     assert err.startswith("error: ") and "holds a model" in err and "Traceback" not in err
     assert _snapshot(model) == before
+    capsys.readouterr()  # transformers' save progress bar
     msg = _error(capsys, _distill_args(assets, model, "--no-mta", "--overwrite", steps=1))
     assert "holds a model" in msg  # --overwrite never allows writing into a model
     assert _snapshot(model) == before
@@ -143,12 +144,13 @@ def test_2_no_target_token_is_an_error(assets, tmp_path, capsys):
 # ------------------------------------------------------------------ 3. start-up checks of the models
 def test_3_lengths_and_vocabularies_checked_at_start_up(assets, tmp_path, capsys):
     teacher = _model_dir(tmp_path / "short", assets / "bpe", n_positions=64)
+    small = _model_dir(tmp_path / "small-vocab", assets / "wp")  # 300 tokens
+    capsys.readouterr()  # transformers' save progress bars
     args = _distill_args(assets, tmp_path / "run", "--no-mta", steps=1)
     args[args.index("--teacher") + 1] = teacher
     msg = _error(capsys, args)  # --max-length 96
     assert "--max-length 96 is longer than the teacher's 64 positions" in msg
     # A tokenizer bigger than the model's embedding (another model's tokenizer).
-    small = _model_dir(tmp_path / "small-vocab", assets / "wp")  # 300 tokens
     args = _distill_args(assets, tmp_path / "run", "--no-mta", steps=1)
     args[args.index("--teacher") + 1] = small  # with --teacher-tokenizer bpe (400 tokens)
     msg = _error(capsys, args)
