@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 from mta_kernels.constants import BACKENDS, POOLINGS
-from mta_kernels.distill.config import DistillError, TrainConfig
+from mta_kernels.distill.config import DATA_FORMATS, KD_KINDS, WORD_MODES, DistillError, TrainConfig
 from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
 
 
@@ -27,7 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--format",
         dest="data_format",
-        choices=("auto", "jsonl", "text"),
+        choices=DATA_FORMATS,
         default=d.data_format,
         help="data format (default: read from the content: JSONL when the first line is a JSON object)",
     )
@@ -36,7 +36,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per sequence (truncation)")
     g = p.add_argument_group("optimisation")
     g.add_argument(
-        "--out", required=True, help="run directory: checkpoint.pt, metrics.jsonl, curves.png, model/"
+        "--out",
+        required=True,
+        help="run directory (new, empty, or an earlier run's): checkpoint.pt, metrics.jsonl, model/",
     )
     g.add_argument(
         "--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch and process"
@@ -71,7 +73,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="stop after this step with a checkpoint (time-sliced jobs); --resume continues",
     )
-    g.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a checkpoint")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an --out that holds a checkpoint, or write into a non-empty directory that "
+        "mta-distill did not create (never into a model or tokenizer directory)",
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--no-plot", dest="plot", action="store_false")
 
@@ -80,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mta-distill",
         description="Train a teacher LM, distil it into a student with KD + MTA, or run the CPU demo.",
+        epilog="exit status: 0 done; 2 bad input (nothing written); 75 pre-empted by SIGTERM or Ctrl-C "
+        "(the step finished and was checkpointed: rerun with --resume); 130 stopped by a second signal",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     d = TrainConfig()
@@ -100,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, default=d.gamma, help="γ: weight of HRA inside MTA")
     g.add_argument(
         "--kd",
-        choices=("forward", "reverse", "skew", "none"),
+        choices=KD_KINDS,
         default=d.kd,
         help="logit KD (only when the tokenizers match)",
     )
@@ -115,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--pooling", choices=POOLINGS, default=d.pooling)
     g.add_argument("--unweighted", dest="weighted", action="store_false", help="unit importances all 1")
-    g.add_argument("--words", choices=("in_phrases", "all"), default=d.words)
+    g.add_argument("--words", choices=WORD_MODES, default=d.words)
     g.add_argument(
         "--spacy-model",
         "--spacy-pipeline",

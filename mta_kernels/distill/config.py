@@ -9,6 +9,10 @@ from mta_kernels.constants import BACKENDS, GRANULARITIES, POOLINGS
 
 KD_KINDS = ("forward", "reverse", "skew", "none")
 MODES = ("teacher", "distill")
+DATA_FORMATS = ("auto", "jsonl", "text")
+# The extractor's word modes (mta_kernels.units.UnitExtractor), restated so that a run without MTA
+# does not import the units module.
+WORD_MODES = ("in_phrases", "all")
 
 
 class DistillError(Exception):
@@ -80,8 +84,8 @@ class TrainConfig:
             raise DistillError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.data:
             raise DistillError("no training data given: pass --data FILE (JSONL with prompt/output, or text)")
-        if self.data_format not in ("auto", "jsonl", "text"):
-            raise DistillError(f"--format must be auto, jsonl or text, got {self.data_format!r}")
+        if self.data_format not in DATA_FORMATS:
+            raise DistillError(f"--format must be one of {DATA_FORMATS}, got {self.data_format!r}")
         if self.mode == "distill" and not self.teacher:
             raise DistillError("distillation needs a teacher: pass --teacher PATH or builtin:gpt2:LAYERS:DIM")
         if self.kd not in KD_KINDS:
@@ -104,11 +108,11 @@ class TrainConfig:
         if self.preset and self.pairs:
             raise DistillError("give either --preset or --pairs, not both")
         if self.pooling not in POOLINGS:
-            raise DistillError(f"--pooling must be 'attention' or 'mean', got {self.pooling!r}")
-        if self.words not in ("in_phrases", "all"):
-            raise DistillError(f"--words must be 'in_phrases' or 'all', got {self.words!r}")
+            raise DistillError(f"--pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.words not in WORD_MODES:
+            raise DistillError(f"--words must be one of {WORD_MODES}, got {self.words!r}")
         if self.backend not in BACKENDS:
-            raise DistillError(f"--backend must be auto, torch or triton, got {self.backend!r}")
+            raise DistillError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

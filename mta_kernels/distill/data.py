@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mta_kernels.distill.config import DistillError
+from mta_kernels.distill.config import DATA_FORMATS, DistillError
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,6 @@ class Example:
 
     def as_dict(self) -> dict:
         return {"text": self.text, "prompt_length_chars": len(self.prompt)}
-
-
-DATA_FORMATS = ("auto", "jsonl", "text")
 
 
 def detect_format(path: str, lines: Sequence[str]) -> str:

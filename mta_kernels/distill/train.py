@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -212,22 +213,67 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     module = Trainable(s.student, s.mta, cfg.kd, cfg.temperature, cfg.skew_alpha, s.kd_vocab).to(device)
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
-    step = 0 if state is None else restore_state(state, ckpt_path, s.student, s.mta, optimizer, scheduler)
+    run = _Run(cfg, s, fp, optimizer, scheduler, _autocast(cfg, device))
+    step = 0 if state is None else restore_state(state, run.ckpt_path, s.student, s.mta, optimizer, scheduler)
     ddp = module
     if env.world > 1:
         ddp = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None
         )
-    autocast = _autocast(cfg, device)
     objective = O.Objective(cfg.lam, cfg.beta, distil=cfg.mode == "distill")
-    stepper = Stepper(env, module, ddp, s.teacher, optimizer, scheduler, objective, autocast, cfg.clip)
+    stepper = Stepper(env, module, ddp, s.teacher, optimizer, scheduler, objective, run.autocast, cfg.clip)
     if env.main:
         _write_run_start(cfg, s, fp, step)
-    metrics_path = os.path.join(cfg.out, METRICS_NAME)
+    step, last_eval = _loop(run, stepper, step)
+    return _finish(cfg, s, step, last_eval, run.metrics_path)
 
+
+@dataclass
+class _Run:
+    """What the loop reads and writes besides the step itself: files, optimizer state, evaluation."""
+
+    cfg: TrainConfig
+    s: Setup
+    fp: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    autocast: Any
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.cfg.out, CHECKPOINT_NAME)
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.cfg.out, METRICS_NAME)
+
+    def save(self, step: int) -> None:
+        """Checkpoint of the end of ``step`` (rank 0 writes; every rank waits for it)."""
+        env = self.s.env
+        if env.main:
+            state = make_state(
+                step=step,
+                config=self.cfg.to_dict(),
+                fingerprint=self.fp,
+                student=self.s.student,
+                mta=self.s.mta,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                device=env.device,
+            )
+            save_checkpoint(self.ckpt_path, state)
+        if env.world > 1:
+            dist.barrier()
+
+
+def _loop(run: _Run, stepper: Stepper, step: int) -> tuple[int, dict | None]:
+    """Steps from ``step`` to the end (or ``--stop-at``); raises :class:`faults.Preempted` on a signal.
+
+    Returns the last step and the last held-out evaluation.
+    """
     from tqdm.auto import tqdm
 
+    cfg, s, env = run.cfg, run.s, run.s.env
     bar = tqdm(
         total=cfg.steps,
         initial=step,
@@ -239,26 +285,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     last_eval = None
     stop = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
     stat_keys = _stat_keys(s) if s.granularities else []
-
-    def save() -> None:
-        if env.main:
-            state = make_state(
-                step=step,
-                config=cfg.to_dict(),
-                fingerprint=fp,
-                student=s.student,
-                mta=s.mta,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                device=device,
-            )
-            save_checkpoint(ckpt_path, state)
-        if env.world > 1:
-            dist.barrier()
-
     with faults.catch_signals() as signal_flag:
         while step < stop:
-            micro = [to_device(next(stream), device) for _ in range(cfg.grad_accum)]
+            micro = [to_device(next(stream), env.device) for _ in range(cfg.grad_accum)]
             local = [sum(mb["stats"][k] for mb in micro) for k in stat_keys]
             # The stop request rides on the step's all-reduce: every rank stops after the same step.
             rec, reduced = stepper.step(
@@ -270,24 +299,24 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
             step += 1
             do_eval = step % cfg.eval_every == 0 or step == cfg.steps
             if do_eval:
-                last_eval = evaluate(s, cfg, autocast)
+                last_eval = evaluate(s, cfg, run.autocast)
             if env.main:
                 records = [rec] if (step % cfg.log_every == 0 or step == cfg.steps or preempted) else []
                 if do_eval and last_eval is not None:
                     records.append({"kind": "eval", "step": step, **last_eval})
-                append_records(metrics_path, records)
+                append_records(run.metrics_path, records)
                 post = {"loss": f"{rec['loss']:.3f}"}
                 if last_eval is not None:
                     post["eval_ppl"] = f"{last_eval['eval_ppl']:.1f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
             if preempted or step % cfg.save_every == 0 or step == stop:
-                save()
+                run.save(step)
             if preempted:
                 bar.close()
-                raise faults.Preempted(signal_flag.signame or "SIGTERM", step, ckpt_path)
+                raise faults.Preempted(signal_flag.signame or "SIGTERM", step, run.ckpt_path)
     bar.close()
-    return _finish(cfg, s, step, last_eval, metrics_path)
+    return step, last_eval
 
 
 def _finish(cfg: TrainConfig, s: Setup, step: int, last_eval: dict | None, metrics_path: str) -> dict:
