@@ -158,6 +158,11 @@ class UnitCollator:
             ids = full["input_ids"][b]
             offsets = full["offset_mapping"][b]
             special = full["special_tokens_mask"][b]
+            if len(ids) <= self.max_length:  # fits: nothing to choose (the common case)
+                rows.append((ids, offsets, special))
+                prompt_cut.append(False)
+                response_cut.append(False)
+                continue
             content = [t for t in range(len(ids)) if not special[t]]
             budget = max(0, self.max_length - (len(ids) - len(content)))
             response = None
