@@ -18,8 +18,9 @@ import torch
 
 import mta_kernels.units as units_mod
 from mta_kernels import layout
+from mta_kernels.distill.collate import UnitCollator
 from mta_kernels.reference import char_spans_to_token_ranges_reference
-from mta_kernels.units import UnitCollator, UnitExtractor, align_units
+from mta_kernels.units import UnitExtractor, align_units
 
 spacy = pytest.importorskip("spacy")
 transformers = pytest.importorskip("transformers")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mta_kernels.distill.__main__ import main
+from mta_kernels.distill.checks import RUN_MARKER
 from mta_kernels.distill.demo import CORPUS, DOLLY
 from mta_kernels.distill.models import train_tokenizer
 
@@ -36,8 +37,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("distill"))
+
+
+def make_assets(root):
     """Two tokenizers trained on the bundled corpus and a 16-example Dolly JSONL (one fixed batch)."""
-    root = tmp_path_factory.mktemp("distill")
     with open(CORPUS, encoding="utf-8") as f:
         corpus = [ln.strip() for ln in f if ln.strip()]
     train_tokenizer("bpe", corpus, 400, str(root / "bpe"))
@@ -137,9 +141,9 @@ def test_train_teacher_and_plot(assets, tmp_path):
 
 def test_plain_text_data_response_labels(assets, tmp_path):
     """Plain text: every token is a target; JSONL: only the response tokens."""
+    from mta_kernels.distill.collate import UnitCollator
     from mta_kernels.distill.data import TextDataset, load_examples
     from mta_kernels.distill.models import load_tokenizer
-    from mta_kernels.units import UnitCollator
 
     tok = load_tokenizer(str(assets / "bpe"), "builtin:gpt2:1:8")
     (tmp_path / "a.txt").write_text("The teacher is frozen.\n\nThe student learns.\n")
@@ -219,9 +223,9 @@ def test_torchrun_two_processes_match_one_with_double_batch(assets, tmp_path):
     for key in ("ce", "kd"):
         assert m2[0][key] == pytest.approx(m1[0][key], rel=1e-5)
     assert m2[0]["target_tokens"] == m1[0]["target_tokens"]
-    # MTA: the DSA denominator is per batch (SPEC §5), so two half batches average two ratios instead of
-    # taking one ratio of sums; the weights then drift apart slightly. Measured on this data over 4
-    # steps: MTA within 0.6 % (step 2), total loss within 5e-4; the bounds leave 3-4x room.
+    # MTA: the DSA denominator is per batch (docs/method.md#dsa-loss), so two half batches average two
+    # ratios instead of taking one ratio of sums; the weights then drift apart slightly. Measured on this
+    # data over 4 steps: MTA within 0.6 % (step 2), total loss within 5e-4; the bounds leave 3-4x room.
     for a, b in zip(m1, m2):
         assert b["mta"] == pytest.approx(a["mta"], rel=0.02)
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
@@ -280,6 +284,9 @@ def test_foreign_checkpoint_is_refused_and_kept(assets, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     (other / "checkpoint.pt").write_bytes(b"garbage")
+    msg = _error(capsys, _distill_args(assets, other, "--no-mta", "--resume", steps=2))
+    assert "not created by mta-distill" in msg and "--overwrite" in msg  # not ours: not even read
+    (other / RUN_MARKER).write_text("")
     msg = _error(capsys, _distill_args(assets, other, "--no-mta", "--resume", steps=2))
     assert "cannot be read" in msg or "not a checkpoint" in msg
     assert (other / "checkpoint.pt").read_bytes() == b"garbage"

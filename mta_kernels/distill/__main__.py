@@ -1,6 +1,9 @@
 """Command line: ``python -m mta_kernels.distill {train-teacher,distill,demo} ...`` (``mta-distill``).
 
-Bad input (data, models, layer pairs, checkpoints) prints one paragraph ``error: ...`` and exits 2.
+Exit status: 0 done; 2 bad input (data, models, layer pairs, output directory, checkpoints: one
+paragraph ``error: ...``, nothing written); 75 pre-empted (SIGTERM or Ctrl-C: the current step finished
+and its checkpoint was written; ``--resume`` continues); 130 stopped by a second signal (the last
+checkpoint written is intact).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import sys
 import textwrap
 
 from mta_kernels.constants import BACKENDS, POOLINGS
-from mta_kernels.distill.config import DistillError, TrainConfig
+from mta_kernels.distill.config import DATA_FORMATS, KD_KINDS, WORD_MODES, DistillError, TrainConfig
+from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -20,12 +24,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--data", required=True, help="JSONL with 'prompt'/'output' (Dolly) or text, one example a line"
     )
+    g.add_argument(
+        "--format",
+        dest="data_format",
+        choices=DATA_FORMATS,
+        default=d.data_format,
+        help="data format (default: read from the content: JSONL when the first line is a JSON object)",
+    )
     g.add_argument("--eval-data", default=None, help="held-out file (default: --eval-fraction of --data)")
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per sequence (truncation)")
     g = p.add_argument_group("optimisation")
     g.add_argument(
-        "--out", required=True, help="run directory: checkpoint.pt, metrics.jsonl, curves.png, model/"
+        "--out",
+        required=True,
+        help="run directory (new, empty, or an earlier run's): checkpoint.pt, metrics.jsonl, model/",
     )
     g.add_argument(
         "--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch and process"
@@ -60,7 +73,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="stop after this step with a checkpoint (time-sliced jobs); --resume continues",
     )
-    g.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a checkpoint")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an --out that holds a checkpoint, or write into a non-empty directory that "
+        "mta-distill did not create (never into a model or tokenizer directory)",
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--no-plot", dest="plot", action="store_false")
 
@@ -69,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mta-distill",
         description="Train a teacher LM, distil it into a student with KD + MTA, or run the CPU demo.",
+        epilog="exit status: 0 done; 2 bad input (nothing written); 75 pre-empted by SIGTERM or Ctrl-C "
+        "(the step finished and was checkpointed: rerun with --resume); 130 stopped by a second signal",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     d = TrainConfig()
@@ -83,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-tokenizer", default=None)
     p.add_argument("--student", required=True, help="local HF directory or builtin:gpt2|llama:LAYERS:DIM")
     p.add_argument("--student-tokenizer", default=None)
-    g = p.add_argument_group("objective (SPEC §7)")
+    g = p.add_argument_group("objective (docs/method.md#the-objective)")
     g.add_argument("--lam", type=float, default=d.lam, help="λ: weight of the distillation terms")
     g.add_argument("--beta", type=float, default=d.beta, help="β: weight of MTA inside the distillation term")
     g.add_argument("--gamma", type=float, default=d.gamma, help="γ: weight of HRA inside MTA")
     g.add_argument(
         "--kd",
-        choices=("forward", "reverse", "skew", "none"),
+        choices=KD_KINDS,
         default=d.kd,
         help="logit KD (only when the tokenizers match)",
     )
@@ -104,8 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--pooling", choices=POOLINGS, default=d.pooling)
     g.add_argument("--unweighted", dest="weighted", action="store_false", help="unit importances all 1")
-    g.add_argument("--words", choices=("in_phrases", "all"), default=d.words)
-    g.add_argument("--spacy-pipeline", default=d.spacy_pipeline)
+    g.add_argument("--words", choices=WORD_MODES, default=d.words)
+    g.add_argument(
+        "--spacy-model",
+        "--spacy-pipeline",
+        dest="spacy_pipeline",
+        default=d.spacy_pipeline,
+        help="spaCy pipeline of the units (name or path; its language must be the data's; default: English)",
+    )
     g.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -152,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as exc:
         print(textwrap.fill(f"error: {exc}", width=100), file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(
+            f"pre-empted ({exc.signame}): step {exc.step} finished and checkpointed in {exc.checkpoint}; "
+            "run the same command with --resume to continue",
+            file=sys.stderr,
+        )
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint written is intact (resume with --resume)", file=sys.stderr)
         return 130

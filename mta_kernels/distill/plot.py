@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-
-def _read(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+from mta_kernels.distill.metrics import read_metrics as _read
 
 
 def plot_runs(runs: dict[str, str], out_png: str) -> str | None:
