@@ -5,6 +5,9 @@ from __future__ import annotations
 GRANULARITIES: tuple[str, ...] = ("word", "phrase")
 """Unit granularities, in the order their layer pairs come (docs/method.md#semantic-units)."""
 
+WORD_MODES: tuple[str, ...] = ("in_phrases", "all")
+"""Which words are units: only those inside a phrase (the published rule) or every word."""
+
 POOLINGS: tuple[str, ...] = ("attention", "mean")
 """Span pooling modes: saliency-weighted or plain mean (docs/method.md#span-pooling)."""
 

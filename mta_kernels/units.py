@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mta_kernels import layout
-from mta_kernels.constants import GRANULARITIES
+from mta_kernels.constants import GRANULARITIES, WORD_MODES
 from mta_kernels.layout import UnitBatch
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
 
 Span = tuple[int, int]
 
-WORD_MODES = ("in_phrases", "all")
 
 # The verb-phrase pattern of docs/method.md#semantic-units: AUX* ADV* VERB+ ADV*, matched greedily (longest).
 VERB_PHRASE_PATTERN = [

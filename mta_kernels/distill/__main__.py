@@ -13,8 +13,8 @@ import json
 import sys
 import textwrap
 
-from mta_kernels.constants import BACKENDS, POOLINGS
-from mta_kernels.distill.config import DATA_FORMATS, KD_KINDS, WORD_MODES, DistillError, TrainConfig
+from mta_kernels.constants import BACKENDS, POOLINGS, WORD_MODES
+from mta_kernels.distill.config import DATA_FORMATS, KD_KINDS, DistillError, TrainConfig
 from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
 
 

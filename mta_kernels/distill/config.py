@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mta_kernels.constants import BACKENDS, GRANULARITIES, POOLINGS
+from mta_kernels.constants import BACKENDS, GRANULARITIES, POOLINGS, WORD_MODES
 
 KD_KINDS = ("forward", "reverse", "skew", "none")
 MODES = ("teacher", "distill")
 DATA_FORMATS = ("auto", "jsonl", "text")
-# The extractor's word modes (mta_kernels.units.UnitExtractor), restated so that a run without MTA
-# does not import the units module.
-WORD_MODES = ("in_phrases", "all")
 
 
 class DistillError(Exception):
