@@ -590,12 +590,31 @@ with use_backend("torch"):
 if trainer.is_world_process_zero():
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     torch.save(weights, os.path.join(out, "w.pt"))
+    with open(os.path.join(out, "log.json"), "w") as f:
+        json.dump({"world": trainer.args.world_size, "log": trainer.state.log_history}, f)
+
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # With the MTA term: the projectors are inside the DDP module, so every rank ends with the same ones.
+    from mta_kernels import MTALoss
+    student = AutoModelForCausalLM.from_pretrained(os.path.join(root, "student"))
+    mta = MTALoss([(1, 1, "word"), (2, 2, "phrase")], 16, 32, hra="token")
+    init = {k: v.detach().clone() for k, v in mta.state_dict().items()}
+    with use_backend("torch"):
+        trainer = MTATrainer(student, teacher, mta, args=args, train_dataset=rows,
+                             data_collator=MTADataCollator(tok, max_length=96))
+        trainer.train()
+    proj = {k: v.detach().clone() for k, v in trainer.model.mta_loss.state_dict().items()}
+    torch.save({"init": init, "proj": proj}, os.path.join(out, f"proj{trainer.args.process_index}.pt"))
 """
 
 
 def test_accelerate_two_processes_match_one(assets, tmp_path):
     """``accelerate launch --num_processes 2`` (CPU, gloo), 2 examples per process, gives the CE/KD update
-    of one process with 4 examples (plain SGD, so the update is the gradient itself)."""
+    of one process with 4 examples (plain SGD, so the update is the gradient itself).
+
+    ``--multi_gpu`` is accelerate's torchrun-style launcher; with ``use_cpu=True`` it runs CPU processes
+    over gloo (``--cpu`` alone starts a single process).
+    """
     _needs("accelerate", "datasets")
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
@@ -606,13 +625,18 @@ def test_accelerate_two_processes_match_one(assets, tmp_path):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          str(script), root, str(tmp_path / "two"), "2"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     print(f"accelerate 1 + 2 processes: {time.perf_counter() - t0:.1f} s")
+    logs = [json.loads((tmp_path / d / "log.json").read_text()) for d in ("one", "two")]
+    assert [lg["world"] for lg in logs] == [1, 2]
+    step1 = [lg["log"][0] for lg in logs]
+    for key in ("loss", "ce", "kd", "grad_norm"):
+        assert step1[1][key] == pytest.approx(step1[0][key], rel=1e-5), key
     w1 = torch.load(tmp_path / "one" / "w.pt")
     w2 = torch.load(tmp_path / "two" / "w.pt")
     from safetensors.torch import load_file
@@ -625,3 +649,7 @@ def test_accelerate_two_processes_match_one(assets, tmp_path):
             moved += int(delta1.abs().max() > 0)
             torch.testing.assert_close(delta2, delta1, rtol=1e-4, atol=1e-6)
     assert moved > 0
+    ranks = [torch.load(tmp_path / "two" / f"proj{r}.pt") for r in (0, 1)]
+    for k, v in ranks[0]["proj"].items():
+        assert not torch.equal(v, ranks[0]["init"][k]), k  # trained
+        assert torch.equal(v, ranks[1]["proj"][k]), k  # and synchronised

@@ -110,13 +110,19 @@ def run_in_wrapper(wrapper: nn.Module, module: nn.Module, fn: Callable[[], Any])
 
 
 class TermLog:
-    """Per-micro-batch values of the loss terms, averaged (and over processes) when the Trainer logs."""
+    """Per-micro-batch values of the loss terms, averaged (over steps and processes) when the Trainer logs.
+
+    ``add(name, value, weight)``: a per-token term is added with its token count as the weight, so the
+    logged value is the mean over all target tokens of all processes.
+    """
 
     def __init__(self) -> None:
-        self.values: dict[str, list[float]] = defaultdict(list)
+        self.values: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # [Σ w·v, Σ w]
 
-    def add(self, name: str, value: torch.Tensor | float) -> None:
-        self.values[name].append(float(value))
+    def add(self, name: str, value: torch.Tensor | float, weight: float = 1.0) -> None:
+        acc = self.values[name]
+        acc[0] += float(value) * float(weight)
+        acc[1] += float(weight)
 
     def add_mta(self, out: Any, pairs: Any) -> None:
         self.add("mta", out.loss.detach())
@@ -130,8 +136,9 @@ class TermLog:
         if not self.values:
             return {}
         names = sorted(self.values)
-        means = torch.tensor([sum(self.values[n]) / len(self.values[n]) for n in names], dtype=torch.float64)
+        sums = torch.tensor([self.values[n] for n in names], dtype=torch.float64)  # [terms, 2]
         self.values.clear()
         if accelerator is not None and accelerator.num_processes > 1:
-            means = accelerator.reduce(means.to(accelerator.device), reduction="mean").cpu()
+            sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+        means = sums[:, 0] / sums[:, 1].clamp_min(1e-12)
         return {f"{prefix}{n}": float(v) for n, v in zip(names, means.tolist())}

@@ -256,9 +256,9 @@ class MTATrainer(Trainer):
 
         r = C.run_in_wrapper(model, student, forward)
         n = max(r["n"], 1)
-        self._terms.add("ce", r["ce_sum"].detach() / n)
+        self._terms.add("ce", r["ce_sum"].detach() / n, n)
         if r["kd_sum"] is not None:
-            self._terms.add("kd", r["kd_sum"].detach() / n)
+            self._terms.add("kd", r["kd_sum"].detach() / n, n)
         if r["mta"] is not None:
             self._terms.add_mta(r["mta"], self.mta.pairs)
         loss = r["loss"]

@@ -145,6 +145,6 @@ class MTAGKDTrainer(DistillationTrainer):
         )
         terms.add("kd", kd)
         terms.add_mta(mta_out, self.mta.pairs)
-        for name, values in terms.values.items():
-            self._metrics[mode][name].extend(values)
+        for name, (total_wv, total_w) in terms.values.items():
+            self._metrics[mode][name].append(total_wv / total_w)
         return total, entropy_sum, n_valid
