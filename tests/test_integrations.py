@@ -335,7 +335,7 @@ def test_trainer_resume_and_tensorboard(assets, tmp_path):
 
 def test_trainer_different_tokenizers_and_projector_lr(assets, tmp_path):
     """A WordPiece student, a BPE teacher: teacher tensors in the batch, no KD term, unit-level HRA; the
-    projectors in their own param groups with their own learning rate."""
+    projectors in their own param groups with their own learning rate; evaluation logs the terms too."""
     _needs("accelerate", "datasets")
     from mta_kernels.integrations import MTADataCollator, MTATrainer
 
@@ -350,11 +350,20 @@ def test_trainer_different_tokenizers_and_projector_lr(assets, tmp_path):
             args=_args(tmp_path, max_steps=1),
             data_collator=MTADataCollator(assets["wp"], assets["bpe"], max_length=96),
             train_dataset=_dataset(assets, extra_column=False),
+            eval_dataset=_dataset(assets),
             projector_lr=5e-4,
         )
         trainer.train()
+        metrics = trainer.evaluate()
     (log,) = [r for r in trainer.state.log_history if "ce" in r]
     assert "kd" not in log and math.isfinite(log["mta"])
+    # evaluation: the same terms, eval_-prefixed, on the 8 held-out examples
+    assert all(
+        math.isfinite(metrics[k]) for k in ("eval_loss", "eval_ce", "eval_mta", "eval_hra/pair0_s1_t1_word")
+    )
+    assert metrics["eval_loss"] == pytest.approx(
+        0.5 * metrics["eval_ce"] + 0.5 * 2.0 * metrics["eval_mta"], rel=0.05
+    )
     proj = {id(p) for p in trainer.model.mta_loss.parameters()}
     lrs = {g["initial_lr"] for g in trainer.optimizer.param_groups if any(id(p) in proj for p in g["params"])}
     assert lrs == {5e-4}

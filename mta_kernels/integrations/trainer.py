@@ -10,6 +10,7 @@ notes: ``docs/design/integrations.md``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -123,7 +124,7 @@ class MTATrainer(Trainer):
         self.lam, self.beta, self.kd = float(lam), float(beta), kd
         self.temperature, self.skew_alpha = float(temperature), float(skew_alpha)
         self.projector_lr = None if projector_lr is None else float(projector_lr)
-        self._terms = C.TermLog()
+        self._terms = {"train": C.TermLog(), "eval": C.TermLog()}
         super().__init__(
             model=model,
             args=args,
@@ -146,7 +147,7 @@ class MTATrainer(Trainer):
     # ------------------------------------------------------------------------------ inputs, batch
     def _prepare_input(self, data: Any) -> Any:
         # The units are UnitBatch dataclasses, which Trainer's tensor/mapping walk leaves on the host.
-        if isinstance(data, (torch.Tensor, dict, list, tuple)) or not hasattr(data, "to"):
+        if isinstance(data, (torch.Tensor, Mapping, list, tuple)) or not hasattr(data, "to"):
             return super()._prepare_input(data)
         return data.to(self.args.device, non_blocking=True)
 
@@ -256,18 +257,19 @@ class MTATrainer(Trainer):
 
         r = C.run_in_wrapper(model, student, forward)
         n = max(r["n"], 1)
-        self._terms.add("ce", r["ce_sum"].detach() / n, n)
+        terms = self._terms["train" if model.training else "eval"]
+        terms.add("ce", r["ce_sum"].detach() / n, n)
         if r["kd_sum"] is not None:
-            self._terms.add("kd", r["kd_sum"].detach() / n, n)
+            terms.add("kd", r["kd_sum"].detach() / n, n)
         if r["mta"] is not None:
-            self._terms.add_mta(r["mta"], self.mta.pairs)
+            terms.add_mta(r["mta"], self.mta.pairs)
         loss = r["loss"]
         return (loss, {"loss": loss, "logits": r["logits"]}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the averaged loss terms (``eval_``-prefixed after an evaluation) to ``logs``."""
-        prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
-        logs.update(self._terms.pop_means(self.accelerator, prefix))
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        logs.update(self._terms[mode].pop_means(self.accelerator, "eval_" if mode == "eval" else ""))
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------ checkpoints
