@@ -437,6 +437,8 @@ def test_trainer_bad_inputs(assets, tmp_path):
         )
     with pytest.raises(ValueError, match="unknown MTALoss preset"):
         MTATrainer(student, teacher, "gpt5->gpt2", args=args, data_collator=col)
+    with pytest.raises(ValueError, match="names student layer 6, but the student has 2 layers"):
+        MTATrainer(student, teacher, "gpt2-xl->gpt2", args=args, data_collator=col)
     with pytest.raises(TypeError, match="mta must be an MTALoss"):
         MTATrainer(student, teacher, 3, args=args, data_collator=col)
     with pytest.raises(ValueError, match="data_collator=MTADataCollator"):
@@ -567,7 +569,6 @@ def test_docs_snippets_run(assets, tmp_path, index):
         "OUTPUT_DIR": str(out),
         "MAX_STEPS": 2,
     }
-    os.environ.setdefault("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
     with use_backend("torch"):
         exec(compile(blocks[index], f"docs/integrations.md[{index}]", "exec"), namespace)
     trainer = namespace["trainer"]

@@ -34,13 +34,34 @@ def hidden_size(model: nn.Module) -> int:
     raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: build the MTALoss yourself")
 
 
+def num_layers(model: nn.Module) -> int | None:
+    cfg = text_config(model)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(cfg, name, None) is not None:
+            return int(getattr(cfg, name))
+    return None
+
+
 def resolve_mta(mta: MTALoss | str | None, student: nn.Module, teacher: nn.Module) -> MTALoss | None:
-    """An :class:`MTALoss`, a preset name (``MTALoss.from_preset`` with the models' hidden sizes), or None."""
-    if mta is None or isinstance(mta, MTALoss):
-        return mta
+    """An :class:`MTALoss`, a preset name (``MTALoss.from_preset`` with the models' hidden sizes), or None.
+
+    Checks that every layer pair names a layer the models have (``hidden_states`` index 0..num_layers).
+    """
+    if mta is None:
+        return None
     if isinstance(mta, str):
-        return MTALoss.from_preset(mta, student_dim=hidden_size(student), teacher_dim=hidden_size(teacher))
-    raise TypeError(f"mta must be an MTALoss, a preset name or None, got {type(mta).__name__}")
+        mta = MTALoss.from_preset(mta, student_dim=hidden_size(student), teacher_dim=hidden_size(teacher))
+    elif not isinstance(mta, MTALoss):
+        raise TypeError(f"mta must be an MTALoss, a preset name or None, got {type(mta).__name__}")
+    for side, model, index in (("student", student, 0), ("teacher", teacher, 1)):
+        depth = num_layers(model)
+        bad = [p for p in mta.pairs if depth is not None and p[index] > depth]
+        if bad:
+            raise ValueError(
+                f"MTA layer pair {bad[0]} names {side} layer {bad[0][index]}, but the {side} has {depth} "
+                f"layers (hidden_states 0..{depth}, 0 = embeddings): use MTALoss.auto(...) or other pairs"
+            )
+    return mta
 
 
 def granularities_of(mta: MTALoss | None) -> tuple[str, ...]:
