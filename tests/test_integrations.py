@@ -369,6 +369,37 @@ def test_trainer_different_tokenizers_and_projector_lr(assets, tmp_path):
     assert lrs == {5e-4}
 
 
+def test_trainer_gradient_accumulation_matches_one_batch(assets, tmp_path):
+    """2 accumulation steps of 2 examples give the CE/KD update of one batch of 4 (plain SGD)."""
+    _needs("accelerate", "datasets")
+    from mta_kernels.integrations import MTADataCollator, MTATrainer
+
+    deltas = []
+    for batch, accum in ((4, 1), (2, 2)):
+        student, teacher = _models(assets)
+        before = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        args = _args(
+            tmp_path / f"b{batch}",
+            max_steps=1,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,
+        )
+        # 4 examples: the step sees all of them whatever the sampler's order.
+        collator = MTADataCollator(assets["bpe"], granularities=(), max_length=96)
+        rows = [dict(r) for r in assets["rows"][:4]]
+        trainer = MTATrainer(student, teacher, None, args=args, train_dataset=rows, data_collator=collator)
+        trainer.train()
+        deltas.append({k: v.detach() - before[k] for k, v in student.state_dict().items()})
+    moved = 0
+    for k in deltas[0]:
+        moved += int(deltas[0][k].abs().max() > 0)
+        torch.testing.assert_close(deltas[1][k], deltas[0][k], rtol=1e-4, atol=1e-6)
+    assert moved > 0
+
+
 def test_trainer_moves_units(assets, tmp_path):
     """``_prepare_inputs`` calls ``.to(device, non_blocking=True)`` on the UnitBatch values."""
     _needs("accelerate")
@@ -506,7 +537,8 @@ def test_trl_on_policy_two_steps(assets, tmp_path, monkeypatch):
         bf16=False,
         seed=0,
         disable_tqdm=True,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=2,
     )
     with use_backend("torch"):
         trainer = MTAGKDTrainer(
@@ -532,8 +564,12 @@ def test_trl_on_policy_two_steps(assets, tmp_path, monkeypatch):
     for text in seen:
         prompt = next(p for p in prompts if text.startswith(p))
         assert len(text) > len(prompt)
-    # The projectors are trained with the student.
+    # The projectors are trained with the student, and saved in its checkpoint.
     assert not torch.equal(trainer.model.mta_loss.projectors[0].weight, proj_before)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert torch.equal(saved["mta_loss.projectors.0.weight"], trainer.model.mta_loss.projectors[0].weight)
 
 
 def test_trl_bad_inputs(assets, tmp_path):
