@@ -195,6 +195,13 @@ def test_collator_bad_inputs(assets):
         MTADataCollator(assets["bpe"], max_length=0)
     with pytest.raises(ValueError, match="not a fast tokenizer"):
         MTADataCollator(object())
+    from mta_kernels.integrations import units_from_token_ids
+
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"both be \[B, T\]"):
+        units_from_token_ids(assets["bpe"], ids, torch.ones(2, 4), UnitExtractor(), ("word",))
+    with pytest.raises(ValueError, match="fast tokenizer"):
+        units_from_token_ids(object(), ids, torch.ones(2, 3), UnitExtractor(), ("word",))
     no_pad = copy.deepcopy(assets["bpe"])
     no_pad.pad_token = None
     with pytest.raises(ValueError, match="no pad token"):

@@ -157,6 +157,7 @@ class MTADataCollator:
         )
 
     def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
+        """The batch of ``examples`` (see the class docstring for the keys and shapes)."""
         if len(examples) == 0:
             raise ValueError("MTADataCollator got an empty batch")
         texts, prompt_lengths = self._read(examples)
@@ -238,6 +239,11 @@ def units_from_token_ids(
         the B decoded texts and ``{granularity: UnitBatch}`` (CPU; ``teacher_ranges`` is
         ``student_ranges``).
     """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"units of token ids need a fast tokenizer (its Rust decoder gives character offsets), got "
+            f"{type(tokenizer).__name__}"
+        )
     if input_ids.dim() != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(
             f"input_ids and attention_mask must both be [B, T], got {list(input_ids.shape)} and "
