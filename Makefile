@@ -18,7 +18,7 @@ $(STAMP): $(BUILD_INPUTS)
 	@# Reuse an importable torch (a CUDA build, say); install the CPU 2.13.0 wheel only when none is.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	@$(PY) -c "import torch; print('mta_kernels setup: torch', torch.__version__, '(cuda %s)' % torch.version.cuda)"
-	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install -q --no-build-isolation -e ".[distill,spacy,dev]"
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install -q --no-build-isolation -e ".[distill,integrations,spacy,dev]"
 	@$(PY) -c "import mta_kernels, sys; print('mta_kernels setup: extension', mta_kernels.layout.extension_path())"
 	@touch $(STAMP)
 
