@@ -251,7 +251,7 @@ class MTATrainer(Trainer):
                 steps = self.current_gradient_accumulation_steps if training else 1
                 mta_term = mta_out.loss / steps
             kd_term = None if kd_sum is None else kd_sum * scale
-            loss = O.combine(ce_sum * scale, kd_term, mta_term, self.lam, self.beta)
+            loss = O.Objective(self.lam, self.beta)(ce_sum * scale, kd_term, mta_term)
             return {"loss": loss, "logits": out.logits, "ce_sum": ce_sum, "n": n_local, "kd_sum": kd_sum,
                     "mta": mta_out}  # fmt: skip
 

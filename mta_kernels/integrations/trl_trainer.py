@@ -136,7 +136,7 @@ class MTAGKDTrainer(DistillationTrainer):
         # TRL's term is already normalised over the accumulated batch; the per-micro-batch MTA mean is
         # averaged over the accumulation steps here.
         steps = self.current_gradient_accumulation_steps if self.model.training else 1
-        total = O.combine(loss.new_zeros(()), loss, mta_out.loss / steps, lam=1.0, beta=self.mta_beta)
+        total = O.Objective(lam=1.0, beta=self.mta_beta)(loss.new_zeros(()), loss, mta_out.loss / steps)
         mode = "train" if self.model.training else "eval"
         terms = C.TermLog()
         # TRL's term per completion token of this micro-batch (it is normalised by the batch's share).
