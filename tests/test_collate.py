@@ -17,25 +17,7 @@ from mta_kernels.units import UnitExtractor, align_units
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from tests.test_units import _encode, _texts, make_bpe_tokenizer, make_wordpiece_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def extractor() -> UnitExtractor:
-    pytest.importorskip("spacy")
-    ex = UnitExtractor()
-    ex.load()
-    return ex
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return make_bpe_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def wordpiece():
-    return make_wordpiece_tokenizer()
+from tests.test_units import _encode, _texts  # noqa: E402
 
 
 def test_collator_bad_arguments(bpe, wordpiece):

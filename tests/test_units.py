@@ -156,24 +156,6 @@ def make_wordpiece_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-@pytest.fixture(scope="module")
-def extractor() -> UnitExtractor:
-    pytest.importorskip("spacy")
-    ex = UnitExtractor()
-    ex.load()
-    return ex
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return make_bpe_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def wordpiece():
-    return make_wordpiece_tokenizer()
-
-
 def _encode(tokenizer, texts, padding_side="right", max_length=None):
     tokenizer.padding_side = padding_side
     return tokenizer(

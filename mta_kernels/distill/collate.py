@@ -54,6 +54,20 @@ def choose_window(n_content: int, budget: int, response_start: int | None) -> Wi
     return Window(start, start + budget < n_content)
 
 
+def check_tokenizer(tok: Any, name: str) -> None:
+    """A collator's tokenizer must be fast (character offsets) and have a pad token; raise otherwise."""
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(
+            f"{name} is not a fast tokenizer ({type(tok).__name__}): character offsets need a "
+            "PreTrainedTokenizerFast (AutoTokenizer.from_pretrained(..., use_fast=True))"
+        )
+    if tok.pad_token_id is None:
+        raise ValueError(
+            f"{name} has no pad token: set one before building the collator, "
+            "e.g. tokenizer.pad_token = tokenizer.eos_token"
+        )
+
+
 class UnitCollator:
     """``collate_fn`` of the distillation loop: tokenizes with both tokenizers, applies the label and
     truncation rules, and (with granularities) extracts units once (cached) and aligns them.
@@ -109,19 +123,9 @@ class UnitCollator:
         prompt_length_key: str = "prompt_length_chars",
         pad_to_multiple_of: int | None = None,
     ) -> None:
-        for name, tok in (("student_tokenizer", student_tokenizer), ("teacher_tokenizer", teacher_tokenizer)):
-            if tok is None and name == "teacher_tokenizer":
-                continue
-            if not getattr(tok, "is_fast", False):
-                raise ValueError(
-                    f"{name} is not a fast tokenizer ({type(tok).__name__}): character offsets need a "
-                    "PreTrainedTokenizerFast (AutoTokenizer.from_pretrained(..., use_fast=True))"
-                )
-            if tok.pad_token_id is None:
-                raise ValueError(
-                    f"{name} has no pad token: set one before building the collator, "
-                    "e.g. tokenizer.pad_token = tokenizer.eos_token"
-                )
+        check_tokenizer(student_tokenizer, "student_tokenizer")
+        if teacher_tokenizer is not None:
+            check_tokenizer(teacher_tokenizer, "teacher_tokenizer")
         granularities = tuple(granularities)
         if any(g not in GRANULARITIES for g in granularities):
             raise ValueError(

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mta_kernels.constants import GRANULARITIES
+from mta_kernels.distill.collate import check_tokenizer
 from mta_kernels.layout import UnitBatch
 from mta_kernels.units import UnitExtractor, align_units
 
@@ -24,19 +25,6 @@ __all__ = ["MTADataCollator", "units_from_token_ids"]
 # (text field, prompt field) pairs accepted besides a plain text field: TRL's prompt-completion format
 # and the Dolly-style instruction format of mta_kernels/data/*.jsonl.
 PROMPT_PAIRS = (("prompt", "completion"), ("prompt", "output"))
-
-
-def _check_tokenizer(tok: Any, name: str) -> None:
-    if not getattr(tok, "is_fast", False):
-        raise ValueError(
-            f"{name} is not a fast tokenizer ({type(tok).__name__}): character offsets need a "
-            "PreTrainedTokenizerFast (AutoTokenizer.from_pretrained(..., use_fast=True))"
-        )
-    if tok.pad_token_id is None:
-        raise ValueError(
-            f"{name} has no pad token: set one before building the collator, "
-            "e.g. tokenizer.pad_token = tokenizer.eos_token"
-        )
 
 
 class MTADataCollator:
@@ -74,9 +62,9 @@ class MTADataCollator:
         text_field: str = "text",
         prompt_length_field: str = "prompt_length_chars",
     ) -> None:
-        _check_tokenizer(student_tokenizer, "student_tokenizer")
+        check_tokenizer(student_tokenizer, "student_tokenizer")
         if teacher_tokenizer is not None:
-            _check_tokenizer(teacher_tokenizer, "teacher_tokenizer")
+            check_tokenizer(teacher_tokenizer, "teacher_tokenizer")
         if isinstance(granularities, str):
             granularities = (granularities,)
         granularities = tuple(granularities)
