@@ -156,7 +156,9 @@ def test_collator_labels_and_columns(assets):
             {"text": "A dog ran home.", "prompt_length_chars": 0},
         ]
     )
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "units"}
+    assert set(batch) >= {"input_ids", "attention_mask", "labels", "units"}
+    # One shared tokenizer: the teacher reads the student's tensors.
+    assert batch["teacher_input_ids"] is batch["input_ids"]
     ids, labels = batch["input_ids"], batch["labels"]
     n_prompt = len(assets["bpe"](r["prompt"])["input_ids"])
     assert (labels[0, : n_prompt - 1] == -100).all() and (labels[0, n_prompt + 1 :] != -100).any()

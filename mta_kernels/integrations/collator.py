@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mta_kernels.constants import GRANULARITIES
-from mta_kernels.distill.collate import check_tokenizer
+from mta_kernels.distill.collate import UnitCollator
 from mta_kernels.layout import UnitBatch
 from mta_kernels.units import UnitExtractor, align_units
 
@@ -27,18 +27,22 @@ __all__ = ["MTADataCollator", "units_from_token_ids"]
 PROMPT_PAIRS = (("prompt", "completion"), ("prompt", "output"))
 
 
-class MTADataCollator:
+class MTADataCollator(UnitCollator):
     """``data_collator`` for :class:`~mta_kernels.integrations.MTATrainer` (and any ``DataLoader``).
+
+    The loop's :class:`~mta_kernels.distill.collate.UnitCollator` (its label, truncation and unit rules,
+    one home for them) with the example formats and the errors a ``Trainer`` user meets.
 
     Args:
         student_tokenizer: the student's fast tokenizer (with a pad token); its ``padding_side`` is used.
         teacher_tokenizer: the teacher's fast tokenizer; ``None`` when the teacher reads the student's
-            tokens (one shared tokenizer: then the batch has no ``teacher_*`` keys and the unit ranges of
-            both sides are one tensor).
+            tokens (one shared tokenizer: the ``teacher_*`` keys are the student's tensors and the unit
+            ranges of both sides are one tensor).
         granularities: the :class:`UnitBatch` es to build (a subset of ``("word", "phrase")``; the ones
             the MTA layer pairs use). Empty: no units, spaCy is never loaded.
         extractor: a :class:`~mta_kernels.units.UnitExtractor` (default ``UnitExtractor()``).
-        max_length: truncation length of both tokenizations, in tokens.
+        max_length: length of both tokenizations after truncation, in tokens (the prompt is cut from
+            the left first, so the response is kept).
         text_field: the text of an example; ``prompt_length_field``: optional int, the first that many
             characters of the text are the prompt (no loss on their tokens).
 
@@ -46,10 +50,10 @@ class MTADataCollator:
     ``prompt`` + ``completion`` (TRL's prompt-completion format) or ``prompt`` + ``output``: the text is
     the concatenation and the prompt gets no labels. Units are extracted on the whole text.
 
-    Returns a dict: ``input_ids``, ``attention_mask``, ``labels`` (int64 ``[B, Ts]``; labels are -100 at
-    padding and prompt tokens), with a teacher tokenizer also ``teacher_input_ids`` and
-    ``teacher_attention_mask`` (``[B, Tt]``), and unless ``granularities`` is empty ``units``
-    (``{granularity: UnitBatch}``, CPU tensors).
+    Returns the dict of :class:`~mta_kernels.distill.collate.UnitCollator`: ``input_ids``,
+    ``attention_mask``, ``labels`` (int64 ``[B, Ts]``; -100 at padding and prompt tokens),
+    ``teacher_input_ids``, ``teacher_attention_mask`` (``[B, Tt]``), ``stats`` and, unless
+    ``granularities`` is empty, ``units`` (``{granularity: UnitBatch}``, CPU tensors).
     """
 
     def __init__(
@@ -62,25 +66,21 @@ class MTADataCollator:
         text_field: str = "text",
         prompt_length_field: str = "prompt_length_chars",
     ) -> None:
-        check_tokenizer(student_tokenizer, "student_tokenizer")
-        if teacher_tokenizer is not None:
-            check_tokenizer(teacher_tokenizer, "teacher_tokenizer")
         if isinstance(granularities, str):
             granularities = (granularities,)
-        granularities = tuple(granularities)
-        if any(g not in GRANULARITIES for g in granularities):
-            raise ValueError(
-                f"granularities must be a subset of {GRANULARITIES} (empty: no units), got {granularities}"
-            )
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         if extractor is not None and not isinstance(extractor, UnitExtractor):
             raise TypeError(f"extractor must be a UnitExtractor, got {type(extractor).__name__}")
-        self.student_tokenizer = student_tokenizer
-        self.teacher_tokenizer = teacher_tokenizer
-        self.granularities = granularities
-        self.extractor = extractor if extractor is not None or not granularities else UnitExtractor()
-        self.max_length = max_length
+        super().__init__(
+            student_tokenizer,
+            teacher_tokenizer,
+            extractor=extractor,
+            max_length=max_length,
+            granularities=granularities,
+            text_key=text_field,
+            prompt_length_key=prompt_length_field,
+        )
         self.text_field = text_field
         self.prompt_length_field = prompt_length_field
 
@@ -102,7 +102,7 @@ class MTADataCollator:
         cols = set(columns)
         return self.text_field in cols or any(set(pair) <= cols for pair in PROMPT_PAIRS)
 
-    def _read(self, examples: Sequence[Any]) -> tuple[list[str], list[int]]:
+    def _read_examples(self, examples: Sequence[Any]) -> tuple[list[str], list[int | None]]:
         texts, prompt_lengths = [], []
         for i, ex in enumerate(examples):
             if not isinstance(ex, Mapping):
@@ -132,49 +132,6 @@ class MTADataCollator:
             texts.append(text)
             prompt_lengths.append(int(plen))
         return texts, prompt_lengths
-
-    def _encode(self, tokenizer: Any, texts: list[str]) -> Any:
-        return tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-            return_tensors="np",
-        )
-
-    def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
-        """The batch of ``examples`` (see the class docstring for the keys and shapes)."""
-        if len(examples) == 0:
-            raise ValueError("MTADataCollator got an empty batch")
-        texts, prompt_lengths = self._read(examples)
-        student = self._encode(self.student_tokenizer, texts)
-        teacher = None if self.teacher_tokenizer is None else self._encode(self.teacher_tokenizer, texts)
-        ids, mask = student["input_ids"], student["attention_mask"]
-        labels = np.where(mask == 0, -100, ids)
-        # Response-only loss: no label before the first real token that starts at or after the prompt end.
-        offsets = student["offset_mapping"]
-        real = (offsets[..., 1] > offsets[..., 0]) & (mask != 0)
-        for b, plen in enumerate(prompt_lengths):
-            if plen:
-                response = np.flatnonzero(real[b] & (offsets[b, :, 0] >= plen))
-                labels[b, : response[0] if response.size else labels.shape[1]] = -100
-        as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
-        batch: dict[str, Any] = {
-            "input_ids": as_long(ids),
-            "attention_mask": as_long(mask),
-            "labels": as_long(labels),
-        }
-        if teacher is not None:
-            batch["teacher_input_ids"] = as_long(teacher["input_ids"])
-            batch["teacher_attention_mask"] = as_long(teacher["attention_mask"])
-        if self.granularities:
-            text_units = self.extractor(texts)
-            batch["units"] = {
-                g: align_units(text_units, texts, student, teacher, g) for g in self.granularities
-            }
-        return batch
 
 
 def _decoded_offsets(tokenizer: Any, ids: Sequence[int], special: set[int]) -> tuple[str, np.ndarray]:
