@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mta_kernels._dtypes import accumulation_dtype
+from mta_kernels.constants import DSA_NORM_FLOOR
 
 __all__ = [
     "token_saliency",
@@ -171,8 +172,9 @@ def structural_loss(
             ]
         )
     dtype = accumulation_dtype(student, teacher, unit_weights)
-    s_hat = F.normalize(student.to(dtype), dim=-1, eps=NORMALIZE_EPS)
-    t_hat = F.normalize(teacher.detach().to(dtype), dim=-1, eps=NORMALIZE_EPS)
+    # the DSA norm floor bounds the gradient of a (near-)zero unit (mta_kernels.constants.DSA_NORM_FLOOR)
+    s_hat = F.normalize(student.to(dtype), dim=-1, eps=DSA_NORM_FLOOR)
+    t_hat = F.normalize(teacher.detach().to(dtype), dim=-1, eps=DSA_NORM_FLOOR)
     W = (
         torch.ones(student.shape[0], dtype=dtype, device=student.device)
         if unit_weights is None
