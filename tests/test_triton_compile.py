@@ -626,6 +626,10 @@ def compiled() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
+        # this checkout's package first (an installed copy elsewhere would be compiled instead), then any
+        # PYTHONPATH given (PYTHONPATH=<dir> selects another triton: tests for two versions)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 = old default
         procs = []
         for shard in range(num_shards):
