@@ -242,3 +242,13 @@ def test_bad_inputs() -> None:
         token_saliency(h[..., :1], m)
     with pytest.raises(ValueError, match="attention_mask is on meta"):
         token_saliency(h, m.to("meta"))
+
+
+def test_grid_stays_within_hardware_limits() -> None:
+    """Blocks, sequences and layers share grid axis 0 (2³¹ − 1 programs): a batch of 100000 sequences
+    (beyond axis 1's 65535) gets a valid grid; an impossible one is a clear error."""
+    from mta_kernels.ops import saliency as sal
+
+    assert sal._grid(4096, 64, 100_000, 80) == (64 * 100_000 * 80,)
+    with pytest.raises(ValueError, match="grid limit"):
+        sal._grid(2**20, 16, 2**16, 2**4)

@@ -421,3 +421,20 @@ def test_torch_long_sequence_row_chunks():
     ref, ref_g = _run(reference.structural_loss, s, t, cu, w, torch.tensor(1.0, dtype=torch.float64))
     torch.testing.assert_close(loss[0], ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g[0], ref_g, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_slowest_layouts(backend):
+    """D the slowest axis (stride_d = L·U or U): the kernels index D with int64 offsets × stride."""
+    s, t, cu, w = _inputs([5, 1, 11], 33, 17, torch.float32, layers=2, weights="u")
+    s_d = s.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # [L, U, Ds], strides (U, 1, L·U)
+    t_d = t.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert s_d.stride(-1) == s.shape[0] * s.shape[1] and torch.equal(s_d, s)
+    _check(s_d, t_d, cu, w, backend, f"{backend}/d-slowest")
+
+
+def test_grid_stays_within_hardware_limits():
+    """One grid axis (2³¹ − 1 programs): layer counts beyond 65535 cannot hit the axis-1 limit."""
+    assert st._grid(20_000, 70_000) == (20_000 * 70_000,)
+    with pytest.raises(ValueError, match="grid limit"):
+        st._grid(2**20, 2**12)
