@@ -422,8 +422,9 @@ _ADDPTR = re.compile(r"tt\.addptr\s+(%[\w#.]+),\s*(%[\w#.]+)\s*:\s*.+?,\s*(tenso
 
 
 def narrow_offsets(ttir: str) -> list[str]:
-    """``tt.addptr`` lines whose offset is 32-bit, except scalar constants: with int64 offsets everywhere,
-    no index times a stride can wrap (a D-slowest layout past 2³¹ elements, say)."""
+    """``tt.addptr`` lines whose offset is 32-bit (except scalar constants) and 32-bit products of index
+    tensors: with int64 offsets everywhere, no index times a stride can wrap (a D-slowest layout past 2³¹
+    elements, say)."""
     constants = set(re.findall(r"(%[\w#.]+) = arith\.constant", ttir))
     bad = []
     for line in ttir.splitlines():
@@ -433,6 +434,9 @@ def narrow_offsets(ttir: str) -> list[str]:
         if m.group(3) == "i32" and m.group(2) in constants:
             continue  # a small compile-time constant (the +1 of a [first, last) pair)
         bad.append(line.strip()[:160])
+    # an index tensor times a stride in 32 bits wraps before any widening to the int64 offset
+    narrow_product = re.compile(r"arith\.muli .*: tensor<\S*xi32>")
+    bad += [line.strip()[:160] for line in ttir.splitlines() if narrow_product.search(line)]
     return bad
 
 
