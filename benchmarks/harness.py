@@ -299,23 +299,22 @@ def tolerance_check(
     return worst_ratio <= 1.0, worst_ratio, worst_eager
 
 
-def _to_float64(x: Any, leaves: dict[int, torch.Tensor]) -> Any:
-    """A float64 copy of the inputs: floating tensors become float64 (leaves that require grad become new
-    leaves, recorded in ``leaves`` by the id of the original), float dtypes become torch.float64."""
+def _to_float64(x: Any, copies: dict[int, torch.Tensor]) -> Any:
+    """A float64 copy of the inputs: floating tensors become float64 (one copy per tensor, recorded in
+    ``copies`` by the id of the original; leaves that require grad stay leaves that require grad), float
+    dtypes become torch.float64."""
     if isinstance(x, torch.Tensor):
         if not x.is_floating_point():
             return x
-        y = x.detach().double()
-        if x.requires_grad:
-            y.requires_grad_(True)
-            leaves[id(x)] = y
-        return y
+        if id(x) not in copies:
+            copies[id(x)] = x.detach().double().requires_grad_(x.requires_grad)
+        return copies[id(x)]
     if isinstance(x, torch.dtype):
         return torch.float64 if x.is_floating_point else x
     if isinstance(x, dict):
-        return {k: _to_float64(v, leaves) for k, v in x.items()}
+        return {k: _to_float64(v, copies) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_float64(v, leaves) for v in x)
+        return type(x)(_to_float64(v, copies) for v in x)
     return x
 
 
@@ -326,10 +325,10 @@ def oracle_values(
     inputs. Returns (values, None), or (None, why not)."""
     if spec.oracle_provider is None:
         return None, "no oracle for this bench"
-    leaves: dict[int, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}
     try:
-        x64 = _to_float64(inputs, leaves)
-        check = [leaves.get(id(t), t) for t in inputs.get("check_leaves", inputs.get("grad_leaves", ()))]
+        x64 = _to_float64(inputs, copies)
+        check = [copies.get(id(t), t) for t in inputs.get("check_leaves", inputs.get("grad_leaves", ()))]
         out = spec.make_fn(spec.oracle_provider, params, x64)()
         synchronize(device)
         return _collect_values(out, check), None
@@ -516,6 +515,8 @@ def run_bench(
                 if oracle is not None and ref_values[i] is not None:
                     ok, ratio, eager_err = tolerance_check(vals, ref_values[i], oracle)
                     recs[provider].update(within_rule=ok, err_over_bound=ratio, eager_err_rel=eager_err)
+                    if ok is None:
+                        recs[provider]["oracle"] = "the oracle's outputs do not match this provider's"
                 else:
                     why = why_not if oracle is None else "no eager run"
                     recs[provider].update(within_rule=None, oracle=why)
