@@ -91,9 +91,8 @@ def _gram_tile(
     to 8192): one body for the student (Ds) and the teacher (Dt), whose widths and dtypes may differ."""
     b_c = tl.zeros([BM, BN], dtype=ACC)  # [BM, BN]
     for d in range(0, D, BD):
-        o_d = d + tl.arange(0, BD).to(
-            tl.int64
-        )  # int64: o_d · stride_xd overflows int32 for D-slowest layouts
+        # int64: o_d · stride_xd overflows int32 for D-slowest layouts
+        o_d = d + tl.arange(0, BD).to(tl.int64)
         m_d = o_d < D
         p_xm = X_l + o_m[:, None] * stride_xu + o_d[None, :] * stride_xd
         p_xn = X_l + o_n[:, None] * stride_xu + o_d[None, :] * stride_xd
