@@ -36,6 +36,9 @@ import pytest
 import triton
 import triton.language as tl
 
+if __name__ == "__main__":  # as a script: this checkout's package, not an installed copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 # ------------------------------------------------------------------------------------------ cases
 
 
