@@ -8,19 +8,19 @@ For one sequence and layer, hidden ``H`` ``[T, D]``, valid tokens V, ``n = |V|``
     A_j· = softmax over i in V \\ {j} of S_j·
     a_i  = (1/n) Σ_{j in V} A_ji                 0 for padding; 1 for the lone token when n == 1
 
-Triton path (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), three launches, stacked layers on
-grid axis 2:
+Triton path (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), three launches, each on a one-axis
+grid of (block, sequence, layer) programs (``_grid``):
 
-0. ``_row_scale_kernel``  grid (T/BR, B, L): r_i in fp32, two passes over D (mean, then the centred
+0. ``_row_scale_kernel``  T/BR · B · L programs: r_i in fp32, two passes over D (mean, then the centred
    sum of squares), so bf16 rows with |h| ~ 1e4 neither overflow nor cancel.
-1. ``_row_stats_kernel``  grid (T/BM, B, L): a block of query rows j runs an online softmax over the
+1. ``_row_stats_kernel``  T/BM · B · L programs: a block of query rows j runs an online softmax over the
    key blocks; the score tile is ``tl.dot`` of the *raw* hidden rows over D in chunks of BD, scaled
    by ``r_j r_i log2(e) / sqrt(D)`` afterwards. Stores the row max ``m2_j`` and ``log2`` of the row sum
    *separately* (+inf max for rows that have no keys: padding, or n < 2). Keeping the max apart matters:
    scores are not centred (SPEC §3), so rows with a large common direction have S2 ~ 1e4 and a stored
-   log-sum-exp would round to ~1e-3 there; pass 2 recomputes the same tiles, so ``S2 - m2`` is exact
-   for the row's largest score.
-2. ``_colsum_kernel``     grid (T/BN, B, L): a block of key columns i loops over all query blocks j,
+   log-sum-exp would round to ~1e-3 there; pass 2 recomputes the same tiles, rounded alike (no fp
+   fusion, ``SCORE_LAUNCH_OPTIONS``), so ``S2 - m2`` is exact for the row's largest score.
+2. ``_colsum_kernel``     T/BN · B · L programs: a block of key columns i loops over all query blocks j,
    recomputes the score tile and accumulates ``Σ_j exp2((S2_ji - m2_j) - log2 l_j)``; then divides by n and
    applies the n == 1 and padding rules. Each output column has one owner: no atomics, deterministic.
 
