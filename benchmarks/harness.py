@@ -326,15 +326,22 @@ def oracle_values(
     if spec.oracle_provider is None:
         return None, "no oracle for this bench"
     copies: dict[int, torch.Tensor] = {}
+    originals = list(inputs.get("check_leaves", inputs.get("grad_leaves", ())))
     try:
+        _clear_grads(originals)
         x64 = _to_float64(inputs, copies)
-        check = [copies.get(id(t), t) for t in inputs.get("check_leaves", inputs.get("grad_leaves", ()))]
         out = spec.make_fn(spec.oracle_provider, params, x64)()
         synchronize(device)
+        # a leaf the function uses through another object (a module's parameters listed as leaves) keeps
+        # its own gradient; its float64 copy then has none
+        check = [
+            copies[id(t)] if id(t) in copies and copies[id(t)].grad is not None else t for t in originals
+        ]
         return _collect_values(out, check), None
     except Exception as exc:  # noqa: BLE001 - no oracle is a recorded fact, not a crash
         return None, _error_status(exc)
     finally:
+        _clear_grads(originals)
         free_memory(device)
 
 

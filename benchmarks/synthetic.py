@@ -129,9 +129,27 @@ def synth_unit_batch(batch: int, seq_len: int, granularity: str, same_tokenizer:
     return ub.to(device)
 
 
+# LLM-like outliers: decoder hidden states carry a few feature channels of magnitude 1e3–1e4 on some
+# tokens (the first token of a sequence among them). They make the scores large (where the saliency's two
+# passes must round alike) and dominate pooled units, so the accuracy check sees realistic inputs.
+OUTLIER_CHANNELS = 3
+OUTLIER_TOKEN_FRACTION = 0.1
+OUTLIER_MAGNITUDE = (1e3, 1e4)
+
+
 def random_hidden(shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
-    """Hidden states with a shared direction plus noise (cosines away from 0, like real activations)."""
+    """Hidden states ``[..., T, D]`` like a decoder's: a shared direction plus noise (cosines away from 0)
+    and ``OUTLIER_CHANNELS`` channels of magnitude 1e3–1e4 (log-uniform, random sign) on the first token
+    and on about ``OUTLIER_TOKEN_FRACTION`` of the others."""
     gen = torch.Generator(device=device).manual_seed(seed)
     base = torch.randn(shape[-1], device=device, generator=gen)
     h = torch.randn(*shape, device=device, generator=gen) + 0.5 * base
+    if len(shape) >= 2 and shape[-1] > OUTLIER_CHANNELS:
+        cols = torch.randperm(shape[-1], device=device, generator=gen)[:OUTLIER_CHANNELS]
+        tokens = torch.rand(*shape[:-1], device=device, generator=gen) < OUTLIER_TOKEN_FRACTION
+        tokens[..., 0] = True
+        lo, hi = OUTLIER_MAGNITUDE
+        size = lo * (hi / lo) ** torch.rand(*shape[:-1], OUTLIER_CHANNELS, device=device, generator=gen)
+        sign = torch.rand(*shape[:-1], OUTLIER_CHANNELS, device=device, generator=gen).lt(0.5) * 2.0 - 1.0
+        h[..., cols] = torch.where(tokens[..., None], size * sign, h[..., cols])
     return h.to(dtype)
