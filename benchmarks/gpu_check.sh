@@ -8,8 +8,9 @@
 #     results          name the results folder benchmarks/results/<device>-<date>/
 #     install          pip install --no-deps --no-build-isolation -e . (builds the extension with nvcc)
 #     device           nvidia-smi and versions
-#     kernels          the CUDA-relevant test files only (saliency, span_pool, structural, losses, layout),
-#                      TRITON_INTERPRET unset, no -x: the kernel verdict, failures listed in failures.txt
+#     kernels          the CUDA-relevant test files only (saliency, span_pool, structural, outliers,
+#                      losses, layout), TRITON_INTERPRET unset, no -x: the kernel verdict, failures listed
+#                      in failures.txt
 #     ceilings         D2D copy bandwidth and a bf16 matmul (the floors' rates)
 #     target           full MTA loss fwd+bwd at the target shape, without torch.compile
 #     target-autocast  the same under bf16 autocast (as a bf16 training step runs the loss)
@@ -33,7 +34,7 @@ KILL_GRACE=1    # seconds between timeout's TERM and KILL
 EXPORT_BOX=2    # seconds allowed to pack the results after each stage
 LIMIT=540       # the whole script, worst case (9 minutes)
 B=benchmarks
-KERNEL_TESTS="tests/test_saliency.py tests/test_span_pool.py tests/test_structural.py tests/test_losses.py tests/test_layout.py"
+KERNEL_TESTS="tests/test_saliency.py tests/test_span_pool.py tests/test_structural.py tests/test_outliers.py tests/test_losses.py tests/test_layout.py"
 TARGET_PROVIDERS=eager_stacked,eager,mta_kernels
 
 # name|box seconds|command (run with bash -c; $RES is the results folder, $PYTHON the interpreter)
