@@ -42,7 +42,7 @@ PLAN=(
     "results|10|true"
     "install|150|MAX_JOBS=\${MAX_JOBS:-16} \$PYTHON -m pip install --no-deps --no-build-isolation -e . >\$RES/pip_install.log 2>&1; rc=\$?; tail -5 \$RES/pip_install.log; exit \$rc"
     "device|5|nvidia-smi; \$PYTHON -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
-    "kernels|110|env -u TRITON_INTERPRET \$PYTHON -m pytest $KERNEL_TESTS -q -rf -p no:cacheprovider 2>&1 | tee \$RES/pytest_kernels.log; rc=\$?; grep -E '^(FAILED|ERROR)' \$RES/pytest_kernels.log >\$RES/failures.txt; exit \$rc"
+    "kernels|110|env -u TRITON_INTERPRET \$PYTHON -m pytest $KERNEL_TESTS -q -rf -p no:cacheprovider 2>&1 | tee \$RES/pytest_kernels.log; rc=\$?; grep -E '^(FAILED|ERROR)' \$RES/pytest_kernels.log >>\$RES/failures.txt; exit \$rc"
     "ceilings|10|\$PYTHON $B/harness.py --ceilings --device cuda"
     "target|40|\$PYTHON $B/bench_mta_loss.py --case target --providers $TARGET_PROVIDERS --device cuda"
     "target-autocast|30|\$PYTHON $B/bench_mta_loss.py --case target --autocast bf16 --tag autocast --providers $TARGET_PROVIDERS --device cuda"
