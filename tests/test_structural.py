@@ -438,3 +438,37 @@ def test_grid_stays_within_hardware_limits():
     assert st._grid(20_000, 70_000) == (20_000 * 70_000,)
     with pytest.raises(ValueError, match="grid limit"):
         st._grid(2**20, 2**12)
+
+
+def test_backward_scales_and_casts_in_one_pass():
+    """The backward writes the scaled gradient straight in the student's dtype: no second accumulation-
+    dtype tensor of the student's size is allocated before the cast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Outputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.append((str(func), t.dtype, t.numel()))
+            return out
+
+    s, t, cu, w = _inputs([5, 9], 17, 9, torch.bfloat16, layers=2, weights="u")
+    x = s.detach().clone().requires_grad_(True)
+    with use_backend("torch"):
+        loss = structural_loss(x, t, cu, w).sum()
+    watch = Outputs()
+    with watch:
+        loss.backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+    # aten.zeros: autograd materialises a zero gradient for the op's second output (the saved gradient,
+    # non-differentiable) before the backward runs; the scale-and-cast itself must add none
+    full_fp32 = [
+        op for op, dtype, n in watch.seen if dtype == torch.float32 and n == x.numel() and "zeros" not in op
+    ]
+    assert not full_fp32, f"a full-size float32 temporary in the backward: {full_fp32}"
+    assert any("mul" in op and dtype == torch.bfloat16 for op, dtype, _ in watch.seen)
