@@ -1,4 +1,5 @@
-"""DSA structural loss (SPEC §5): Triton kernels and the torch path against the float64 reference."""
+"""DSA structural loss (docs/method.md#dsa-loss): Triton kernels and the torch path against the float64
+reference."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _run(fn, s, t, cu, w, grad_out):
 
 
 def _check(s, t, cu, w, backend: str, what: str, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and student gradient (of ``rows``, default all) within the SPEC §8 rule (eager = the
+    """Forward and student gradient (of ``rows``, default all) within the tolerance rule (eager = the
     reference in the same dtype). Returns the fused and the oracle gradients."""
     g_out = torch.rand(s.shape[:-2], dtype=torch.float64, device=s.device) + 0.5  # random dL/dloss
     wd = None if w is None else w.double()
