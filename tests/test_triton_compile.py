@@ -14,7 +14,13 @@ of 16, and the *constant* 1 when it equals 1 (a contiguous last stride); a float
 compiled in the launchers' realistic contiguous case (aligned pointers, unit last stride folded in) and in
 a generic case (unaligned pointers, odd strides and sizes), which are the two code paths the JIT builds.
 
-The compiles run in one subprocess without ``TRITON_INTERPRET`` (conftest sets it on machines without a
+Beyond compiling, the TTIR and PTX are checked for what the numerics rely on and the interpreter cannot
+show (docs/design/gpu-readiness.md, "What is asserted"): both saliency score passes round the score with
+a mul (no fma before the row-max subtraction), the row scale uses no approximate division or square root,
+the structural kernel has a barrier before it reloads the gradient rows it stored, and every pointer
+offset of the saliency and structural kernels is int64. Another triton: ``PYTHONPATH=<dir with it>``.
+
+The compiles run in subprocesses without ``TRITON_INTERPRET`` (conftest sets it on machines without a
 GPU, and then ``triton.jit`` wraps nothing that ``triton.compile`` can lower) and an empty Triton cache.
 Run this file as a script (``python tests/test_triton_compile.py [--stats]``) to print the table of
 docs/design/gpu-readiness.md (``--stats`` adds ptxas register/spill counts).
