@@ -1,4 +1,5 @@
-"""Token saliency (SPEC §3), forward only: eager reference vs torch.compile vs the fused op.
+"""Token saliency (docs/method.md#token-saliency), forward only: eager reference vs torch.compile vs the
+fused op.
 
     python benchmarks/bench_saliency.py --quick --device cpu      # tiny CPU smoke run
     python benchmarks/bench_saliency.py --case issue               # T=4096, D=2048, B=8, six stacked layers
@@ -6,8 +7,12 @@
 
 Floor per call (L stacked layers, B sequences of T tokens, width D, e bytes per element):
     bytes = L·B·T·D·e (read hidden) + 4·L·B·T (write float32 saliency) + B·T (mask)
-    FLOPs = 4·L·B·T²·D: two passes of a T×T Gram product (the column sums of a row-softmax need the row
-            statistics first, so a kernel that never stores the T×T matrix computes the scores twice).
+    FLOPs = 2·L·B·T²·D: the useful work, one T×T Gram product per sequence and layer, without using its
+            symmetry (T²·D would count each pair once). The kernel does twice that (4·L·B·T²·D): the
+            column sums of a row softmax need the row statistics first, so a kernel that never stores the
+            T×T matrix computes the scores twice; "% of floor" is against the useful 2·L·B·T²·D.
+    Priced at the bf16 tensor-core rate for 16-bit inputs, at the fp32 rate for fp32 inputs (the kernel
+    keeps fp32 operands in fp32: an IEEE dot).
 """
 
 from __future__ import annotations
@@ -59,10 +64,12 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
         f = provider_fn(provider)
         return lambda: f(x["hidden"], x["mask"])
 
-    def floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:
+    def floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float, float]:
         L, B, T, D = p["L"], p["B"], p["T"], p["D"]
         e = x["hidden"].element_size()
-        return L * B * T * D * e + 4 * L * B * T + B * T, 4.0 * L * B * T * T * D
+        flops = 2.0 * L * B * T * T * D  # useful work: one Gram product, symmetry not used
+        bytes_ = L * B * T * D * e + 4 * L * B * T + B * T
+        return (bytes_, flops, 0.0) if e == 2 else (bytes_, 0.0, flops)
 
     return harness.BenchSpec("saliency", build, make_fn, floor, PROVIDERS)
 

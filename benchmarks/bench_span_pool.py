@@ -1,4 +1,5 @@
-"""Span pooling (SPEC §4), attention-weighted, forward and forward+backward: eager vs compile vs fused.
+"""Span pooling (docs/method.md#span-pooling), attention-weighted, forward and forward+backward: eager
+vs compile vs fused.
 
     python benchmarks/bench_span_pool.py --quick --device cpu
     python benchmarks/bench_span_pool.py --max-seconds 60

@@ -1,4 +1,5 @@
-"""DSA structural loss (SPEC §5): stacked (ΣU)² eager, block-diagonal eager, torch.compile, fused op.
+"""DSA structural loss (docs/method.md#dsa-loss): stacked (ΣU)² eager, block-diagonal eager, torch.compile,
+fused op.
 
     python benchmarks/bench_structural.py --quick --device cpu
     python benchmarks/bench_structural.py --max-seconds 90
@@ -8,7 +9,10 @@ Floor per call (L layer pairs, B sequences of N_b units, widths Ds/Dt, e bytes p
     FLOPs    = L·Σ_b min(pairwise, feature-space):
       fwd      pairwise 2·N_b²·(Ds + Dt)          feature 2·N_b·(Ds² + Dt² + Ds·Dt)
       fwd+bwd  pairwise 2·N_b²·(2·Ds + Dt)        feature 2·N_b·(2·Ds² + Dt² + 2·Ds·Dt)
-(the feature-space identity of SPEC §5 wins when a sequence has more units than dimensions).
+(the feature-space identity (docs/method.md#dsa-loss) wins when a sequence has more units than
+dimensions). Priced per operand precision (benchmarks/NOTES.md, "Floors"): fp32 inputs entirely at the
+fp32 rate; 16-bit inputs' Gram products at the tensor-core rate and the gradient's E·Ŝ product
+(fp32 operands in the kernel: 2·N_b²·Ds, or 2·N_b·(Ds² + Ds·Dt) in feature space) at the fp32 rate.
 """
 
 from __future__ import annotations
@@ -89,8 +93,9 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
             lambda loss: loss.sum().backward(),
         )
 
-    def floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:
-        return structural_floor(p["mode"], p["L"], x["counts"], p["Ds"], p["Dt"], x["student"].element_size())
+    def floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float, float]:
+        e = x["student"].element_size()
+        return structural_floor_by_rate(p["mode"], p["L"], x["counts"], p["Ds"], p["Dt"], e)
 
     return harness.BenchSpec("structural", build, make_fn, floor, PROVIDERS)
 
@@ -110,6 +115,24 @@ def structural_floor(mode: str, L: int, counts: list[int], Ds: int, Dt: int, e: 
     if mode != "fwd":
         bytes_ += L * U * Ds * e
     return bytes_, L * flops
+
+
+def structural_floor_by_rate(
+    mode: str, L: int, counts: list[int], Ds: int, Dt: int, e: int
+) -> tuple[float, float, float]:
+    """:func:`structural_floor` split by rate: (bytes, FLOPs at the tensor-core rate, FLOPs at the fp32
+    rate). fp32 inputs (e = 4): all fp32. 16-bit inputs: the gradient's E·Ŝ part is fp32."""
+    bytes_, total = structural_floor(mode, L, counts, Ds, Dt, e)
+    if e >= 4:
+        return bytes_, 0.0, total
+    grad = 0.0
+    if mode != "fwd":
+        for n in counts:
+            if n < 2:
+                continue
+            pair, feature = 2.0 * n * n * (2 * Ds + Dt), 2.0 * n * (2 * Ds * Ds + Dt * Dt + 2 * Ds * Dt)
+            grad += 2.0 * n * n * Ds if pair <= feature else 2.0 * n * (Ds * Ds + Ds * Dt)
+    return bytes_, total - L * grad, L * grad
 
 
 def main(argv: list[str] | None = None) -> None:

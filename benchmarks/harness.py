@@ -1,41 +1,37 @@
-"""Shared benchmark harness: timing, peak memory, device ceilings, synthetic unit batches, result files.
-
-Every ``bench_*.py`` script describes its cases (shape parameters), how to build the inputs, what each
-provider runs and the floor (bytes, FLOPs) of a case; :func:`run_bench` does the rest, the same way for
+"""Benchmark runner: every ``bench_*.py`` script describes its cases (shape parameters), how to build the
+inputs, what each provider runs and the floor of a case; :func:`run_bench` does the rest, the same way for
 every op:
 
-1. the device ceilings (copy bandwidth, bf16 matmul rate) are measured ONCE per results folder and
-   cached in ``ceilings.json`` there, so every script of one run divides by the same numbers;
-2. per case and provider: one checked call (outputs and gradients kept for the cross-provider check;
-   it also absorbs compilation and autotuning, timed as ``first_call_s``), one peak-memory call, then
-   the timing (``triton.testing.do_bench(quantiles=[0.5, 0.2, 0.8])`` on CUDA, a perf_counter loop
-   with the same warm-up/repeat budget on the CPU);
-3. an out-of-memory error is recorded as status ``"OOM"``, any other failure as ``"error: ..."``, a
+1. the device ceilings (copy bandwidth, bf16 and fp32 matmul rates) are measured ONCE per results folder
+   and cached in ``ceilings.json`` there, so every script of one run divides by the same numbers;
+2. per case and provider: one checked call (outputs and gradients kept for the check; it also absorbs
+   compilation and autotuning, timed as ``first_call_s``), one peak-memory call, then the timing;
+3. the check: the eager reference is also run on float64 copies of the inputs (the oracle), and each
+   provider's outputs and gradients must lie within the tolerance rule
+   (docs/method.md#numerical-tolerance-rule): error against the oracle at most 2 × the eager
+   reference's error in the same dtype + a small floor (``within_rule`` in the records, a
+   ``CHECK`` mark in the log otherwise);
+4. an out-of-memory error is recorded as status ``"OOM"``, any other failure as ``"error: ..."``, a
    provider left out for time as ``"skipped: ..."``: a case never silently disappears;
-4. the results folder gets ``<name>.json`` and ``<name>.csv`` rewritten after every case (a stage
+5. the results folder gets ``<name>.json`` and ``<name>.csv`` rewritten after every case (a stage
    killed by a timeout keeps what it measured) and ``<name>_time.png`` / ``<name>_memory.png`` at the end.
 
+The pieces live beside this file: ``timing.py`` (median and quantiles of a call), ``memory.py`` (peak
+memory, OOM), ``machine.py`` (device, results folder, environment, ceilings), ``synthetic.py`` (unit
+batches, hidden states, presets), ``results.py`` (JSON/CSV files and plots). This module re-exports the
+names the scripts use (``harness.PRESETS``, ``harness.run_bench``, ...).
+
 Run the scripts as files (``python benchmarks/bench_saliency.py ...``); they import this module as a
-sibling. Peak memory is measured on CUDA only (``max_memory_allocated`` after a reset, minus what was
-allocated before the call); on the CPU it is recorded as null.
+sibling. Peak memory is measured on CUDA only; on the CPU it is recorded as null.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import datetime as _dt
 import functools
-import gc
 import importlib
 import json
-import math
-import os
-import platform
-import re
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,402 +40,76 @@ from typing import Any
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, when imported from elsewhere
+
+from machine import (  # noqa: E402
+    BENCH_DIR,
+    REPO_ROOT,
+    backend_label,
+    ceilings_for,
+    device_name,
+    environment,
+    measure_ceilings,
+    pick_device,
+    results_dir,
+    slug,
+)
+from memory import free_memory, is_oom, peak_memory_bytes  # noqa: E402
+from results import CASE_KEYS, case_label, load_results, plot_results, write_results  # noqa: E402
+from synthetic import (  # noqa: E402
+    PRESETS,
+    TOKEN_COVERAGE,
+    UNIT_STATS_SOURCE,
+    UNITS_PER_TOKEN,
+    Preset,
+    random_hidden,
+    synth_ranges,
+    synth_unit_batch,
+    units_per_sequence,
+)
+from timing import QUANTILES, _clear_grads, synchronize, time_fn  # noqa: E402
+
+__all__ = [
+    "BENCH_DIR",
+    "CASE_KEYS",
+    "PRESETS",
+    "PROVIDERS",
+    "QUANTILES",
+    "REPO_ROOT",
+    "TOKEN_COVERAGE",
+    "UNITS_PER_TOKEN",
+    "UNIT_STATS_SOURCE",
+    "BenchSpec",
+    "Preset",
+    "add_common_args",
+    "backend_label",
+    "case_label",
+    "ceilings_for",
+    "device_name",
+    "environment",
+    "forward_or_train",
+    "free_memory",
+    "is_oom",
+    "load_results",
+    "measure_ceilings",
+    "op_providers",
+    "peak_memory_bytes",
+    "pick_device",
+    "plot_results",
+    "random_hidden",
+    "results_dir",
+    "run_bench",
+    "slug",
+    "synchronize",
+    "synth_ranges",
+    "synth_unit_batch",
+    "time_fn",
+    "tolerance_check",
+    "units_per_sequence",
+    "write_results",
+]
+
 PROVIDERS = ("eager_stacked", "eager", "mta_kernels", "compile")  # every provider a bench may have
-QUANTILES = (0.5, 0.2, 0.8)
-
-# ------------------------------------------------------------------------------------- unit statistics
-# Units per token, per granularity, measured with the package's own extraction + alignment on 64
-# English texts of ~207 words, byte-level BPE tokens (benchmarks/NOTES.md, "Units per sequence"):
-# words (in_phrases, the published default) 0.626 per token, phrases 0.354 per token, 1.197 tokens per
-# word. Fraction of tokens covered: words 0.626 x 1.197 = 0.75 (derived); phrases contain their words plus
-# the odd inner punctuation token: 0.78 (estimate). GPT-2's own tokenizer would give ~8% fewer units per
-# token (same file): these densities are slightly pessimistic for the fused kernels' work.
-UNIT_STATS_SOURCE = "benchmarks/NOTES.md, 'Semantic units' (measured, byte-level BPE)"
-UNITS_PER_TOKEN = {"word": 0.626, "phrase": 0.354}
-TOKEN_COVERAGE = {"word": 0.75, "phrase": 0.78}
-
-# ------------------------------------------------------------------------------------- model presets
-# SPEC §7: widths and mapped layers (indices into Hugging Face hidden_states; the first n_word pairs are
-# word level, the rest phrase level). `same_tokenizer` decides whether teacher and student share ranges.
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    name: str
-    student: str
-    teacher: str
-    d_student: int
-    d_teacher: int
-    student_layers: tuple[int, ...]
-    teacher_layers: tuple[int, ...]
-    n_word: int
-    same_tokenizer: bool
-
-    @property
-    def num_pairs(self) -> int:
-        return len(self.student_layers)
-
-    def granularities(self) -> list[str]:
-        return ["word" if k < self.n_word else "phrase" for k in range(self.num_pairs)]
-
-
-PRESETS = {
-    "gpt2": Preset("gpt2", "GPT-2 0.1B", "GPT-2-XL 1.5B", 768, 1600, (6, 9, 12), (24, 36, 48), 1, True),
-    "qwen": Preset(
-        "qwen",
-        "Qwen1.5-0.5B",
-        "Qwen1.5-1.8B",
-        1024,
-        2048,
-        (14, 16, 18, 20, 22, 24),
-        (14, 16, 18, 20, 22, 24),
-        1,
-        True,
-    ),
-    "mistral": Preset(
-        "mistral",
-        "TinyLlama-1.1B",
-        "Mistral-7B",
-        2048,
-        4096,
-        (6, 10, 14, 18, 22),
-        (8, 14, 20, 26, 32),
-        1,
-        False,
-    ),
-    # Tiny stand-in for CPU smoke runs (not a published setting).
-    "tiny": Preset("tiny", "tiny student", "tiny teacher", 48, 80, (1, 2, 3), (2, 4, 6), 1, True),
-}
-
-# ------------------------------------------------------------------------------------------ devices
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu. ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
-    return torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
-
-
-def results_dir(device: torch.device, out: str | None = None) -> Path:
-    """``--out``, else ``$MTA_BENCH_RESULTS``, else ``benchmarks/results/<device slug>-<UTC date>/``."""
-    path = out or os.environ.get("MTA_BENCH_RESULTS")
-    if not path:
-        date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-        path = str(BENCH_DIR / "results" / f"{slug(device_name(device))}-{date}")
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def backend_label(device: torch.device) -> str:
-    """Which implementation the fused ops run on this device (mta_kernels._dispatch rule)."""
-    if device.type == "cuda":
-        return "triton"
-    return "triton-interpreter" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "torch"
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """What ran the benchmark: versions, device, commit."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - triton is optional on the CPU
-        triton_version = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=REPO_ROOT,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-        )
-    except Exception:  # noqa: BLE001 - no git on the machine
-        commit, dirty = None, None
-    info: dict[str, Any] = {
-        "device": device_name(device),
-        "device_type": device.type,
-        "fused_backend": backend_label(device),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "unit_stats": {
-            "source": UNIT_STATS_SOURCE,
-            "units_per_token": UNITS_PER_TOKEN,
-            "token_coverage": TOKEN_COVERAGE,
-        },
-    }
-    if device.type == "cuda":
-        prop = torch.cuda.get_device_properties(device)
-        info["sm_count"] = prop.multi_processor_count
-        info["total_memory_bytes"] = prop.total_memory
-    return info
-
-
-# ------------------------------------------------------------------------------------------- timing
-
-
-def time_fn(
-    fn: Callable[[], Any],
-    device: torch.device,
-    *,
-    warmup_ms: float = 25.0,
-    rep_ms: float = 100.0,
-    grad_to_none: Sequence[torch.Tensor] | None = None,
-) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile of ``fn``'s run time in milliseconds.
-
-    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs); without triton, the same
-    protocol with CUDA events. CPU: a ``perf_counter`` loop with the same warm-up and repeat budgets
-    (at least 3 timed runs).
-    """
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            return _time_cuda_events(fn, warmup_ms, rep_ms, grad_to_none)
-        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=list(QUANTILES))
-        p50, p20, p80 = q
-        return float(p50), float(p20), float(p80)
-    return _time_cpu(fn, warmup_ms, rep_ms, grad_to_none)
-
-
-def _clear_grads(tensors: Sequence[torch.Tensor] | None) -> None:
-    for t in tensors or ():
-        t.grad = None
-
-
-def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
-    t = torch.tensor(times_ms, dtype=torch.float64)
-    q = torch.quantile(t, torch.tensor(QUANTILES, dtype=torch.float64))
-    return float(q[0]), float(q[1]), float(q[2])
-
-
-def _time_cpu(
-    fn: Callable[[], Any], warmup_ms: float, rep_ms: float, grad_to_none: Sequence[torch.Tensor] | None
-) -> tuple[float, float, float]:
-    _clear_grads(grad_to_none)
-    t0 = time.perf_counter()
-    fn()
-    estimate_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
-    for _ in range(max(0, int(warmup_ms / estimate_ms) - 1)):
-        _clear_grads(grad_to_none)
-        fn()
-    times: list[float] = []
-    n_rep = max(3, int(rep_ms / estimate_ms))
-    for _ in range(n_rep):
-        _clear_grads(grad_to_none)
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles(times)
-
-
-def _time_cuda_events(
-    fn: Callable[[], Any], warmup_ms: float, rep_ms: float, grad_to_none: Sequence[torch.Tensor] | None
-) -> tuple[float, float, float]:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        _clear_grads(grad_to_none)
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
-    for _ in range(max(1, int(warmup_ms / estimate_ms))):
-        fn()
-    n_rep = max(1, int(rep_ms / estimate_ms))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    for s, e in zip(starts, ends):
-        _clear_grads(grad_to_none)
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
-
-
-def peak_memory_bytes(
-    fn: Callable[[], Any], device: torch.device, grad_to_none: Sequence[torch.Tensor] | None = None
-) -> int | None:
-    """Peak bytes allocated by one call of ``fn`` beyond what was allocated before it (CUDA only).
-
-    The inputs (and anything else alive) are in the baseline and so are not counted; what the call
-    returns, the autograd graph it keeps and the gradients it writes are.
-    """
-    if device.type != "cuda":
-        return None
-    _clear_grads(grad_to_none)
-    gc.collect()
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del out
-    _clear_grads(grad_to_none)
-    return int(peak)
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------- ceilings
-
-
-def measure_ceilings(device: torch.device, quick: bool = False) -> dict[str, Any]:
-    """Copy bandwidth (bytes read + written per second) and dense matmul rate on this device.
-
-    CUDA: a 2 GiB device-to-device copy and a bf16 8192³ matmul on random data. CPU: 256 MiB and a
-    float32 1024³ matmul (so the code path runs; CPU ceilings only label CPU numbers).
-    """
-    gen = torch.Generator(device=device).manual_seed(0)
-    if device.type == "cuda":
-        copy_bytes, n, dtype = (256 << 20) if quick else (2 << 30), (2048 if quick else 8192), torch.bfloat16
-    else:
-        copy_bytes, n, dtype = (64 << 20) if quick else (256 << 20), (512 if quick else 1024), torch.float32
-
-    def copy_time() -> float:
-        src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_(generator=gen)
-        dst = torch.empty_like(src)
-        return time_fn(lambda: dst.copy_(src), device)[0]
-
-    def matmul_time() -> float:  # random data: zeros run faster than real data on some GPUs
-        a = torch.randn(n, n, device=device, generator=gen).to(dtype)
-        b = torch.randn(n, n, device=device, generator=gen).to(dtype)
-        return time_fn(lambda: a @ b, device)[0]
-
-    copy_ms = copy_time()
-    mm_ms = matmul_time()
-    free_memory(device)
-    return {
-        "device": device_name(device),
-        "copy_bytes": copy_bytes,
-        "copy_ms": copy_ms,
-        "bandwidth_GBps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9,
-        "matmul_n": n,
-        "matmul_dtype": str(dtype).replace("torch.", ""),
-        "matmul_ms": mm_ms,
-        "matmul_TFLOPs": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
-        "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def ceilings_for(device: torch.device, folder: Path, quick: bool = False) -> dict[str, Any]:
-    """The ceilings of this results folder: measured once, then read back from ``ceilings.json``."""
-    path = folder / "ceilings.json"
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("device") == device_name(device):
-            return cached
-    ceil = measure_ceilings(device, quick=quick)
-    path.write_text(json.dumps(ceil, indent=2) + "\n")
-    return ceil
-
-
-# ------------------------------------------------------------------------------- synthetic unit batches
-
-
-def synth_ranges(
-    batch: int, seq_len: int, units_per_seq: int, covered_per_seq: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Random non-overlapping unit ranges ``[B*units_per_seq, 2]`` (int32, flat indices into ``B*T``).
-
-    Each sequence gets ``units_per_seq`` units covering exactly ``covered_per_seq`` tokens: unit lengths
-    are 1 + a multinomial share of the surplus, the ``T - covered`` uncovered tokens are spread over the
-    gaps before, between and after the units.
-    """
-    n, c = units_per_seq, covered_per_seq
-    if not 0 <= n <= c <= seq_len:
-        raise ValueError(f"need 0 <= units ({n}) <= covered ({c}) <= T ({seq_len})")
-    if n == 0:
-        return torch.zeros(0, 2, dtype=torch.int32)
-    rows = []
-    for b in range(batch):
-        lengths = torch.ones(n, dtype=torch.int64)
-        if c > n:
-            lengths += torch.bincount(torch.randint(0, n, (c - n,), generator=generator), minlength=n)
-        gaps = torch.bincount(torch.randint(0, n + 1, (seq_len - c,), generator=generator), minlength=n + 1)
-        starts = torch.cumsum(gaps[:-1], 0) + torch.cumsum(lengths, 0) - lengths
-        rows.append(torch.stack([starts, starts + lengths], 1) + b * seq_len)
-    return torch.cat(rows).to(torch.int32)
-
-
-def units_per_sequence(seq_len: int, granularity: str) -> tuple[int, int]:
-    """(units, covered tokens) per sequence of ``seq_len`` tokens, from the measured unit statistics."""
-    n = max(0, round(UNITS_PER_TOKEN[granularity] * seq_len))
-    c = max(n, round(TOKEN_COVERAGE[granularity] * seq_len))
-    return n, min(c, seq_len)
-
-
-def synth_unit_batch(batch: int, seq_len: int, granularity: str, same_tokenizer: bool, seed: int, device):
-    """A ``mta_kernels.layout.UnitBatch`` of synthetic units with the measured density.
-
-    With different tokenizers the teacher's ranges are drawn independently (same unit count per
-    sequence, same T): unit u is still unit u on both sides.
-    """
-    from mta_kernels.layout import UnitBatch
-
-    gen = torch.Generator().manual_seed(seed)
-    n, c = units_per_sequence(seq_len, granularity)
-    student = synth_ranges(batch, seq_len, n, c, gen)
-    teacher = student if same_tokenizer else synth_ranges(batch, seq_len, n, c, gen)
-    cu = torch.arange(0, (batch + 1) * n, n, dtype=torch.int32)
-    ub = UnitBatch(student, teacher, cu, seq_len, seq_len)
-    return ub.to(device)
-
-
-def random_hidden(shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
-    """Hidden states with a shared direction plus noise (cosines away from 0, like real activations)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    base = torch.randn(shape[-1], device=device, generator=gen)
-    h = torch.randn(*shape, device=device, generator=gen) + 0.5 * base
-    return h.to(dtype)
-
-
-# ------------------------------------------------------------------------------------------- running
 
 
 @dataclasses.dataclass
@@ -451,15 +121,19 @@ class BenchSpec:
         providers);
     make_fn(provider, params, inputs) -> a zero-argument callable that does the timed work (forward,
         or forward + backward) and returns the forward output (compared across providers);
-    floor(params, inputs) -> (bytes, flops) the fewest bytes any implementation must move through
-        device memory and the FLOPs it must do (see benchmarks/NOTES.md for each formula).
+    floor(params, inputs) -> (bytes, FLOPs[, fp32 FLOPs]) the fewest bytes any implementation must move
+        through device memory and the useful FLOPs it must do: FLOPs priced at the bf16 tensor-core rate,
+        fp32 FLOPs (fp32 operands, which the kernels keep in fp32) at the fp32 rate (benchmarks/NOTES.md);
+    oracle_provider: the provider whose float64 run is the oracle of the tolerance check (``"eager"``,
+        the reference), or None where no float64 run makes sense (a training step).
     """
 
     name: str
     build: Callable[[dict[str, Any]], dict[str, Any]]
     make_fn: Callable[[str, dict[str, Any], dict[str, Any]], Callable[[], Any]]
-    floor: Callable[[dict[str, Any], dict[str, Any]], tuple[float, float]]
+    floor: Callable[[dict[str, Any], dict[str, Any]], Sequence[float]]
     providers: Sequence[str]
+    oracle_provider: str | None = "eager"
 
 
 def op_providers(
@@ -567,15 +241,24 @@ def configure_compile() -> None:
             setattr(dc, name, 4096)
 
 
+# ------------------------------------------------------------------------------------------- checks
+# The tolerance rule (docs/method.md#numerical-tolerance-rule), per output and gradient tensor:
+#     max|fused − oracle| <= RULE_FACTOR · max|eager − oracle| + RULE_FLOOR · max|oracle|
+# The floor is relative to the tensor's scale so that one rule fits losses (~1) and gradients (~1e-6).
+RULE_FACTOR = 2.0
+RULE_FLOOR = 1e-5
+
+
 def _collect_values(out: Any, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Forward output(s) and the gradients of the leaves, as float32 CPU tensors."""
+    """Forward output(s) and the gradients of the leaves, as float64 CPU tensors."""
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    vals = [o.detach().float().cpu() for o in outs if isinstance(o, torch.Tensor)]
-    vals += [t.grad.detach().float().cpu() for t in leaves if t.grad is not None]
+    vals = [o.detach().double().cpu() for o in outs if isinstance(o, torch.Tensor)]
+    vals += [t.grad.detach().double().cpu() for t in leaves if t.grad is not None]
     return vals
 
 
 def _rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float | None:
+    """Largest ‖a − b‖ / ‖b‖ over the tensors (an informative column, not the pass/fail check)."""
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return None
     worst = 0.0
@@ -585,6 +268,81 @@ def _rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float | None:
         den = max(float(y.norm()), 1e-12)
         worst = max(worst, float((x - y).norm()) / den)
     return worst
+
+
+def _max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).abs().max()) if x.numel() else 0.0
+
+
+def tolerance_check(
+    fused: list[torch.Tensor], eager: list[torch.Tensor], oracle: list[torch.Tensor]
+) -> tuple[bool | None, float | None, float | None]:
+    """The tolerance rule over matching lists of tensors (outputs then gradients).
+
+    Returns ``(within_rule, worst error / bound, worst eager error relative to the oracle's scale)``;
+    ``(None, None, None)`` when the lists do not match (nothing to compare)."""
+    if not (len(fused) == len(eager) == len(oracle)) or not oracle:
+        return None, None, None
+    if any(f.shape != o.shape or e.shape != o.shape for f, e, o in zip(fused, eager, oracle)):
+        return None, None, None
+    worst_ratio, worst_eager = 0.0, 0.0
+    for f, e, o in zip(fused, eager, oracle):
+        if not torch.isfinite(f).all():
+            return False, float("inf"), None
+        scale = float(o.abs().max()) if o.numel() else 0.0
+        err_e = _max_abs_err(e, o)
+        bound = RULE_FACTOR * err_e + RULE_FLOOR * scale
+        err_f = _max_abs_err(f, o)
+        ratio = err_f / bound if bound > 0 else (0.0 if err_f == 0 else float("inf"))
+        worst_ratio = max(worst_ratio, ratio)
+        worst_eager = max(worst_eager, err_e / scale if scale > 0 else 0.0)
+    return worst_ratio <= 1.0, worst_ratio, worst_eager
+
+
+def _to_float64(x: Any, copies: dict[int, torch.Tensor]) -> Any:
+    """A float64 copy of the inputs: floating tensors become float64 (one copy per tensor, recorded in
+    ``copies`` by the id of the original; leaves that require grad stay leaves that require grad), float
+    dtypes become torch.float64."""
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            return x
+        if id(x) not in copies:
+            copies[id(x)] = x.detach().double().requires_grad_(x.requires_grad)
+        return copies[id(x)]
+    if isinstance(x, torch.dtype):
+        return torch.float64 if x.is_floating_point else x
+    if isinstance(x, dict):
+        return {k: _to_float64(v, copies) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float64(v, copies) for v in x)
+    return x
+
+
+def oracle_values(
+    spec: BenchSpec, params: dict[str, Any], inputs: dict[str, Any], device: torch.device
+) -> tuple[list[torch.Tensor] | None, str | None]:
+    """The oracle: ``spec.oracle_provider`` (the eager reference) run once on float64 copies of the
+    inputs. Returns (values, None), or (None, why not)."""
+    if spec.oracle_provider is None:
+        return None, "no oracle for this bench"
+    copies: dict[int, torch.Tensor] = {}
+    originals = list(inputs.get("check_leaves", inputs.get("grad_leaves", ())))
+    try:
+        _clear_grads(originals)
+        x64 = _to_float64(inputs, copies)
+        out = spec.make_fn(spec.oracle_provider, params, x64)()
+        synchronize(device)
+        # a leaf the function uses through another object (a module's parameters listed as leaves) keeps
+        # its own gradient; its float64 copy then has none
+        check = [
+            copies[id(t)] if id(t) in copies and copies[id(t)].grad is not None else t for t in originals
+        ]
+        return _collect_values(out, check), None
+    except Exception as exc:  # noqa: BLE001 - no oracle is a recorded fact, not a crash
+        return None, _error_status(exc)
+    finally:
+        _clear_grads(originals)
+        free_memory(device)
 
 
 def _error_status(exc: BaseException) -> str:
@@ -644,11 +402,17 @@ def _add_ratios(records: list[dict[str, Any]], check_ref: str = "eager") -> None
                 r[f"mem_ratio_vs_{q}"] = other["peak_mem_bytes"] / r["peak_mem_bytes"]
 
 
-def _add_floor(rec: dict[str, Any], bytes_: float, flops: float, ceil: dict[str, Any]) -> None:
+def _add_floor(rec: dict[str, Any], floor: Sequence[float], ceil: dict[str, Any]) -> None:
+    """Floor of a case: ``floor`` is (bytes, FLOPs at the bf16 tensor-core rate[, FLOPs at the fp32
+    rate]); time floor = max(bytes / bandwidth, FLOPs16 / bf16 rate + FLOPs32 / fp32 rate)."""
+    bytes_, flops16 = floor[0], floor[1]
+    flops32 = floor[2] if len(floor) > 2 else 0.0
     bw = ceil["bandwidth_GBps"] * 1e9
-    peak = ceil["matmul_TFLOPs"] * 1e12
-    floor_ms = max(bytes_ / bw, flops / peak) * 1e3
-    rec.update(floor_bytes=bytes_, floor_flops=flops, floor_ms=floor_ms)
+    peak16 = ceil["matmul_TFLOPs"] * 1e12
+    peak32 = ceil.get("matmul_fp32_TFLOPs", ceil["matmul_TFLOPs"]) * 1e12
+    floor_ms = max(bytes_ / bw, flops16 / peak16 + flops32 / peak32) * 1e3
+    flops = flops16 + flops32
+    rec.update(floor_bytes=bytes_, floor_flops=flops, floor_flops_fp32=flops32, floor_ms=floor_ms)
     if rec.get("ms_p50"):
         s = rec["ms_p50"] * 1e-3
         rec.update(GBps=bytes_ / s / 1e9, TFLOPs=flops / s / 1e12)
@@ -709,6 +473,7 @@ def run_bench(
     )
     by_case: list[dict[str, dict[str, Any]]] = [{} for _ in cases]  # case -> provider -> record
     ref_values: list[list[torch.Tensor] | None] = [None for _ in cases]  # "eager"'s outputs, for the check
+    oracles: list[tuple[list[torch.Tensor] | None, str | None] | None] = [None for _ in cases]  # float64
 
     def flat() -> list[dict[str, Any]]:
         return [by_case[i][p] for i in range(len(cases)) for p in providers if p in by_case[i]]
@@ -743,20 +508,31 @@ def run_bench(
                             ref_values[i] = vals
                 rec = {**params, **rec}
                 if inputs is not None:
-                    _add_floor(rec, *spec.floor(params, inputs), ceil)
+                    _add_floor(rec, spec.floor(params, inputs), ceil)
                 recs[provider] = rec
                 write_results(json_path, meta, flat())  # partial: a killed stage keeps what it measured
             ref = "eager" if ref_values[i] is not None else next(iter(values), None)
+            if values and not args.no_check and oracles[i] is None and inputs is not None:
+                oracles[i] = oracle_values(spec, params, inputs, device)
+            oracle, why_not = oracles[i] or (None, "not run")
             for provider, vals in values.items():
                 ref_vals = ref_values[i] if ref == "eager" else values[ref]
                 recs[provider]["check_ref"] = ref
                 recs[provider]["rel_err_vs_ref"] = _rel_err(vals, ref_vals)
+                if oracle is not None and ref_values[i] is not None:
+                    ok, ratio, eager_err = tolerance_check(vals, ref_values[i], oracle)
+                    recs[provider].update(within_rule=ok, err_over_bound=ratio, eager_err_rel=eager_err)
+                    if ok is None:
+                        recs[provider]["oracle"] = "the oracle's outputs do not match this provider's"
+                else:
+                    why = why_not if oracle is None else "no eager run"
+                    recs[provider].update(within_rule=None, oracle=why)
             case_records = [recs[p] for p in providers if p in recs]
             _add_ratios(case_records)
             if post:
                 post(case_records)
             if pass_providers is passes[0] and not any(not (skip and skip(p, params)) for p in passes[1]):
-                ref_values[i] = None  # no later pass needs it
+                ref_values[i] = oracles[i] = None  # no later pass needs them
             del inputs, values
             free_memory(device)
             _print_case(stem, [recs[p] for p in pass_providers])
@@ -770,19 +546,6 @@ def run_bench(
     return json_path
 
 
-def case_label(rec: dict[str, Any], keys: Sequence[str] | None = None) -> str:
-    keys = keys or [k for k in CASE_KEYS if k in rec]
-    text = " ".join(f"{k}={rec[k]}" for k in keys if k in rec and k != "T")
-    return text + (f" T={rec['T']}" if "T" in rec else "")
-
-
-# A relative error against the eager reference above this is flagged in the log (bf16 inputs: ~1e-3).
-CHECK_WARN = 5e-2
-
-# Parameters that identify a case (everything else in a record is a measurement).
-CASE_KEYS = ("case", "preset", "mode", "gran", "L", "K", "B", "T", "D", "Ds", "Dt", "units_per_seq")
-
-
 def _print_case(stem: str, recs: list[dict[str, Any]]) -> None:
     print(f"[{stem}] {case_label(recs[0])}", flush=True)
     for r in recs:
@@ -791,8 +554,10 @@ def _print_case(stem: str, recs: list[dict[str, Any]]) -> None:
             mem_s = f"{mem / 2**20:9.1f} MiB" if mem is not None else "      n/a    "
             err = r.get("rel_err_vs_ref")
             err_s = f"rel.err {err:.1e}" if isinstance(err, float) else ""
-            if isinstance(err, float) and not err <= CHECK_WARN:
-                err_s += f"  <-- CHECK: differs from {r.get('check_ref')}"
+            if r.get("within_rule") is False:
+                err_s += f"  <-- CHECK: {r['err_over_bound']:.2g} x the tolerance rule's bound (float64)"
+            elif r.get("within_rule") is None and r.get("oracle"):
+                err_s += f"  (no rule check: {r['oracle'][:60]})"
             print(
                 f"    {r['provider']:14s} {r['ms_p50']:10.4f} ms [{r['ms_p20']:.4f}, {r['ms_p80']:.4f}]"
                 f" {mem_s}  floor {r.get('pct_of_floor', float('nan')):5.1f}%  {err_s}",
@@ -800,98 +565,6 @@ def _print_case(stem: str, recs: list[dict[str, Any]]) -> None:
             )
         else:
             print(f"    {r['provider']:14s} {r['status']}", flush=True)
-
-
-# ------------------------------------------------------------------------------------- result files
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def write_results(json_path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> None:
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_json_safe({"meta": meta, "records": records}), indent=1) + "\n")
-    tmp.replace(json_path)
-    keys: list[str] = []
-    for r in records:
-        keys += [k for k in r if k not in keys]
-    with open(json_path.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in records:
-            w.writerow(_json_safe(r))
-
-
-def load_results(json_path: Path) -> dict[str, Any]:
-    return json.loads(Path(json_path).read_text())
-
-
-def plot_results(json_path: Path) -> list[Path]:
-    """``<stem>_time.png`` and ``<stem>_memory.png``: median time / peak memory vs T, one line per
-    provider, one panel per group of the other case parameters. OOM points are marked with an x at the
-    top of the panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = load_results(json_path)
-    recs = [r for r in data["records"] if "T" in r]
-    if not recs:
-        return []
-    group_keys = [k for k in CASE_KEYS if k != "T" and any(k in r for r in recs)]
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in recs:
-        groups.setdefault(" ".join(f"{k}={r.get(k)}" for k in group_keys if k in r), []).append(r)
-    written = []
-    for metric, ylabel, scale, fname in (
-        ("ms_p50", "median time (ms)", 1.0, "time"),
-        ("peak_mem_bytes", "peak memory (MiB)", 1 / 2**20, "memory"),
-    ):
-        if not any(isinstance(r.get(metric), (int, float)) for r in recs):
-            continue
-        n = len(groups)
-        cols = min(3, n)
-        rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
-        for ax, (title, grp) in zip(axes.flat, groups.items()):
-            for provider in data["meta"]["providers"]:
-                mine = [r for r in grp if r["provider"] == provider]
-                pts = sorted((r["T"], r[metric] * scale) for r in mine if r.get(metric))
-                oom = sorted(r["T"] for r in mine if r["status"] == "OOM")
-                if pts:
-                    line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)[0]
-                    if oom:
-                        top = max(p[1] for p in pts)
-                        ax.scatter(oom, [top] * len(oom), marker="x", color=line.get_color(), s=60)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("T (tokens per sequence)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(title, fontsize=8)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        for ax in list(axes.flat)[n:]:
-            ax.axis("off")
-        dev = data["meta"]["env"]["device"]
-        fig.suptitle(f"{data['meta']['bench']} ({data['meta'].get('tag') or 'all'}) on {dev}", fontsize=10)
-        fig.tight_layout()
-        path = Path(json_path).with_name(f"{Path(json_path).stem}_{fname}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
 
 
 def main_ceilings(argv: Sequence[str] | None = None) -> None:

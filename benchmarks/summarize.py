@@ -6,7 +6,9 @@
 
 Each row is one (case, provider). "× vs P" is P's median time over this row's (above 1: this row is
 faster); "mem ÷ vs P" is P's peak memory over this row's (above 1: this row uses less). "% floor" is
-the floor time (max of bytes / measured bandwidth, FLOPs / measured matmul rate) over the median time.
+the floor time (max of bytes / measured bandwidth, FLOPs / the measured matmul rate of their precision)
+over the median time. "rule" is the tolerance check against the float64 oracle: the error over the
+rule's bound (≤ 1 passes; "✗" marks a failure, "–" no oracle).
 """
 
 from __future__ import annotations
@@ -42,13 +44,20 @@ def _status(r: dict[str, Any]) -> str:
     return s if len(s) < 60 else s[:57] + "..."
 
 
+def _rule(r: dict[str, Any]) -> str:
+    ok, ratio = r.get("within_rule"), r.get("err_over_bound")
+    if ok is None or not isinstance(ratio, (int, float)):
+        return "–"
+    return f"{ratio:.2f}" if ok else f"✗ {ratio:.2g}"
+
+
 def table(data: dict[str, Any]) -> str:
     meta, recs = data["meta"], data["records"]
     providers = meta["providers"]
     keys = [k for k in harness.CASE_KEYS if any(k in r for r in recs) and k != "case"]
     head = keys + ["provider", "median ms [p20, p80]", "peak MiB"]
     head += [f"× vs {p}" for p in providers] + [f"mem ÷ vs {p}" for p in providers]
-    head += ["% floor", "GB/s", "TFLOP/s", "rel.err"]
+    head += ["% floor", "GB/s", "TFLOP/s", "rel.err", "rule"]
     is_step = meta["bench"] == "step"
     if is_step:
         head += ["MTA share"]
@@ -63,7 +72,7 @@ def table(data: dict[str, Any]) -> str:
         row += [_fmt(r.get(f"speedup_vs_{p}"), ".2f") for p in providers]
         row += [_fmt(r.get(f"mem_ratio_vs_{p}"), ".2f") for p in providers]
         row += [_fmt(r.get("pct_of_floor"), ".1f"), _fmt(r.get("GBps"), ".3g"), _fmt(r.get("TFLOPs"), ".3g")]
-        row += [_fmt(r.get("rel_err_vs_ref"), ".1e")]
+        row += [_fmt(r.get("rel_err_vs_ref"), ".1e"), _rule(r)]
         if is_step:
             share = r.get("mta_share")
             row += [f"{100 * share:.1f}% ({r['mta_ms']:.2f} ms)" if isinstance(share, float) else "–"]

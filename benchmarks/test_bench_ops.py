@@ -119,6 +119,10 @@ def test_script_quick_cpu(benchmark, tmp_path, script):
         assert r["ms_p50"] > 0 and r["floor_bytes"] > 0
         if r["provider"] != "no_mta":
             assert r["rel_err_vs_ref"] is not None and r["rel_err_vs_ref"] < 2e-2, r
+        # the tolerance rule against the float64 oracle: never failed; checked wherever an oracle exists
+        assert r.get("within_rule") is not False, r
+        if script in ("bench_saliency", "bench_span_pool", "bench_structural"):
+            assert r["within_rule"] is True, r
     assert (tmp_path / f"{name}.csv").exists() and (tmp_path / "ceilings.json").exists()
     if script == "bench_mta_loss":
         assert (tmp_path / "mta_loss_sweep_time.png").stat().st_size > 0
@@ -128,6 +132,22 @@ def test_script_quick_cpu(benchmark, tmp_path, script):
         assert "#### mta_loss_sweep" in md and "| mta_kernels |" in md
     if script == "bench_step":
         assert all(isinstance(r.get("mta_share"), float) for r in recs if r["provider"] != "no_mta")
+
+
+def test_tolerance_rule_flags_what_it_should(benchmark):
+    """The benchmark check is the tolerance rule: error against the float64 oracle <= 2 x the eager
+    error in the same dtype + a floor relative to the oracle's scale."""
+    oracle = [torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)]
+    eager = [oracle[0] + torch.tensor([1e-3, 0.0, 0.0], dtype=torch.float64)]
+    good = [oracle[0] + torch.tensor([0.0, 1.5e-3, 0.0], dtype=torch.float64)]
+    bad = [oracle[0] + torch.tensor([0.0, 0.0, 3e-3], dtype=torch.float64)]
+    ok, ratio, eager_err = benchmark(harness.tolerance_check, good, eager, oracle)
+    assert ok is True and ratio < 1 and abs(eager_err - 1e-3 / 3) < 1e-12
+    ok, ratio, _ = harness.tolerance_check(bad, eager, oracle)
+    assert ok is False and ratio > 1
+    nan = [oracle[0] * float("nan")]
+    assert harness.tolerance_check(nan, eager, oracle)[0] is False
+    assert harness.tolerance_check(good, eager, oracle + oracle) == (None, None, None)
 
 
 def test_harness_records_oom_and_errors(benchmark, tmp_path):

@@ -1,5 +1,6 @@
-"""CPU throughput of the semantic-unit pipeline (SPEC §2): spaCy extraction, alignment to two
-tokenizations (the C++ extension op vs the pure-Python loop over tokens), and units per token.
+"""CPU throughput of the semantic-unit pipeline (docs/method.md#semantic-units): spaCy extraction,
+alignment to two tokenizations (the C++ extension op vs the pure-Python loop over tokens), units per
+token.
 
 Run: ``.venv/bin/python -m pytest benchmarks/test_bench_units.py --benchmark-only -s``. The batch is
 64 texts of ~200 words assembled from a bank of hand-written English sentences (news, science,

@@ -20,3 +20,9 @@ BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 COSINE_EPS: float = 1e-8
 """Norm floor of the HRA cosine: ``torch.nn.functional.cosine_similarity``'s default
 (docs/method.md#hra-loss)."""
+
+DSA_NORM_FLOOR: float = 1e-3
+"""Norm floor of the DSA unit vectors: ``Û = x / max(‖x‖, DSA_NORM_FLOOR)`` (docs/method.md#dsa-loss).
+It bounds the gradient of a (near-)zero unit at ``|∂L/∂Û| / DSA_NORM_FLOOR`` (a floor of 1e-8 gave ~4e6);
+pooled hidden states of real models have norms of 1 and more, far above it, where the result is
+bit-identical to any smaller floor (docs/design/structural.md#near-zero-units)."""

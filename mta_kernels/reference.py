@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mta_kernels._dtypes import accumulation_dtype
-from mta_kernels.constants import COSINE_EPS, GRANULARITIES, HRA_LEVELS, POOLINGS
+from mta_kernels.constants import COSINE_EPS, DSA_NORM_FLOOR, GRANULARITIES, HRA_LEVELS, POOLINGS
 
 __all__ = [
     "token_saliency",
@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 SALIENCY_STD_EPS = 1e-5
-NORMALIZE_EPS = 1e-8
 
 
 # ----------------------------------------------------------------------------------- token saliency
@@ -189,8 +188,9 @@ def structural_loss(
             ]
         )
     dtype = accumulation_dtype(student, teacher, unit_weights)
-    s_hat = F.normalize(student.to(dtype), dim=-1, eps=NORMALIZE_EPS)
-    t_hat = F.normalize(teacher.detach().to(dtype), dim=-1, eps=NORMALIZE_EPS)
+    # the DSA norm floor bounds the gradient of a (near-)zero unit (mta_kernels.constants.DSA_NORM_FLOOR)
+    s_hat = F.normalize(student.to(dtype), dim=-1, eps=DSA_NORM_FLOOR)
+    t_hat = F.normalize(teacher.detach().to(dtype), dim=-1, eps=DSA_NORM_FLOOR)
     W = (
         torch.ones(student.shape[0], dtype=dtype, device=student.device)
         if unit_weights is None
@@ -237,8 +237,8 @@ def structural_loss_stacked(
     seq = torch.repeat_interleave(
         torch.arange(len(cu_units) - 1, device=student.device), (cu_units[1:] - cu_units[:-1]).long()
     )
-    s_hat = F.normalize(student.to(dtype), dim=-1, eps=NORMALIZE_EPS)
-    t_hat = F.normalize(teacher.detach().to(dtype), dim=-1, eps=NORMALIZE_EPS)
+    s_hat = F.normalize(student.to(dtype), dim=-1, eps=DSA_NORM_FLOOR)
+    t_hat = F.normalize(teacher.detach().to(dtype), dim=-1, eps=DSA_NORM_FLOOR)
     cs = s_hat @ s_hat.T
     ct = t_hat @ t_hat.T
     W = (

@@ -1,4 +1,5 @@
-"""Shared test utilities: the SPEC §8 tolerance rule, devices, and an allocation watch."""
+"""Shared test utilities: the tolerance rule (docs/method.md#numerical-tolerance-rule), devices, LLM-like
+activations, and an allocation watch."""
 
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def assert_within_rule(
     floor: float = 1e-5,
     what: str = "",
 ) -> None:
-    """SPEC §8: the fused error against the float64 oracle is at most ``factor`` × the error of the
-    eager reference run in the same input dtype, plus an absolute ``floor``."""
+    """The tolerance rule (docs/method.md#numerical-tolerance-rule): the fused error against the float64
+    oracle is at most ``factor`` × the error of the eager reference run in the same input dtype, plus an
+    absolute ``floor``."""
     assert fused.shape == oracle.shape, f"{what}: shape {tuple(fused.shape)} != {tuple(oracle.shape)}"
     assert torch.isfinite(fused.detach()).all(), f"{what}: non-finite values in the fused result"
     err_fused = max_abs_err(fused, oracle)
@@ -40,6 +42,32 @@ def assert_within_rule(
     assert err_fused <= bound, (
         f"{what}: fused error {err_fused:.3e} > {factor} x eager error {err_eager:.3e} + {floor:g}"
     )
+
+
+def llm_like_hidden(
+    *shape: int,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    channels: int = 3,
+    token_fraction: float = 0.25,
+    magnitude: tuple[float, float] = (1e3, 1e4),
+    device: str | torch.device = DEVICE,
+) -> torch.Tensor:
+    """Hidden states ``[..., T, D]`` shaped like a decoder's: unit-scale features, plus a few outlier
+    channels (``channels`` of them, the same on every token) of magnitude ``magnitude[0]`` to
+    ``magnitude[1]`` on some tokens (the first token, an "attention sink", and about ``token_fraction`` of
+    the others) with random signs. Drawn in float64 on the CPU from ``seed``, then cast to ``dtype``."""
+    *lead, T, D = shape
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, generator=g, dtype=torch.float64)
+    cols = torch.randperm(D, generator=g)[: min(channels, D)]  # [C]
+    tokens = torch.rand(*lead, T, generator=g) < token_fraction  # [..., T]
+    tokens[..., 0] = True
+    lo, hi = magnitude
+    size = lo * (hi / lo) ** torch.rand(*lead, T, len(cols), generator=g, dtype=torch.float64)  # log-uniform
+    sign = torch.where(torch.rand(*lead, T, len(cols), generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+    h[..., cols] = torch.where(tokens[..., None], size * sign, h[..., cols])
+    return h.to(dtype).to(device)
 
 
 class AllocationWatch(TorchDispatchMode):

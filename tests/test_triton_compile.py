@@ -14,7 +14,13 @@ of 16, and the *constant* 1 when it equals 1 (a contiguous last stride); a float
 compiled in the launchers' realistic contiguous case (aligned pointers, unit last stride folded in) and in
 a generic case (unaligned pointers, odd strides and sizes), which are the two code paths the JIT builds.
 
-The compiles run in one subprocess without ``TRITON_INTERPRET`` (conftest sets it on machines without a
+Beyond compiling, the TTIR and PTX are checked for what the numerics rely on and the interpreter cannot
+show (docs/design/gpu-readiness.md, "What is asserted"): both saliency score passes round the score with
+a mul (no fma before the row-max subtraction), the row scale uses no approximate division or square root,
+the structural kernel has a barrier before it reloads the gradient rows it stored, and every pointer
+offset of the saliency and structural kernels is int64. Another triton: ``PYTHONPATH=<dir with it>``.
+
+The compiles run in subprocesses without ``TRITON_INTERPRET`` (conftest sets it on machines without a
 GPU, and then ``triton.jit`` wraps nothing that ``triton.compile`` can lower) and an empty Triton cache.
 Run this file as a script (``python tests/test_triton_compile.py [--stats]``) to print the table of
 docs/design/gpu-readiness.md (``--stats`` adds ptxas register/spill counts).
@@ -35,6 +41,9 @@ from pathlib import Path
 import pytest
 import triton
 import triton.language as tl
+
+if __name__ == "__main__":  # as a script: this checkout's package, not an installed copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # ------------------------------------------------------------------------------------------ cases
 
@@ -58,6 +67,7 @@ class Case:
     args: list
     constexprs: dict
     num_warps: int = 4
+    options: dict = field(default_factory=dict)  # other launch options (enable_fp_fusion, ...)
     dot_16bit: bool = False  # a tl.dot on 16-bit operands: expected on the tensor cores (wgmma on sm_90)
     notes: dict = field(default_factory=dict)
 
@@ -105,17 +115,19 @@ def _saliency_cases() -> list[Case]:
             dot_fp32 = dt not in ("bfloat16", "float16")
             BM, BN, BD = sal._block_sizes(T, D, dot_fp32)
             precision = "ieee" if dot_fp32 else None
-            row_bd = min(128, max(16, 1 << (D - 1).bit_length()))
+            row_bd = sal._row_scale_bd(D)
             cases.append(
                 Case(
                     f"saliency._row_scale_kernel-{dt}-{name}",
                     "saliency",
                     "_row_scale_kernel",
                     [h, f32, B, T, D, *strides, sal.SALIENCY_STD_EPS],
-                    dict(BR=16, BD=row_bd),
+                    dict(BR=sal._ROW_SCALE_BR, BD=row_bd),
                 )
             )
             common = dict(BM=BM, BN=BN, BD=BD, DOT_FP32=dot_fp32, DOT_PRECISION=precision)
+            launch = dict(sal.SCORE_LAUNCH_OPTIONS)  # the launcher's options, num_warps included
+            num_warps = launch.pop("num_warps")
             qk_scale = 0.05
             cases.append(
                 Case(
@@ -125,6 +137,8 @@ def _saliency_cases() -> list[Case]:
                     # hidden, r, valid_i8, span, n, row_max, row_lsum
                     [h, f32, i8, i32, i32, f32, f32, B, T, D, *strides, qk_scale],
                     dict(common),
+                    num_warps=num_warps,
+                    options=launch,
                     dot_16bit=not dot_fp32,
                 )
             )
@@ -136,6 +150,8 @@ def _saliency_cases() -> list[Case]:
                     # hidden, r, valid_i8, span, n, row_max, row_lsum, out
                     [h, f32, i8, i32, i32, f32, f32, f32, B, T, D, *strides, qk_scale],
                     dict(common),
+                    num_warps=num_warps,
+                    options=launch,
                     dot_16bit=not dot_fp32,
                 )
             )
@@ -367,6 +383,84 @@ def all_cases() -> list[Case]:
     return _saliency_cases() + _span_pool_cases() + _structural_cases()
 
 
+# ------------------------------------------------------------------------------- PTX / TTIR checks
+
+_PTX_INSTR = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.]*)\s+([^;{}]*);", re.M)
+# instructions a score goes through between its scale (a mul) and the exp2, unchanged in rounding terms
+_PASS_THROUGH = {"sub", "add", "selp", "mov", "neg", "max", "min"}
+_APPROX_DIV_SQRT = re.compile(r"\b(?:div\.(?:full|approx)|sqrt\.approx|rcp\.approx|rsqrt\.approx)\.")
+
+
+def score_rounding(ptx: str) -> tuple[int, int, int]:
+    """Follow every ``ex2`` operand back through sub/add/selp/mov/neg/max/min to the instruction that
+    rounded the score. Returns (ex2 count, ex2 fed by an fp32 ``mul``, ex2 fed by an ``fma``).
+
+    The saliency's passes rely on S2 = (H_j·H_i)·r_j·r_i being rounded by a mul in both passes: an fma
+    that merges the scale with the subtraction of the row max skips that rounding in one pass only."""
+    instrs = _PTX_INSTR.findall(ptx)
+    defs: dict[str, list[tuple[str, list[str]]]] = {}
+    for op, operands in instrs:
+        regs = [o.strip() for o in operands.split(",")]
+        if regs and regs[0].startswith("%"):
+            defs.setdefault(regs[0], []).append((op, regs[1:]))
+    n = from_mul = from_fma = 0
+    for op, operands in instrs:
+        if not op.startswith("ex2."):
+            continue
+        n += 1
+        stack, seen, mul, fma = [operands.split(",")[1].strip()], set(), False, False
+        while stack:
+            reg = stack.pop()
+            if reg in seen or not reg.startswith("%"):
+                continue
+            seen.add(reg)
+            for dop, srcs in defs.get(reg, []):
+                base = dop.split(".")[0]
+                if base == "fma" and dop.endswith(".f32"):
+                    fma = True
+                elif base == "mul" and dop.endswith(".f32"):
+                    mul = True
+                elif base in _PASS_THROUGH:
+                    stack.extend(srcs[:2] if base == "selp" else srcs)
+        from_mul += mul
+        from_fma += fma
+    return n, from_mul, from_fma
+
+
+_ADDPTR = re.compile(r"tt\.addptr\s+(%[\w#.]+),\s*(%[\w#.]+)\s*:\s*.+?,\s*(tensor<[^>]*>|i\d+)\s")
+
+
+def narrow_offsets(ttir: str) -> list[str]:
+    """``tt.addptr`` lines whose offset is 32-bit (except scalar constants) and 32-bit products of index
+    tensors: with int64 offsets everywhere, no index times a stride can wrap (a D-slowest layout past 2³¹
+    elements, say)."""
+    constants = set(re.findall(r"(%[\w#.]+) = arith\.constant", ttir))
+    bad = []
+    for line in ttir.splitlines():
+        m = _ADDPTR.search(line)
+        if m is None or not (m.group(3) == "i32" or m.group(3).endswith("xi32>")):
+            continue
+        if m.group(3) == "i32" and m.group(2) in constants:
+            continue  # a small compile-time constant (the +1 of a [first, last) pair)
+        bad.append(line.strip()[:160])
+    # an index tensor times a stride in 32 bits wraps before any widening to the int64 offset
+    narrow_product = re.compile(r"arith\.muli .*: tensor<\S*xi32>")
+    bad += [line.strip()[:160] for line in ttir.splitlines() if narrow_product.search(line)]
+    return bad
+
+
+def barrier_before_g_reload(ttir: str) -> bool | None:
+    """In the structural kernel's column loop: a ``gpu.barrier`` after the Gram tiles' loads and before
+    the load of the gradient rows G that the previous column block stored. None when there is no G."""
+    lines = ttir.splitlines()
+    g_loads = [i for i, line in enumerate(lines) if re.search(r"%b_g\w* = tt\.load", line)]
+    if not g_loads:
+        return None
+    tiles = [i for i, line in enumerate(lines) if re.search(r"%b_x[mn]\w* = tt\.load", line)]
+    barriers = [i for i, line in enumerate(lines) if re.search(r"\b(?:gpu|ttg)\.barrier\b", line)]
+    return any(max(tiles, default=-1) < b < g_loads[0] for b in barriers)
+
+
 # ------------------------------------------------------------------------------------ compilation
 
 
@@ -436,12 +530,14 @@ def compile_case(case: Case, target, ptxas_stats: bool = False) -> dict:
         k = triton.compile(
             ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
             target=target,
-            options=dict(num_warps=case.num_warps),
+            options=dict(num_warps=case.num_warps, **case.options),
         )
     except Exception as e:  # noqa: BLE001 - every compiler error is a result to report
         msg = f"{type(e).__name__}: {e}"
         return dict(ok=False, error=msg[-3000:], seconds=time.perf_counter() - t0)
     ptx = k.asm.get("ptx", "")
+    ttir = k.asm.get("ttir", "")
+    ex2, ex2_from_mul, ex2_from_fma = score_rounding(ptx)
     res = dict(
         ok=True,
         seconds=round(time.perf_counter() - t0, 2),
@@ -452,6 +548,13 @@ def compile_case(case: Case, target, ptxas_stats: bool = False) -> dict:
         ptx_local=len(re.findall(r"\b(?:ld|st)\.local\b", ptx)),
         shared=k.metadata.shared,
         ttgir_dot=bool(re.search(r"ttng\.warp_group_dot|tt\.dot", k.asm.get("ttgir", ""))),
+        ex2=ex2,
+        ex2_from_mul=ex2_from_mul,
+        ex2_from_fma=ex2_from_fma,
+        approx_div_sqrt=len(_APPROX_DIV_SQRT.findall(ptx)),
+        i32_offsets=narrow_offsets(ttir),
+        barrier_before_g_reload=barrier_before_g_reload(ttir),
+        ptx_barriers=len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)),
     )
     if ptxas_stats:
         res.update(_ptxas_stats(ptx, target.arch))
@@ -536,6 +639,10 @@ def compiled() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
+        # this checkout's package first (an installed copy elsewhere would be compiled instead), then any
+        # PYTHONPATH given (PYTHONPATH=<dir> selects another triton: tests for two versions)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 = old default
         procs = []
         for shard in range(num_shards):
@@ -567,6 +674,57 @@ def test_kernel_compiles_for_sm90(compiled: dict, case: Case) -> None:
         if case.constexprs.get("BM", 0) >= 64:
             assert res["wgmma"], f"{case.id}: 64-row 16-bit tl.dot did not become wgmma"
     assert res["shared"] <= 227 * 1024, f"{case.id}: {res['shared']} B shared memory > sm_90's 227 KB"
+
+
+SCORE_CASES = [c for c in CASES if c.kernel in ("_row_stats_kernel", "_colsum_kernel")]
+
+
+@pytest.mark.parametrize("case", SCORE_CASES, ids=[c.id for c in SCORE_CASES])
+def test_saliency_passes_round_the_score_alike(compiled: dict, case: Case) -> None:
+    """No fma merges the score scale with the row-max subtraction: pass 2's S2 − m2 is exactly 0 at the
+    row max only if both passes round S2 = (H_j·H_i)·r_j·r_i with the same mul."""
+    res = compiled[case.id]
+    assert res["ok"], res.get("error")
+    assert res["ex2"] > 0 and res["ex2_from_mul"] > 0, f"{case.id}: found no scaled score feeding an exp2"
+    assert res["ex2_from_fma"] == 0, (
+        f"{case.id}: {res['ex2_from_fma']} of {res['ex2']} exp2 take a score rounded by an fma "
+        f"(triton {compiled['__triton__']}): launch with enable_fp_fusion=False"
+    )
+
+
+ROW_SCALE_CASES = [c for c in CASES if c.kernel == "_row_scale_kernel"]
+
+
+@pytest.mark.parametrize("case", ROW_SCALE_CASES, ids=[c.id for c in ROW_SCALE_CASES])
+def test_row_scale_is_correctly_rounded(compiled: dict, case: Case) -> None:
+    """The row scale r = 1 / (std + eps) uses div.rn / sqrt.rn, not div.full / sqrt.approx / rcp.approx."""
+    res = compiled[case.id]
+    assert res["ok"], res.get("error")
+    assert res["approx_div_sqrt"] == 0, f"{case.id}: {res['approx_div_sqrt']} approximate div/sqrt in the PTX"
+
+
+GRAD_CASES = [c for c in CASES if c.kernel == "_structural_fwd_kernel" and c.constexprs["COMPUTE_GRAD"]]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c.id for c in GRAD_CASES])
+def test_structural_g_reload_follows_a_barrier(compiled: dict, case: Case) -> None:
+    """G rows stored by one column block are reloaded by the next with another register layout (another
+    warp may read what this one wrote): an explicit barrier must order the two."""
+    res = compiled[case.id]
+    assert res["ok"], res.get("error")
+    assert res["barrier_before_g_reload"] is True, f"{case.id}: no barrier between the G store and reload"
+    assert res["ptx_barriers"] > 0, f"{case.id}: the barrier did not reach the PTX"
+
+
+OWN_CASES = [c for c in CASES if c.module in ("saliency", "structural")]
+
+
+@pytest.mark.parametrize("case", OWN_CASES, ids=[c.id for c in OWN_CASES])
+def test_offsets_are_int64(compiled: dict, case: Case) -> None:
+    """Every pointer offset is int64 (index × stride cannot wrap past 2³¹ elements)."""
+    res = compiled[case.id]
+    assert res["ok"], res.get("error")
+    assert not res["i32_offsets"], f"{case.id}: 32-bit pointer offsets:\n" + "\n".join(res["i32_offsets"])
 
 
 def test_harness_rejects_what_only_the_interpreter_accepts(compiled: dict) -> None:

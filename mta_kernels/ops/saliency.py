@@ -8,19 +8,19 @@ For one sequence and layer, hidden ``H`` ``[T, D]``, valid tokens V, ``n = |V|``
     A_j· = softmax over i in V \\ {j} of S_j·
     a_i  = (1/n) Σ_{j in V} A_ji                 0 for padding; 1 for the lone token when n == 1
 
-Triton path (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), three launches, stacked layers on
-grid axis 2:
+Triton path (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), three launches, each on a one-axis
+grid of (block, sequence, layer) programs (``_grid``):
 
-0. ``_row_scale_kernel``  grid (T/BR, B, L): r_i in fp32, two passes over D (mean, then the centred
+0. ``_row_scale_kernel``  T/BR · B · L programs: r_i in fp32, two passes over D (mean, then the centred
    sum of squares), so bf16 rows with |h| ~ 1e4 neither overflow nor cancel.
-1. ``_row_stats_kernel``  grid (T/BM, B, L): a block of query rows j runs an online softmax over the
+1. ``_row_stats_kernel``  T/BM · B · L programs: a block of query rows j runs an online softmax over the
    key blocks; the score tile is ``tl.dot`` of the *raw* hidden rows over D in chunks of BD, scaled
    by ``r_j r_i log2(e) / sqrt(D)`` afterwards. Stores the row max ``m2_j`` and ``log2`` of the row sum
    *separately* (+inf max for rows that have no keys: padding, or n < 2). Keeping the max apart matters:
    scores are not centred (SPEC §3), so rows with a large common direction have S2 ~ 1e4 and a stored
-   log-sum-exp would round to ~1e-3 there; pass 2 recomputes the same tiles, so ``S2 - m2`` is exact
-   for the row's largest score.
-2. ``_colsum_kernel``     grid (T/BN, B, L): a block of key columns i loops over all query blocks j,
+   log-sum-exp would round to ~1e-3 there; pass 2 recomputes the same tiles, rounded alike (no fp
+   fusion, ``SCORE_LAUNCH_OPTIONS``), so ``S2 - m2`` is exact for the row's largest score.
+2. ``_colsum_kernel``     T/BN · B · L programs: a block of key columns i loops over all query blocks j,
    recomputes the score tile and accumulates ``Σ_j exp2((S2_ji - m2_j) - log2 l_j)``; then divides by n and
    applies the n == 1 and padding rules. Each output column has one owner: no atomics, deterministic.
 
@@ -60,6 +60,17 @@ _TORCH_CHUNK_ELEMS = 1 << 19
 
 # ------------------------------------------------------------------------------------ Triton kernels
 @triton.jit
+def _program_coords(pid, B, T, BLOCK: tl.constexpr):
+    """(block of T, sequence b, layer l) of this program, all int64, from a one-axis grid of
+    ``cdiv(T, BLOCK) · B · L`` programs: axis 0 allows 2³¹ − 1 programs, axes 1 and 2 only 65535, so no
+    batch or layer count can exceed a grid limit. Blocks of one sequence are adjacent (shared keys in L2)."""
+    pid = pid.to(tl.int64)
+    num_blocks = tl.cdiv(T, BLOCK).to(tl.int64)
+    i_g = pid // num_blocks
+    return pid % num_blocks, i_g % B, i_g // B
+
+
+@triton.jit
 def _row_scale_kernel(
     h_ptr,  # [L, B, T, D] any strides, any float dtype
     r_ptr,  # [L, B, T] fp32, contiguous (out)
@@ -75,31 +86,31 @@ def _row_scale_kernel(
     BD: tl.constexpr,
 ):
     # r_i = 1 / (std_i + eps), std unbiased over D. Two passes (mean, then Σ (x - mean)²) in fp32:
-    # the one-pass Σx² - n·mean² cancels catastrophically for rows with a large mean.
-    pid_t = tl.program_id(0)
-    i_b = tl.program_id(1).to(tl.int64)
-    i_l = tl.program_id(2).to(tl.int64)
-    o_t = pid_t * BR + tl.arange(0, BR)  # [BR]
+    # the one-pass Σx² - n·mean² cancels catastrophically for rows with a large mean. Correctly rounded
+    # division and square root (div_rn, sqrt_rn): the default lowering is div.full / sqrt.approx, whose
+    # error would differ from the oracle's in every score of the row.
+    pid_t, i_b, i_l = _program_coords(tl.program_id(0), B, T, BR)
+    o_t = pid_t * BR + tl.arange(0, BR).to(tl.int64)  # [BR]
     m_t = o_t < T
-    p_row = h_ptr + i_l * stride_hl + i_b * stride_hb + o_t.to(tl.int64)[:, None] * stride_ht  # [BR, 1]
+    p_row = h_ptr + i_l * stride_hl + i_b * stride_hb + o_t[:, None] * stride_ht  # [BR, 1]
 
     b_sum = tl.zeros([BR], dtype=tl.float32)
     for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)  # [BD]
+        o_d = d0 + tl.arange(0, BD).to(tl.int64)  # [BD]
         m_x = m_t[:, None] & (o_d < D)[None, :]  # [BR, BD]
-        b_x = tl.load(p_row + o_d.to(tl.int64)[None, :] * stride_hd, mask=m_x, other=0.0).to(tl.float32)
+        b_x = tl.load(p_row + o_d[None, :] * stride_hd, mask=m_x, other=0.0).to(tl.float32)
         b_sum += tl.sum(b_x, axis=1)
-    b_mean = b_sum / D  # [BR]
+    b_mean = tl.div_rn(b_sum, tl.full([BR], D, tl.float32))  # [BR]
 
     b_ss = tl.zeros([BR], dtype=tl.float32)
     for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
+        o_d = d0 + tl.arange(0, BD).to(tl.int64)
         m_x = m_t[:, None] & (o_d < D)[None, :]
-        b_x = tl.load(p_row + o_d.to(tl.int64)[None, :] * stride_hd, mask=m_x, other=0.0).to(tl.float32)
+        b_x = tl.load(p_row + o_d[None, :] * stride_hd, mask=m_x, other=0.0).to(tl.float32)
         b_c = tl.where(m_x, b_x - b_mean[:, None], 0.0)  # [BR, BD]
         b_ss += tl.sum(b_c * b_c, axis=1)
-    b_std = tl.sqrt(b_ss / (D - 1))
-    b_r = 1.0 / (b_std + eps)
+    b_std = tl.sqrt_rn(tl.div_rn(b_ss, tl.full([BR], D - 1, tl.float32)))
+    b_r = tl.div_rn(tl.full([BR], 1.0, tl.float32), b_std + eps)
     tl.store(r_ptr + (i_l * B + i_b) * T + o_t, b_r, mask=m_t)
 
 
@@ -157,9 +168,7 @@ def _row_stats_kernel(
 ):
     # Pass 1: m2_j = max_i S2_ji and log2 l_j = log2 Σ_{i valid, i != j} exp2(S2_ji - m2_j), S2_ji = r_j r_i (H_j·H_i) log2(e)/sqrt(D),
     # with an online (running max) softmax over key blocks.
-    pid_m = tl.program_id(0)
-    i_b = tl.program_id(1).to(tl.int64)
-    i_l = tl.program_id(2).to(tl.int64)
+    pid_m, i_b, i_l = _program_coords(tl.program_id(0), B, T, BM)
     h_base = h_ptr + i_l * stride_hl + i_b * stride_hb
     rl_base = (i_l * B + i_b) * T  # offset of this (layer, sequence) in [L, B, T]
     n_valid = tl.load(n_ptr + i_b)
@@ -167,11 +176,11 @@ def _row_stats_kernel(
     span_hi = tl.load(span_ptr + 2 * i_b + 1)
 
     row_lo = pid_m * BM
-    o_m = row_lo + tl.arange(0, BM)  # [BM] query rows j
+    o_m = row_lo + tl.arange(0, BM).to(tl.int64)  # [BM] query rows j
     m_m = o_m < T
     b_vq = tl.load(valid_ptr + i_b * T + o_m, mask=m_m, other=0) != 0  # [BM]
     b_rq = tl.load(r_ptr + rl_base + o_m, mask=m_m, other=0.0) * qk_scale  # [BM]
-    p_q = h_base + o_m.to(tl.int64)[:, None] * stride_ht  # [BM, 1]
+    p_q = h_base + o_m[:, None] * stride_ht  # [BM, 1]
 
     # Keys only inside [span_lo, span_hi); no keys at all when this block has no valid row or n < 2.
     has_work = (n_valid >= 2) & (span_lo < row_lo + BM) & (span_hi > row_lo)
@@ -181,11 +190,11 @@ def _row_stats_kernel(
     b_max = tl.full([BM], float("-inf"), dtype=tl.float32)  # running max (base 2)
     b_sum = tl.zeros([BM], dtype=tl.float32)  # running Σ exp2(S2 - b_max)
     for n0 in range(key_lo, key_hi, BN):
-        o_n = n0 + tl.arange(0, BN)  # [BN] key columns i
+        o_n = n0 + tl.arange(0, BN).to(tl.int64)  # [BN] key columns i
         m_n = o_n < T
         b_vk = tl.load(valid_ptr + i_b * T + o_n, mask=m_n, other=0) != 0  # [BN]
         b_rk = tl.load(r_ptr + rl_base + o_n, mask=m_n, other=0.0)  # [BN]
-        p_k = h_base + o_n.to(tl.int64)[None, :] * stride_ht  # [1, BN]
+        p_k = h_base + o_n[None, :] * stride_ht  # [1, BN]
         b_s = _score_tile(p_q, p_k, m_m, m_n, D, stride_hd, BM, BN, BD, DOT_FP32, DOT_PRECISION)
         b_s = b_s * b_rq[:, None] * b_rk[None, :]  # [BM, BN] S2
         m_s = b_vk[None, :] & (o_m[:, None] != o_n[None, :])  # [BM, BN] valid key, not the diagonal
@@ -229,9 +238,7 @@ def _colsum_kernel(
     # Pass 2: a_i = (1/n) Σ_j exp2((S2_ji - m2_j) - log2 l_j) over query rows j with keys, i valid, i != j.
     # This program owns key columns [pid_n*BN, pid_n*BN + BN) of one (layer, sequence) and sums over
     # every query block itself: one writer per output, no atomics, a fixed summation order.
-    pid_n = tl.program_id(0)
-    i_b = tl.program_id(1).to(tl.int64)
-    i_l = tl.program_id(2).to(tl.int64)
+    pid_n, i_b, i_l = _program_coords(tl.program_id(0), B, T, BN)
     h_base = h_ptr + i_l * stride_hl + i_b * stride_hb
     rl_base = (i_l * B + i_b) * T
     n_valid = tl.load(n_ptr + i_b)
@@ -239,11 +246,11 @@ def _colsum_kernel(
     span_hi = tl.load(span_ptr + 2 * i_b + 1)
 
     col_lo = pid_n * BN
-    o_n = col_lo + tl.arange(0, BN)  # [BN] key columns i
+    o_n = col_lo + tl.arange(0, BN).to(tl.int64)  # [BN] key columns i
     m_n = o_n < T
     b_vk = tl.load(valid_ptr + i_b * T + o_n, mask=m_n, other=0) != 0  # [BN]
     b_rk = tl.load(r_ptr + rl_base + o_n, mask=m_n, other=0.0)  # [BN]
-    p_k = h_base + o_n.to(tl.int64)[None, :] * stride_ht  # [1, BN]
+    p_k = h_base + o_n[None, :] * stride_ht  # [1, BN]
 
     has_work = (n_valid >= 2) & (span_lo < col_lo + BN) & (span_hi > col_lo)
     query_lo = (span_lo // BM) * BM
@@ -251,12 +258,12 @@ def _colsum_kernel(
 
     b_acc = tl.zeros([BN], dtype=tl.float32)
     for m0 in range(query_lo, query_hi, BM):
-        o_m = m0 + tl.arange(0, BM)  # [BM] query rows j
+        o_m = m0 + tl.arange(0, BM).to(tl.int64)  # [BM] query rows j
         m_m = o_m < T
         b_max = tl.load(max_ptr + rl_base + o_m, mask=m_m, other=float("inf"))  # [BM]
         b_lsum = tl.load(lsum_ptr + rl_base + o_m, mask=m_m, other=0.0)  # [BM]
         b_rq = tl.load(r_ptr + rl_base + o_m, mask=m_m, other=0.0) * qk_scale  # [BM]
-        p_q = h_base + o_m.to(tl.int64)[:, None] * stride_ht  # [BM, 1]
+        p_q = h_base + o_m[:, None] * stride_ht  # [BM, 1]
         b_s = _score_tile(p_q, p_k, m_m, m_n, D, stride_hd, BM, BN, BD, DOT_FP32, DOT_PRECISION)
         b_s = b_s * b_rq[:, None] * b_rk[None, :]  # [BM, BN] S2
         # Rows without keys carry m2 = +inf; masking them (not only relying on exp2(-inf) = 0) keeps
@@ -266,7 +273,7 @@ def _colsum_kernel(
         b_p = tl.where(m_p, tl.exp2(tl.where(m_p, b_s, float("-inf"))), 0.0)
         b_acc += tl.sum(b_p, axis=0)
 
-    b_a = b_acc / tl.maximum(n_valid, 1).to(tl.float32)
+    b_a = tl.div_rn(b_acc, tl.full([BN], tl.maximum(n_valid, 1), tl.float32))
     b_a = tl.where(n_valid == 1, 1.0, b_a)  # the lone valid token of an n == 1 sequence
     b_a = tl.where(b_vk, b_a, 0.0)
     tl.store(out_ptr + rl_base + o_n, b_a, mask=m_n)
@@ -296,6 +303,31 @@ def _block_sizes(T: int, D: int, fp32_operands: bool) -> tuple[int, int, int]:
     return bt, bt, bd
 
 
+# Launch options of the two score passes. No FMA contraction: pass 2 must round S2 = (H_j·H_i) r_j r_i
+# exactly as pass 1 does before its row max, so that S2 − m2 is exactly 0 at the row's largest score. With
+# contraction the compiler fuses pass 2's scale-and-subtract into one fma (S2 unrounded) while pass 1's
+# tl.where keeps its mul: up to 0.5 ulp of S2 apart (≈ 5e-4 at S2 ≈ 9000, i.e. hidden states with outlier
+# channels). tests/test_triton_compile.py checks the PTX.
+SCORE_LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
+_ROW_SCALE_BR = 16
+_GRID_AXIS0_MAX = 2**31 - 1
+
+
+def _row_scale_bd(D: int) -> int:
+    """D chunk of the row-scale kernel."""
+    return min(128, max(16, triton.next_power_of_2(D)))
+
+
+def _grid(T: int, block: int, B: int, L: int) -> tuple[int]:
+    """One-axis grid of ``cdiv(T, block) · B · L`` programs (see ``_program_coords``)."""
+    programs = triton.cdiv(T, block) * B * L
+    if programs > _GRID_AXIS0_MAX:
+        raise ValueError(
+            f"token_saliency: {programs} programs (T={T}, B={B}, L={L}) exceed the grid limit 2**31 - 1"
+        )
+    return (programs,)
+
+
 def _saliency_triton(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
     """Triton path: ``hidden`` ``[L, B, T, D]`` (any strides), ``valid`` bool ``[B, T]``; writes ``out``
     float32 contiguous ``[L, B, T]``."""
@@ -313,16 +345,15 @@ def _saliency_triton(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tenso
     BM, BN, BD = _block_sizes(T, D, dot_fp32)
     precision = "ieee" if dot_fp32 else None  # None: the default, which only matters for fp32 operands
     qk_scale = _LOG2E / math.sqrt(D)
-    num_warps = 4
 
-    _row_scale_kernel[(triton.cdiv(T, 16), B, L)](
-        hidden, r, B, T, D, *strides, SALIENCY_STD_EPS, BR=16, BD=min(128, max(16, triton.next_power_of_2(D)))
+    _row_scale_kernel[_grid(T, _ROW_SCALE_BR, B, L)](
+        hidden, r, B, T, D, *strides, SALIENCY_STD_EPS, BR=_ROW_SCALE_BR, BD=_row_scale_bd(D)
     )
-    common = dict(BM=BM, BN=BN, BD=BD, DOT_FP32=dot_fp32, DOT_PRECISION=precision, num_warps=num_warps)
-    _row_stats_kernel[(triton.cdiv(T, BM), B, L)](
+    common = dict(BM=BM, BN=BN, BD=BD, DOT_FP32=dot_fp32, DOT_PRECISION=precision, **SCORE_LAUNCH_OPTIONS)
+    _row_stats_kernel[_grid(T, BM, B, L)](
         hidden, r, valid_i8, span, n, row_max, row_lsum, B, T, D, *strides, qk_scale, **common
     )
-    _colsum_kernel[(triton.cdiv(T, BN), B, L)](
+    _colsum_kernel[_grid(T, BN, B, L)](
         hidden, r, valid_i8, span, n, row_max, row_lsum, out, B, T, D, *strides, qk_scale, **common
     )
 

@@ -1,6 +1,6 @@
 """DSA structural loss (SPEC §5), block-diagonal, fused, tiled: no N×N matrix ever exists.
 
-    Û = normalize(X, dim=-1, eps=1e-8)             (student S, teacher T; widths Ds, Dt may differ)
+    Û = normalize(X, dim=-1, eps=DSA_NORM_FLOOR)   (student S, teacher T; widths Ds, Dt may differ)
     C^S_uv = Û^S_u · Û^S_v,   C^T_uv = Û^T_u · Û^T_v
     L = Σ_b Σ_{u≠v in b} W_u W_v (C^S_uv − C^T_uv)²  /  Σ_b Σ_{u≠v in b} W_u W_v
 
@@ -31,10 +31,12 @@ from mta_kernels import layout
 from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
 from mta_kernels._triton import tl, triton
+from mta_kernels.constants import DSA_NORM_FLOOR
 
 __all__ = ["structural_loss"]
 
-NORMALIZE_EPS = 1e-8
+# Norm floor of the unit vectors (docs/design/structural.md#near-zero-units): Û = x / max(‖x‖, floor).
+NORMALIZE_EPS = DSA_NORM_FLOOR
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -89,7 +91,8 @@ def _gram_tile(
     to 8192): one body for the student (Ds) and the teacher (Dt), whose widths and dtypes may differ."""
     b_c = tl.zeros([BM, BN], dtype=ACC)  # [BM, BN]
     for d in range(0, D, BD):
-        o_d = d + tl.arange(0, BD)
+        # int64: o_d · stride_xd overflows int32 for D-slowest layouts
+        o_d = d + tl.arange(0, BD).to(tl.int64)
         m_d = o_d < D
         p_xm = X_l + o_m[:, None] * stride_xu + o_d[None, :] * stride_xd
         p_xn = X_l + o_n[:, None] * stride_xu + o_d[None, :] * stride_xd
@@ -149,9 +152,11 @@ def _structural_fwd_kernel(
     ACC: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
     IS_FP64: tl.constexpr,
 ):
-    i_w = tl.program_id(0)
-    i_l = tl.program_id(1).to(tl.int64)
-    p_work = WORK + i_w.to(tl.int64) * 4
+    # one-axis grid of num_work · L programs (axis 0 allows 2³¹ − 1, axes 1-2 only 65535)
+    pid = tl.program_id(0).to(tl.int64)
+    i_w = pid % num_work
+    i_l = pid // num_work
+    p_work = WORK + i_w * 4
     row_start = tl.load(p_work).to(tl.int64)
     row_end = tl.load(p_work + 1).to(tl.int64)
     col_start = tl.load(p_work + 2).to(tl.int64)
@@ -206,8 +211,13 @@ def _structural_fwd_kernel(
             # read-modify-write in global memory (L2-resident) needs no atomics. The first column block
             # skips the read (the buffer is zero there): masked-off loads issue no memory traffic.
             m_seen = (o_m * 0 + col) > col_start  # [BM] False on the first column block
+            # The previous column block stored these G rows with the dot's register layout; this one
+            # reloads them with the load layout, so an element may be read by another warp than the one
+            # that wrote it. Triton orders no global-memory accesses between warps: this barrier (bar.sync,
+            # which orders the CTA's memory accesses) makes the read-after-write explicit.
+            tl.debug_barrier()
             for d in range(0, Ds, BD):
-                o_d = d + tl.arange(0, BD)
+                o_d = d + tl.arange(0, BD).to(tl.int64)
                 m_d = o_d < Ds
                 p_sn = S_l + o_n[:, None] * stride_su + o_d[None, :] * stride_sd
                 b_sn = tl.load(p_sn, mask=m_n[:, None] & m_d[None, :], other=0.0).to(ACC)  # [BN, BD]
@@ -236,8 +246,9 @@ def _structural_grad_epilogue_kernel(
     BD: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    i_u = tl.program_id(0).to(tl.int64)
-    i_l = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # one-axis grid of U · L programs
+    i_u = pid % U
+    i_l = pid // U
     b_norm = tl.load(NORM_S + i_l * U + i_u)
     b_scale = tl.load(SCALE + i_l)
     p_g = G + i_l * U * Ds + i_u * Ds
@@ -247,14 +258,14 @@ def _structural_grad_epilogue_kernel(
         # (G·Ŝ) Ŝ = (G·S) S / ‖S‖²
         b_dot = tl.zeros([BD], dtype=ACC)
         for d in range(0, Ds, BD):
-            o_d = d + tl.arange(0, BD)
+            o_d = d + tl.arange(0, BD).to(tl.int64)
             m_d = o_d < Ds
             b_gd = tl.load(p_g + o_d, mask=m_d, other=0.0)  # [BD]
             b_sd = tl.load(p_s + o_d * stride_sd, mask=m_d, other=0.0).to(ACC)  # [BD]
             b_dot += b_gd * b_sd
         b_proj = tl.sum(b_dot, axis=0) * b_inv * b_inv
         for d in range(0, Ds, BD):
-            o_d = d + tl.arange(0, BD)
+            o_d = d + tl.arange(0, BD).to(tl.int64)
             m_d = o_d < Ds
             b_gd = tl.load(p_g + o_d, mask=m_d, other=0.0)  # [BD]
             b_sd = tl.load(p_s + o_d * stride_sd, mask=m_d, other=0.0).to(ACC)  # [BD]
@@ -262,7 +273,7 @@ def _structural_grad_epilogue_kernel(
     else:
         # ‖x‖ < eps: Ŝ = x / eps, no projection
         for d in range(0, Ds, BD):
-            o_d = d + tl.arange(0, BD)
+            o_d = d + tl.arange(0, BD).to(tl.int64)
             m_d = o_d < Ds
             b_gd = tl.load(p_g + o_d, mask=m_d, other=0.0)  # [BD]
             tl.store(p_g + o_d, b_gd * (b_scale / eps), mask=m_d)
@@ -323,6 +334,14 @@ F32_DOT_PRECISION = "ieee"
 
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+_GRID_AXIS0_MAX = 2**31 - 1
+
+
+def _grid(rows: int, L: int) -> tuple[int]:
+    """One-axis grid of ``rows · L`` programs (the kernels split the program id themselves)."""
+    if rows * L > _GRID_AXIS0_MAX:
+        raise ValueError(f"structural_loss: {rows} × {L} programs exceed the grid limit 2**31 - 1")
+    return (rows * L,)
 
 
 def _triton_forward(
@@ -357,7 +376,7 @@ def _triton_forward(
         seq = layout.unit_to_seq(cu_units, U)  # [U] int32
         native = device.type == "cuda" and not triton_interpreting() and acc_dtype == torch.float32
         w_arg = weights if weights is not None else inv_s  # dummy pointer when unweighted
-        _structural_fwd_kernel[(num_work, L)](
+        _structural_fwd_kernel[_grid(num_work, L)](
             student,
             teacher,
             inv_s,
@@ -393,7 +412,7 @@ def _triton_forward(
     if compute_grad and U > 0 and L > 0 and Ds > 0:
         scale = (4.0 / safe_den).to(acc_dtype) * (den > 0)  # [L]
         BD_E = min(1024, triton.next_power_of_2(Ds))
-        _structural_grad_epilogue_kernel[(U, L)](
+        _structural_grad_epilogue_kernel[_grid(U, L)](
             grad,
             student,
             norm_s,
@@ -636,7 +655,11 @@ def _backward(ctx, grad_loss, _grad_grad):
             "gradient is computed in the forward pass and has no derivative of its own"
         )
     (grad,) = ctx.saved_tensors
-    return (grad * grad_loss[:, None, None]).to(ctx.student_dtype), None, None, None, None
+    # scale and cast in one pass (out= in the student's dtype): no second full-size copy in the
+    # accumulation dtype before the cast
+    out = torch.empty_like(grad, dtype=ctx.student_dtype)
+    torch.mul(grad, grad_loss[:, None, None].to(grad.dtype), out=out)
+    return out, None, None, None, None
 
 
 _structural_loss_op.register_autograd(_backward, setup_context=_setup_context)
