@@ -45,7 +45,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=d.epochs,
+        help="train this many epochs (steps = epochs x examples // global batch; replaces --steps)",
+    )
     g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="AdamW β1")
+    g.add_argument("--adam-beta2", type=float, default=d.adam_beta2, help="AdamW β2")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument(
@@ -60,8 +68,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     g = p.add_argument_group("book-keeping")
-    g.add_argument("--eval-every", type=int, default=d.eval_every)
-    g.add_argument("--save-every", type=int, default=d.save_every)
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps (-1: once an epoch)")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="steps (-1: once an epoch)")
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument(
         "--num-workers", type=int, default=d.num_workers, help="DataLoader workers (units extracted there)"
@@ -114,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="logit KD (only when the tokenizers match)",
     )
     g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--skew-alpha", type=float, default=d.skew_alpha, help="α of skew KL")
+    g.add_argument("--skew-alpha", type=float, default=d.skew_alpha, help="α of the skew KLs (skew, srkl)")
     g.add_argument(
         "--no-mta", dest="mta", action="store_false", help="baseline: no MTA term, all else the same"
     )
@@ -137,6 +145,37 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BACKENDS,
         default=d.backend,
         help="mta_kernels ops: auto (Triton on GPU, torch on CPU), or force one",
+    )
+    g.add_argument(
+        "--projector-lr", type=float, default=d.projector_lr, help="learning rate of the MTA projectors"
+    )
+    g.add_argument(
+        "--no-lora",
+        dest="lora",
+        action="store_const",
+        const=None,
+        default=d.lora,
+        help="run a LoRA recipe with full fine-tuning (LoRA itself is not supported)",
+    )
+    g = p.add_argument_group("student generation (DistiLLM's adaptive off-policy schedule)")
+    g.add_argument(
+        "--student-gen", action="store_true", default=d.student_gen, help="train on student samples too"
+    )
+    g.add_argument("--no-student-gen", dest="student_gen", action="store_false")
+    g.add_argument("--init-threshold", type=float, default=d.init_threshold, help="initial θ")
+    g.add_argument(
+        "--loss-eps", type=float, default=d.loss_eps, help="held-out loss rise that raises θ by 0.1"
+    )
+    g.add_argument("--capacity", type=int, default=d.capacity, help="replay buffer size (examples)")
+    g.add_argument("--gen-top-p", type=float, default=d.gen_top_p)
+    g.add_argument("--gen-top-k", type=int, default=d.gen_top_k, help="0: off")
+    g.add_argument("--gen-temperature", type=float, default=d.gen_temperature)
+    g.add_argument(
+        "--max-prompt-length",
+        type=int,
+        default=d.max_prompt_length,
+        help="prompt tokens kept for sampling; max new tokens = --max-length minus this "
+        "(default: half of --max-length)",
     )
     _common(p)
 
