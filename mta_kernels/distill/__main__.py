@@ -1,4 +1,5 @@
-"""Command line: ``python -m mta_kernels.distill {train-teacher,distill,demo} ...`` (``mta-distill``).
+"""Command line: ``python -m mta_kernels.distill {train-teacher,distill,recipes,demo} ...``
+(``mta-distill``).
 
 Exit status: 0 done; 2 bad input (data, models, layer pairs, output directory, checkpoints: one
 paragraph ``error: ...``, nothing written); 75 pre-empted (SIGTERM or Ctrl-C: the current step finished
@@ -16,6 +17,7 @@ import textwrap
 from mta_kernels.constants import BACKENDS, POOLINGS, WORD_MODES
 from mta_kernels.distill.config import DATA_FORMATS, KD_KINDS, DistillError, TrainConfig
 from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
+from mta_kernels.distill.recipe import apply_recipe, load_recipe, recipe_names
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -107,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("distill", help="distil a frozen teacher into a student: (1-λ)CE + λ(KD + β·MTA)")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="start from a published setting (see `mta-distill recipes`; or a recipe .json path); "
+        "flags given here override its values",
+    )
     p.add_argument("--teacher", required=True, help="local HF directory (e.g. <train-teacher --out>/model)")
     p.add_argument("--teacher-tokenizer", default=None)
     p.add_argument("--student", required=True, help="local HF directory or builtin:gpt2|llama:LAYERS:DIM")
@@ -179,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
 
+    p = sub.add_parser("recipes", help="list the published settings usable with distill --recipe")
+    p.add_argument("--show", default=None, metavar="NAME", help="print one recipe's file")
+
     p = sub.add_parser(
         "demo", help="teacher + two students (with / without MTA) on the bundled corpus, on CPU"
     )
@@ -188,9 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace) -> TrainConfig:
+def _explicit_args(argv: list[str]) -> dict:
+    """The options given on the command line (not the defaults): parsed again with no defaults."""
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # the sub-command parsers
+        for sub in action.choices.values():
+            for a in sub._actions:
+                a.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def _config(args: argparse.Namespace, argv: list[str] | None = None) -> TrainConfig:
     fields = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
+    if args.command == "distill" and args.recipe:
+        recipe = load_recipe(args.recipe)
+        explicit = _explicit_args(sys.argv[1:] if argv is None else argv)
+        values = apply_recipe(recipe, {k: v for k, v in explicit.items() if k in fields})
+        for item in recipe.get("not_reproduced", []):
+            print(textwrap.fill(f"warning: recipe {recipe['name']}: {item}", width=100), file=sys.stderr)
     if args.command == "train-teacher":
         values.update(
             mode="teacher", student=args.model, student_tokenizer=args.tokenizer, mta=False, kd="none"
@@ -198,6 +225,17 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     else:
         values["mode"] = "distill"
     return TrainConfig(**values)
+
+
+def _recipes(show: str | None) -> int:
+    """``mta-distill recipes``: one line per recipe, or one recipe's file (``--show``)."""
+    if show:
+        print(json.dumps(load_recipe(show), indent=1, ensure_ascii=False))
+        return 0
+    for name in recipe_names():
+        r = load_recipe(name)
+        print(f"{name}\n    {r['description']}\n    source: {r['source']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,9 +246,11 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(out=args.out, quick=args.quick, progress=args.progress)
             return 0
+        if args.command == "recipes":
+            return _recipes(args.show)
         from mta_kernels.distill.train import train
 
-        summary = train(_config(args))
+        summary = train(_config(args, argv))
         if "step_time_s" in summary:  # rank 0 only
             print(json.dumps(summary, indent=1))
         return 0
