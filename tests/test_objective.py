@@ -97,3 +97,29 @@ def test_kd_sum_rejects_bad_kind_and_alpha():
     with pytest.raises(ValueError, match="skew_alpha"):
         O.kd_sum(s, te, labels, "srkl", skew_alpha=1.0)
     assert set(O.KD_CONVENTIONS) == {"forward", "reverse", "skew", "srkl"}
+
+
+def test_skew_run_logs_the_teacher_entropy(tmp_path):
+    """A ``--kd skew`` run logs H(p_T) per target token next to ``kd`` (DistiLLM's value is their sum)."""
+    pytest.importorskip("transformers")
+    import json
+
+    from test_distill import _distill_args, make_assets  # tests/ is on sys.path
+
+    from mta_kernels.distill.__main__ import main
+
+    assets = make_assets(tmp_path)
+    for kind in ("skew", "srkl"):
+        out = tmp_path / kind
+        assert (
+            main(_distill_args(assets, out, "--no-mta", "--kd", kind, student_tok="bpe", batch=8, steps=2))
+            == 0
+        )
+        recs = [json.loads(ln) for ln in open(out / "metrics.jsonl") if ln.strip()]
+        train = [r for r in recs if r["kind"] == "train"]
+        assert len(train) == 2
+        if kind == "skew":
+            # a teacher over a 400-token vocabulary: entropy between 0 and log 400
+            assert all(0.0 < r["kd_teacher_entropy"] < 6.0 and r["kd"] >= 0 for r in train)
+        else:
+            assert all("kd_teacher_entropy" not in r for r in train)
