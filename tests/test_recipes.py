@@ -139,3 +139,31 @@ def test_recipe_refusals(assets, tmp_path, capsys):
     a[a.index("--recipe") + 1] = str(bad)
     assert main(a) == 2
     assert "'learning_rate' is not a training setting" in " ".join(capsys.readouterr().err.split())
+
+
+def test_docs_name_every_recipe_and_its_values():
+    """docs/recipes.md lists every recipe with its source script and its values (the table's columns)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "recipes.md").read_text()
+    names = sorted(EXPECTED)
+    header = next(ln for ln in doc.splitlines() if ln.startswith("| setting |"))
+    assert [c.strip(" `") for c in header.split("|")[2:-1]] == names
+    for name in names:
+        repo, path = load_recipe(name)["source"].split(" ")
+        assert f"`{repo}` `{path}`" in doc
+    for line in doc.splitlines():
+        if line.startswith("| ") and "(`" in line.split("|")[1]:
+            key = line.split("|")[1].split("(`")[-1].split("`)")[0]
+            cells = [c.strip(" `") for c in line.split("|")[2:-1]]
+            for name, cell in zip(names, cells):
+                value = load_recipe(name)["config"].get(key)
+                if value is True or value is False:
+                    shown = "yes" if value else "no"
+                elif value is None:
+                    shown = "–"
+                elif key == "eval_every" and value == -1:
+                    shown = "epoch"
+                else:
+                    shown = value
+                assert cell == str(shown), (name, key, cell, value)
