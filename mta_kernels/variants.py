@@ -58,10 +58,12 @@ def teacher_confidence(teacher_logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CrossTokenizerMTAOutput:
-    """``loss``: float32 scalar; ``dsa``: ``[K]`` the per-pair DSA terms (detached)."""
+    """``loss``: float32 scalar; ``dsa``: ``[K]`` the per-pair DSA terms (detached); ``hra``: always
+    ``None`` (no HRA term; the field keeps the output interchangeable with ``MTALossOutput``)."""
 
     loss: torch.Tensor
     dsa: torch.Tensor
+    hra: None = None
 
 
 class CrossTokenizerMTALoss(nn.Module):

@@ -52,6 +52,7 @@ def test_shipped_recipes_are_complete():
             assert (cfg["gen_top_p"], cfg["gen_temperature"]) == (1.0, 1.0)
         else:
             assert cfg["lam"] == 0.5 and cfg["temperature"] == 2.0 and not cfg["student_gen"]
+            assert cfg["mta_variant"] == "published-xtok"
         assert cfg["beta"] == (3.0 if name == "mta-opt" else 2.0)
         assert ("lora" in cfg) == (name in ("mta-opt", "mta-xtok-tinyllama"))
         TrainConfig(**{**cfg, "data": "x", "teacher": "t", "lora": None}).validate()
@@ -101,21 +102,15 @@ def test_every_recipe_runs_on_tiny_models(assets, tmp_path, name, capsys):
     )
     assert cfg["batch_size"] == 4 and cfg["max_length"] == 96 and cfg["lora"] is None
     # kept from the recipe
-    for key in (
-        "lam",
-        "beta",
-        "gamma",
-        "kd",
-        "temperature",
-        "lr",
-        "projector_lr",
-        "adam_beta2",
-        "student_gen",
-    ):
-        assert cfg[key] == recipe["config"][key], key
+    kept = ("lam", "beta", "gamma", "kd", "temperature", "lr", "projector_lr", "adam_beta2", "student_gen")
+    for key in kept:
+        if key in recipe["config"]:
+            assert cfg[key] == recipe["config"][key], key
+    assert cfg["mta_variant"] == recipe["config"].get("mta_variant", "mta")
     recs = [json.loads(ln) for ln in open(out / "metrics.jsonl") if ln.strip()]
     train = [r for r in recs if r["kind"] == "train"]
     assert len(train) == 2 and all(r["mta"] is not None for r in train)
+    assert all((r["hra"] is None) == (cfg["mta_variant"] == "published-xtok") for r in train)
     assert ("student_gen" in train[0]) == recipe["config"]["student_gen"]
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     lrs = sorted({g["initial_lr"] for g in state["optimizer"]["param_groups"]})

@@ -144,3 +144,27 @@ def test_teacher_confidence_and_bad_inputs():
     hs, ht, _ = _inputs(0)
     with pytest.raises(ValueError, match="no units of granularity 'word'"):
         loss_fn(hs, ht, {}, MS, MT)
+
+
+def test_loop_runs_the_variant_with_entropy_weights(tmp_path):
+    """``mta-distill distill --mta-variant published-xtok --entropy-weight``: two tokenizers, 2 steps."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("spacy")
+    import json
+
+    from test_distill import _distill_args, make_assets  # tests/ is on sys.path
+
+    from mta_kernels.distill.__main__ import main
+
+    torch.set_num_threads(1)
+    assets = make_assets(tmp_path)
+    out = tmp_path / "run"
+    extra = ("--pairs", "1:1:word,2:2:phrase", "--mta-variant", "published-xtok", "--entropy-weight")
+    assert main(_distill_args(assets, out, *extra, batch=8, steps=2)) == 0
+    recs = [json.loads(ln) for ln in open(out / "metrics.jsonl") if ln.strip()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert len(train) == 2 and all(r["mta"] > 0 and len(r["dsa"]) == 2 and r["hra"] is None for r in train)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert any(k.startswith("projectors.") for k in state["mta"])
+    # entropy weighting belongs to the variant only
+    assert main(_distill_args(assets, tmp_path / "x", "--entropy-weight", "--no-mta")) == 2

@@ -15,7 +15,7 @@ import sys
 import textwrap
 
 from mta_kernels.constants import BACKENDS, POOLINGS, WORD_MODES
-from mta_kernels.distill.config import DATA_FORMATS, KD_KINDS, DistillError, TrainConfig
+from mta_kernels.distill.config import DATA_FORMATS, KD_KINDS, MTA_VARIANTS, DistillError, TrainConfig
 from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
 from mta_kernels.distill.recipe import apply_recipe, load_recipe, recipe_names
 
@@ -137,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", default=None, help="published layer mapping, e.g. 'gpt2-xl->gpt2'")
     g.add_argument(
         "--pairs", default=None, help="explicit mapping 'S:T:word|phrase,...', e.g. '6:24:word,9:36:phrase'"
+    )
+    g.add_argument(
+        "--mta-variant",
+        choices=MTA_VARIANTS,
+        default=d.mta_variant,
+        help="mta: this package's loss (DSA + HRA); published-xtok: the published cross-tokenizer term "
+        "(DSA on projected student units, raw saliency-sum weights, no HRA)",
+    )
+    g.add_argument(
+        "--entropy-weight",
+        action="store_true",
+        default=d.entropy_weight,
+        help="published-xtok: unit weights = mean teacher confidence 1 - H(p_T)/log V",
     )
     g.add_argument("--pooling", choices=POOLINGS, default=d.pooling)
     g.add_argument("--unweighted", dest="weighted", action="store_false", help="unit importances all 1")

@@ -10,6 +10,8 @@ from mta_kernels.constants import BACKENDS, GRANULARITIES, POOLINGS, WORD_MODES
 KD_KINDS = ("forward", "reverse", "skew", "srkl", "none")
 MODES = ("teacher", "distill")
 DATA_FORMATS = ("auto", "jsonl", "text")
+# "mta": mta_kernels.losses.MTALoss; "published-xtok": mta_kernels.variants.CrossTokenizerMTALoss.
+MTA_VARIANTS = ("mta", "published-xtok")
 
 
 class DistillError(Exception):
@@ -59,6 +61,8 @@ class TrainConfig:
     temperature: float = 1.0
     skew_alpha: float = 0.1
     mta: bool = True
+    mta_variant: str = "mta"
+    entropy_weight: bool = False  # unit weights = mean teacher confidence (published-xtok only)
     preset: str | None = None
     pairs: str | None = None
     pooling: str = "attention"
@@ -139,6 +143,17 @@ class TrainConfig:
                 "Pass --no-lora to run with full fine-tuning instead (a deviation from the recipe)"
             )
         self._validate_student_gen()
+        if self.mta_variant not in MTA_VARIANTS:
+            raise DistillError(f"--mta-variant must be one of {MTA_VARIANTS}, got {self.mta_variant!r}")
+        if self.entropy_weight and self.mta_variant != "published-xtok":
+            raise DistillError(
+                "--entropy-weight is implemented for --mta-variant published-xtok only: this package's MTA "
+                "loss has no entropy weighting"
+            )
+        if self.mta_variant == "published-xtok" and self.pooling != "attention":
+            raise DistillError(
+                "--mta-variant published-xtok pools with saliency weights: drop --pooling mean"
+            )
         if self.preset and self.pairs:
             raise DistillError("give either --preset or --pairs, not both")
         if self.pooling not in POOLINGS:
@@ -209,6 +224,8 @@ RESUME_KEYS = (
     "temperature",
     "skew_alpha",
     "mta",
+    "mta_variant",
+    "entropy_weight",
     "pooling",
     "weighted",
     "words",

@@ -151,6 +151,19 @@ class Setup:
 def _resolve_mta(
     cfg: TrainConfig, student: nn.Module, teacher: nn.Module, shared: bool
 ) -> tuple[nn.Module, list]:
+    """The MTA loss module and its layer pairs (``--mta-variant`` picks the module)."""
+    mta, pairs = _resolve_mta_loss(cfg, student, teacher, shared)
+    if cfg.mta_variant == "published-xtok":
+        from mta_kernels.variants import CrossTokenizerMTALoss
+
+        ds, dt = M.hidden_size(student), M.hidden_size(teacher)
+        mta = CrossTokenizerMTALoss(pairs, ds, dt, weighted=cfg.weighted)
+    return mta, pairs
+
+
+def _resolve_mta_loss(
+    cfg: TrainConfig, student: nn.Module, teacher: nn.Module, shared: bool
+) -> tuple[nn.Module, list]:
     from mta_kernels.losses import MTALoss
 
     ls, lt = M.num_layers(student), M.num_layers(teacher)

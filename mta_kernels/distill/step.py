@@ -39,8 +39,10 @@ class Trainable(nn.Module):
         temperature: float,
         skew_alpha: float,
         kd_vocab: int | None,
+        entropy_weight: bool = False,
     ) -> None:
         super().__init__()
+        self.entropy_weight = entropy_weight
         self.student = student
         self.mta = mta
         self.kd = kd
@@ -84,12 +86,18 @@ class Trainable(nn.Module):
         if self.mta is not None:
             timer = _Timer(batch["input_ids"].device)
             with timer:
+                extra = {}
+                if self.entropy_weight:  # published-xtok: unit weights from the teacher's confidence
+                    from mta_kernels.variants import teacher_confidence
+
+                    extra["teacher_confidence"] = teacher_confidence(teacher_out.logits)
                 mta_out = self.mta(
                     out.hidden_states,
                     teacher_out.hidden_states,
                     batch["units"],
                     batch["attention_mask"],
                     batch["teacher_attention_mask"],
+                    **extra,
                 )
             self.mta_seconds.append(timer)
             result["mta"] = mta_out.loss

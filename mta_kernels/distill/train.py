@@ -228,7 +228,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     state = _load_resume_state(cfg, fp)
     device = env.device
     _prepare_student(s, cfg)
-    module = Trainable(s.student, s.mta, cfg.kd, cfg.temperature, cfg.skew_alpha, s.kd_vocab).to(device)
+    module = Trainable(
+        s.student, s.mta, cfg.kd, cfg.temperature, cfg.skew_alpha, s.kd_vocab, cfg.entropy_weight
+    ).to(device)
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     run = _Run(cfg, s, fp, optimizer, scheduler, _autocast(cfg, device), off)
