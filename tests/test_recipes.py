@@ -17,7 +17,14 @@ from mta_kernels.presets import PRESETS
 
 pytest.importorskip("transformers")
 
-EXPECTED = {"mta-gpt2", "mta-opt", "mta-qwen1.5", "mta-xtok-gpt2", "mta-xtok-tinyllama"}
+EXPECTED = {
+    "mta-gpt2",
+    "mta-opt",
+    "mta-qwen1.5",
+    "mta-xtok-gpt2",
+    "mta-xtok-gpt2-entropy",
+    "mta-xtok-tinyllama",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,6 +60,7 @@ def test_shipped_recipes_are_complete():
         else:
             assert cfg["lam"] == 0.5 and cfg["temperature"] == 2.0 and not cfg["student_gen"]
             assert cfg["mta_variant"] == "published-xtok"
+            assert cfg.get("entropy_weight", False) == name.endswith("-entropy")
         assert cfg["beta"] == (3.0 if name == "mta-opt" else 2.0)
         assert ("lora" in cfg) == (name in ("mta-opt", "mta-xtok-tinyllama"))
         TrainConfig(**{**cfg, "data": "x", "teacher": "t", "lora": None}).validate()
