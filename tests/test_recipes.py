@@ -11,7 +11,7 @@ import torch
 from test_distill import STUDENT, TEACHER, make_assets  # tests/ is on sys.path
 
 from mta_kernels.distill.__main__ import main
-from mta_kernels.distill.config import TrainConfig
+from mta_kernels.distill.config import DistillError, TrainConfig
 from mta_kernels.distill.recipe import load_recipe, recipe_names
 from mta_kernels.presets import PRESETS
 
@@ -170,3 +170,24 @@ def test_docs_name_every_recipe_and_its_values():
                 else:
                     shown = value
                 assert cell == str(shown), (name, key, cell, value)
+
+
+def test_epochs_and_once_an_epoch():
+    """``--epochs`` sets the steps from DistiLLM's count; ``-1`` evaluates / saves once an epoch."""
+    from mta_kernels.distill.prepare import resolve_schedule
+
+    once = {"eval_every": -1, "save_every": -1}
+    cfg = TrainConfig(data="x", teacher="t", batch_size=8, grad_accum=2, epochs=5, **once)
+    cfg.validate()
+    notes = resolve_schedule(cfg, n_train=100, world=1)
+    assert (cfg.steps, cfg.eval_every, cfg.save_every) == (5 * (100 // 16), 100 // 16, 100 // 16)
+    assert "30 optimizer steps" in notes[0]
+    cfg = TrainConfig(data="x", teacher="t", batch_size=8, steps=7, eval_every=3)
+    resolve_schedule(cfg, n_train=100, world=2)
+    assert (cfg.steps, cfg.eval_every, cfg.save_every) == (7, 3, 50)
+    cfg = TrainConfig(data="x", teacher="t", batch_size=64, epochs=2, eval_every=-1)
+    resolve_schedule(cfg, n_train=100, world=2)  # fewer examples than a global batch: 1 step an epoch
+    assert (cfg.steps, cfg.eval_every) == (2, 1)
+    for bad in ({"eval_every": 0}, {"epochs": 0}, {"adam_beta2": 1.0}, {"projector_lr": 0.0}):
+        with pytest.raises(DistillError, match="must"):
+            TrainConfig(data="x", teacher="t", **bad).validate()

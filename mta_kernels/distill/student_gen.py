@@ -124,6 +124,8 @@ class OffPolicy:
             for ex in examples:
                 prompt = ex["text"][: ex["prompt_length_chars"]]
                 ids = tok(prompt, add_special_tokens=True)["input_ids"][-self.max_prompt :]
+                if not ids:  # a prompt with no token (e.g. only spaces for WordPiece): start from EOS
+                    ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
                 input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
                 seq = student.generate(
                     input_ids=input_ids,
