@@ -1,4 +1,5 @@
-"""Command line: ``python -m mta_kernels.distill {train-teacher,distill,demo} ...`` (``mta-distill``).
+"""Command line: ``python -m mta_kernels.distill {train-teacher,distill,recipes,demo} ...``
+(``mta-distill``).
 
 Exit status: 0 done; 2 bad input (data, models, layer pairs, output directory, checkpoints: one
 paragraph ``error: ...``, nothing written); 75 pre-empted (SIGTERM or Ctrl-C: the current step finished
@@ -14,8 +15,9 @@ import sys
 import textwrap
 
 from mta_kernels.constants import BACKENDS, POOLINGS, WORD_MODES
-from mta_kernels.distill.config import DATA_FORMATS, KD_KINDS, DistillError, TrainConfig
+from mta_kernels.distill.config import DATA_FORMATS, KD_KINDS, MTA_VARIANTS, DistillError, TrainConfig
 from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
+from mta_kernels.distill.recipe import apply_recipe, load_recipe, recipe_names
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -45,7 +47,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=d.epochs,
+        help="train this many epochs (steps = epochs x examples // global batch; replaces --steps)",
+    )
     g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="AdamW β1")
+    g.add_argument("--adam-beta2", type=float, default=d.adam_beta2, help="AdamW β2")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument(
@@ -60,8 +70,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     g = p.add_argument_group("book-keeping")
-    g.add_argument("--eval-every", type=int, default=d.eval_every)
-    g.add_argument("--save-every", type=int, default=d.save_every)
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps (-1: once an epoch)")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="steps (-1: once an epoch)")
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument(
         "--num-workers", type=int, default=d.num_workers, help="DataLoader workers (units extracted there)"
@@ -99,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("distill", help="distil a frozen teacher into a student: (1-λ)CE + λ(KD + β·MTA)")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="start from a published setting (see `mta-distill recipes`; or a recipe .json path); "
+        "flags given here override its values",
+    )
     p.add_argument("--teacher", required=True, help="local HF directory (e.g. <train-teacher --out>/model)")
     p.add_argument("--teacher-tokenizer", default=None)
     p.add_argument("--student", required=True, help="local HF directory or builtin:gpt2|llama:LAYERS:DIM")
@@ -114,13 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="logit KD (only when the tokenizers match)",
     )
     g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--skew-alpha", type=float, default=d.skew_alpha, help="α of skew KL")
+    g.add_argument("--skew-alpha", type=float, default=d.skew_alpha, help="α of the skew KLs (skew, srkl)")
     g.add_argument(
         "--no-mta", dest="mta", action="store_false", help="baseline: no MTA term, all else the same"
     )
     g.add_argument("--preset", default=None, help="published layer mapping, e.g. 'gpt2-xl->gpt2'")
     g.add_argument(
         "--pairs", default=None, help="explicit mapping 'S:T:word|phrase,...', e.g. '6:24:word,9:36:phrase'"
+    )
+    g.add_argument(
+        "--mta-variant",
+        choices=MTA_VARIANTS,
+        default=d.mta_variant,
+        help="mta: this package's loss (DSA + HRA); published-xtok: the published cross-tokenizer term "
+        "(DSA on projected student units, raw saliency-sum weights, no HRA)",
+    )
+    g.add_argument(
+        "--entropy-weight",
+        action="store_true",
+        default=d.entropy_weight,
+        help="published-xtok: unit weights = mean teacher confidence 1 - H(p_T)/log V",
     )
     g.add_argument("--pooling", choices=POOLINGS, default=d.pooling)
     g.add_argument("--unweighted", dest="weighted", action="store_false", help="unit importances all 1")
@@ -138,7 +167,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.backend,
         help="mta_kernels ops: auto (Triton on GPU, torch on CPU), or force one",
     )
+    g.add_argument(
+        "--projector-lr", type=float, default=d.projector_lr, help="learning rate of the MTA projectors"
+    )
+    g.add_argument(
+        "--no-lora",
+        dest="lora",
+        action="store_const",
+        const=None,
+        default=d.lora,
+        help="run a LoRA recipe with full fine-tuning (LoRA itself is not supported)",
+    )
+    g = p.add_argument_group("student generation (DistiLLM's adaptive off-policy schedule)")
+    g.add_argument(
+        "--student-gen", action="store_true", default=d.student_gen, help="train on student samples too"
+    )
+    g.add_argument("--no-student-gen", dest="student_gen", action="store_false")
+    g.add_argument("--init-threshold", type=float, default=d.init_threshold, help="initial θ")
+    g.add_argument(
+        "--loss-eps", type=float, default=d.loss_eps, help="held-out loss rise that raises θ by 0.1"
+    )
+    g.add_argument("--capacity", type=int, default=d.capacity, help="replay buffer size (examples)")
+    g.add_argument("--gen-top-p", type=float, default=d.gen_top_p)
+    g.add_argument("--gen-top-k", type=int, default=d.gen_top_k, help="0: off")
+    g.add_argument("--gen-temperature", type=float, default=d.gen_temperature)
+    g.add_argument(
+        "--max-prompt-length",
+        type=int,
+        default=d.max_prompt_length,
+        help="prompt tokens kept for sampling; max new tokens = --max-length minus this "
+        "(default: half of --max-length)",
+    )
     _common(p)
+
+    p = sub.add_parser("recipes", help="list the published settings usable with distill --recipe")
+    p.add_argument("--show", default=None, metavar="NAME", help="print one recipe's file")
 
     p = sub.add_parser(
         "demo", help="teacher + two students (with / without MTA) on the bundled corpus, on CPU"
@@ -149,9 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace) -> TrainConfig:
+def _explicit_args(argv: list[str]) -> dict:
+    """The options given on the command line (not the defaults): parsed again with no defaults."""
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # the sub-command parsers
+        for sub in action.choices.values():
+            for a in sub._actions:
+                a.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def _config(args: argparse.Namespace, argv: list[str] | None = None) -> TrainConfig:
     fields = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
+    if args.command == "distill" and args.recipe:
+        recipe = load_recipe(args.recipe)
+        explicit = _explicit_args(sys.argv[1:] if argv is None else argv)
+        values = apply_recipe(recipe, {k: v for k, v in explicit.items() if k in fields})
+        for item in recipe.get("not_reproduced", []):
+            print(textwrap.fill(f"warning: recipe {recipe['name']}: {item}", width=100), file=sys.stderr)
     if args.command == "train-teacher":
         values.update(
             mode="teacher", student=args.model, student_tokenizer=args.tokenizer, mta=False, kd="none"
@@ -159,6 +238,17 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     else:
         values["mode"] = "distill"
     return TrainConfig(**values)
+
+
+def _recipes(show: str | None) -> int:
+    """``mta-distill recipes``: one line per recipe, or one recipe's file (``--show``)."""
+    if show:
+        print(json.dumps(load_recipe(show), indent=1, ensure_ascii=False))
+        return 0
+    for name in recipe_names():
+        r = load_recipe(name)
+        print(f"{name}\n    {r['description']}\n    source: {r['source']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(out=args.out, quick=args.quick, progress=args.progress)
             return 0
+        if args.command == "recipes":
+            return _recipes(args.show)
         from mta_kernels.distill.train import train
 
-        summary = train(_config(args))
+        summary = train(_config(args, argv))
         if "step_time_s" in summary:  # rank 0 only
             print(json.dumps(summary, indent=1))
         return 0

@@ -1,7 +1,8 @@
 """Checkpoints of a run: atomic writes, the resume fingerprint check, RNG states.
 
 ``<out>/checkpoint.pt`` (format :data:`CHECKPOINT_FORMAT`) holds the student, the MTA projectors, the
-optimizer, the scheduler, the step, the config, the fingerprint and the RNG states. It is written to a
+optimizer, the scheduler, the step, the config, the fingerprint, the RNG states and, with
+``--student-gen``, the replay buffer and the adaptive schedule's state. It is written to a
 temporary file in the same directory, fsynced and renamed over the old one: a crash at any point leaves
 either the old or the new checkpoint whole.
 """
@@ -92,6 +93,7 @@ def make_state(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     device: torch.device,
+    student_gen: dict | None = None,
 ) -> dict:
     """The checkpoint's content at the end of optimizer step ``step`` (RNG states included)."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -107,6 +109,7 @@ def make_state(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng,
+        "student_gen": student_gen,
     }
 
 

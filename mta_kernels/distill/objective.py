@@ -42,6 +42,24 @@ def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, in
     return F.cross_entropy(sel, targets[mask], reduction="sum"), int(mask.sum())
 
 
+KD_CONVENTIONS: dict[str, str] = {
+    "forward": "T^2 * KL(p_T^tau || p_S^tau)",
+    "reverse": "T^2 * KL(p_S^tau || p_T^tau)",
+    "skew": "KL(p_T || a p_T + (1-a) p_S): a true KL, 0 when p_S = p_T; DistiLLM's skewed_forward_kl "
+    "logs the cross-entropy -sum p_T log(a p_T + (1-a) p_S), larger by the teacher entropy H(p_T) "
+    "(same gradient)",
+    "srkl": "KL(p_S || a p_S + (1-a) p_T), DistiLLM's skewed_reverse_kl (same value and gradient)",
+}
+"""What the logged ``kd`` of each ``kind`` is (``a`` = ``skew_alpha``; skew kinds ignore the temperature)."""
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``log(α·a + (1 − α)·b)`` from log-probabilities, without forming probabilities that underflow."""
+    if alpha == 0:
+        return log_b
+    return torch.logaddexp(log_a + math.log(alpha), log_b + math.log1p(-alpha))
+
+
 def kd_sum(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -52,8 +70,12 @@ def kd_sum(
 ) -> torch.Tensor:
     """Summed logit divergence over the response tokens (positions predicting a target).
 
-    ``forward``: T² · KL(p_T^τ ‖ p_S^τ); ``reverse``: T² · KL(p_S^τ ‖ p_T^τ); ``skew`` (DistiLLM):
-    KL(p_T ‖ α p_T + (1 − α) p_S). Both logits must be over the same vocabulary (same last dim).
+    ``forward``: T² · KL(p_T^τ ‖ p_S^τ); ``reverse``: T² · KL(p_S^τ ‖ p_T^τ); ``skew`` (DistiLLM's skew
+    forward KL): KL(p_T ‖ α p_T + (1 − α) p_S); ``srkl`` (DistiLLM's skew reverse KL):
+    KL(p_S ‖ α p_S + (1 − α) p_T). The skew kinds ignore the temperature. ``skew`` is the KL itself;
+    DistiLLM's ``skewed_forward_kl`` reports the cross-entropy, which is larger by the teacher entropy
+    H(p_T) (a constant: same gradient), see :data:`KD_CONVENTIONS` and :func:`teacher_entropy_sum`.
+    Both logits must be over the same vocabulary (same last dim).
 
     Args:
         student_logits: ``[B, T, V]`` (gradient flows here); teacher_logits: ``[B, T, V]`` (constant).
@@ -61,29 +83,41 @@ def kd_sum(
     Returns:
         float32 scalar: the sum over target positions.
     """
+    if kind not in KD_CONVENTIONS:
+        raise ValueError(f"unknown KD kind {kind!r} (one of {tuple(KD_CONVENTIONS)})")
+    if kind in ("skew", "srkl") and not 0.0 <= skew_alpha < 1.0:
+        raise ValueError(f"skew_alpha must lie in [0, 1), got {skew_alpha}")
     _, mask = shift_targets(labels)
     s = student_logits[:, :-1][mask].float()  # [M, V]
     t = teacher_logits[:, :-1][mask].detach().float()  # [M, V]
-    if kind == "skew":
+    if kind in ("skew", "srkl"):
         log_pt = F.log_softmax(t, dim=-1)
         log_ps = F.log_softmax(s, dim=-1)
-        log_mix = (
-            torch.logsumexp(
-                torch.stack([log_pt + math.log(skew_alpha), log_ps + math.log1p(-skew_alpha)]), dim=0
-            )
-            if skew_alpha > 0
-            else log_ps
-        )
-        return (log_pt.exp() * (log_pt - log_mix)).sum()
+        if kind == "skew":
+            return (log_pt.exp() * (log_pt - _log_mix(log_pt, log_ps, skew_alpha))).sum()
+        return (log_ps.exp() * (log_ps - _log_mix(log_ps, log_pt, skew_alpha))).sum()
     log_pt = F.log_softmax(t / temperature, dim=-1)
     log_ps = F.log_softmax(s / temperature, dim=-1)
     if kind == "forward":
         kl = log_pt.exp() * (log_pt - log_ps)
-    elif kind == "reverse":
-        kl = log_ps.exp() * (log_ps - log_pt)
     else:
-        raise ValueError(f"unknown KD kind {kind!r}")
+        kl = log_ps.exp() * (log_ps - log_pt)
     return kl.sum() * temperature**2
+
+
+def teacher_entropy_sum(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed teacher entropy H(p_T) over the target positions (no temperature).
+
+    ``kd_sum(kind="skew") + teacher_entropy_sum`` is the value DistiLLM's ``skewed_forward_kl`` reports.
+
+    Args:
+        teacher_logits: ``[B, T, V]``; labels: int ``[B, T]`` (-100 = no target).
+    Returns:
+        float32 scalar.
+    """
+    _, mask = shift_targets(labels)
+    log_pt = F.log_softmax(teacher_logits[:, :-1][mask].detach().float(), dim=-1)
+    return -(log_pt.exp() * log_pt).sum()
 
 
 Term = TypeVar("Term", torch.Tensor, float)

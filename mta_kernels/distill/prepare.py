@@ -82,13 +82,41 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over every trainable parameter (student + projectors); no decay on biases and norms."""
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
+    """AdamW over every trainable parameter (student + projectors); no decay on biases and norms.
+
+    With ``projector_lr`` the MTA projectors (parameters under ``module.mta``) get their own learning
+    rate (two more groups); the schedule scales every group by the same factor.
+    """
+    groups: list[dict] = []
+    split = cfg.projector_lr is not None
+    for is_projector, lr in ((False, cfg.lr), (True, cfg.projector_lr)) if split else ((None, cfg.lr),):
+        decay, no_decay = [], []
+        for name, p in module.named_parameters():
+            if not p.requires_grad or (is_projector is not None and name.startswith("mta.") != is_projector):
+                continue
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+        groups += [
+            {"params": decay, "weight_decay": cfg.weight_decay, "lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+        ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def resolve_schedule(cfg: TrainConfig, n_train: int, world: int) -> list[str]:
+    """Turn ``epochs`` into ``steps`` and ``-1`` (once an epoch) into ``eval_every``/``save_every``.
+
+    An epoch is ``n_train // (batch_size × world × grad_accum)`` optimizer steps (at least 1), the
+    count DistiLLM's loop uses. Returns notes to print.
+    """
+    per_epoch = max(1, n_train // (cfg.batch_size * world * cfg.grad_accum))
+    notes = []
+    if cfg.epochs is not None:
+        cfg.steps = per_epoch * cfg.epochs
+        notes.append(f"{cfg.epochs} epochs of {per_epoch} steps: {cfg.steps} optimizer steps")
+    for name in ("eval_every", "save_every"):
+        if getattr(cfg, name) == -1:
+            setattr(cfg, name, per_epoch)
+    return notes
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -121,6 +149,19 @@ class Setup:
 
 
 def _resolve_mta(
+    cfg: TrainConfig, student: nn.Module, teacher: nn.Module, shared: bool
+) -> tuple[nn.Module, list]:
+    """The MTA loss module and its layer pairs (``--mta-variant`` picks the module)."""
+    mta, pairs = _resolve_mta_loss(cfg, student, teacher, shared)
+    if cfg.mta_variant == "published-xtok":
+        from mta_kernels.variants import CrossTokenizerMTALoss
+
+        ds, dt = M.hidden_size(student), M.hidden_size(teacher)
+        mta = CrossTokenizerMTALoss(pairs, ds, dt, weighted=cfg.weighted)
+    return mta, pairs
+
+
+def _resolve_mta_loss(
     cfg: TrainConfig, student: nn.Module, teacher: nn.Module, shared: bool
 ) -> tuple[nn.Module, list]:
     from mta_kernels.losses import MTALoss
@@ -285,4 +326,6 @@ def fingerprint(cfg: TrainConfig, s: Setup) -> dict:
     fp = {k: getattr(cfg, k) for k in RESUME_KEYS}
     fp["pairs"] = None if s.pairs is None else [list(p) for p in s.pairs]
     fp["world_size"] = s.env.world
+    if cfg.student_gen:  # the adaptive schedule moves at each evaluation
+        fp["eval_every"] = cfg.eval_every
     return fp

@@ -39,8 +39,10 @@ class Trainable(nn.Module):
         temperature: float,
         skew_alpha: float,
         kd_vocab: int | None,
+        entropy_weight: bool = False,
     ) -> None:
         super().__init__()
+        self.entropy_weight = entropy_weight
         self.student = student
         self.mta = mta
         self.kd = kd
@@ -62,7 +64,13 @@ class Trainable(nn.Module):
             use_cache=False,
         )
         ce_sum, n_tok = O.ce_sum(out.logits, batch["labels"])
-        result: dict[str, Any] = {"ce_sum": ce_sum, "n_tok": n_tok, "kd_sum": None, "mta": None}
+        result: dict[str, Any] = {
+            "ce_sum": ce_sum,
+            "n_tok": n_tok,
+            "kd_sum": None,
+            "kd_entropy_sum": None,
+            "mta": None,
+        }
         if teacher_out is not None and self.kd_vocab is not None:
             v = self.kd_vocab
             result["kd_sum"] = O.kd_sum(
@@ -73,15 +81,23 @@ class Trainable(nn.Module):
                 self.temperature,
                 self.skew_alpha,
             )
+            if self.kd == "skew":  # logged so that DistiLLM's value (KL + H(p_T)) can be read off
+                result["kd_entropy_sum"] = O.teacher_entropy_sum(teacher_out.logits[..., :v], batch["labels"])
         if self.mta is not None:
             timer = _Timer(batch["input_ids"].device)
             with timer:
+                extra = {}
+                if self.entropy_weight:  # published-xtok: unit weights from the teacher's confidence
+                    from mta_kernels.variants import teacher_confidence
+
+                    extra["teacher_confidence"] = teacher_confidence(teacher_out.logits)
                 mta_out = self.mta(
                     out.hidden_states,
                     teacher_out.hidden_states,
                     batch["units"],
                     batch["attention_mask"],
                     batch["teacher_attention_mask"],
+                    **extra,
                 )
             self.mta_seconds.append(timer)
             result["mta"] = mta_out.loss
@@ -182,7 +198,7 @@ class Stepper:
         n_input_local = sum(int(mb["attention_mask"].sum()) for mb in micro)
         n_tok, n_input = env.all_reduce([n_tok_local, n_input_local])
         n_tok = max(n_tok, 1.0)
-        sums = {"ce": 0.0, "kd": 0.0, "mta": 0.0}
+        sums = {"ce": 0.0, "kd": 0.0, "mta": 0.0, "kd_h": 0.0}
         dsa = hra = None
         module.mta_seconds.clear()
         for i, mb in enumerate(micro):
@@ -202,6 +218,8 @@ class Stepper:
             sums["ce"] += float(r["ce_sum"].detach())
             sums["kd"] += 0.0 if kd is None else float(r["kd_sum"].detach())
             sums["mta"] += 0.0 if mta is None else float(mta.detach())
+            if r["kd_entropy_sum"] is not None:
+                sums["kd_h"] += float(r["kd_entropy_sum"])
             if r["mta"] is not None:
                 dsa = r["dsa"].float() / len(micro) + (0 if dsa is None else dsa)
                 if r["hra"] is not None:
@@ -218,8 +236,8 @@ class Stepper:
         step_time = time.perf_counter() - t0
         mta_time = sum(t.seconds() for t in module.mta_seconds)
         extra = [] if extra_reduce is None else extra_reduce()
-        reduced = env.all_reduce([sums["ce"], sums["kd"], sums["mta"], *extra])
-        ce_sum, kd_sum, mta_sum = reduced[:3]
+        reduced = env.all_reduce([sums["ce"], sums["kd"], sums["mta"], sums["kd_h"], *extra])
+        ce_sum, kd_sum, mta_sum, kd_h_sum = reduced[:4]
         rec = {
             "kind": "train",
             "step": step,
@@ -247,4 +265,7 @@ class Stepper:
                 f"the loss became {rec['loss']} at step {step} (CE {rec['ce']}, KD {rec['kd']}, "
                 f"MTA {rec['mta']}): lower --lr or check the data; the last checkpoint written is intact"
             )
-        return rec, reduced[3:]
+        if module.kd == "skew" and self.has_kd:
+            # DistiLLM's skewed_forward_kl reports kd + this (the cross-entropy form, same gradient)
+            rec["kd_teacher_entropy"] = kd_h_sum / n_tok
+        return rec, reduced[4:]

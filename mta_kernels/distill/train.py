@@ -45,10 +45,12 @@ from mta_kernels.distill.prepare import (
     fingerprint,
     make_optimizer,
     make_scheduler,
+    resolve_schedule,
     seed_everything,
     setup_dist,
 )
 from mta_kernels.distill.step import Stepper, Trainable, to_device
+from mta_kernels.distill.student_gen import OffPolicy, check_prompts
 
 __all__ = ["evaluate", "read_metrics", "train"]
 
@@ -86,10 +88,24 @@ class ResumableBatches(torch.utils.data.Sampler):
             epoch, offset = epoch + 1, 0
 
 
+class WithExamples:
+    """A collator that also hands over the examples themselves (``batch["examples"]``)."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return {**self.collator(examples), "examples": list(examples)}
+
+
 def micro_batches(s: Setup, cfg: TrainConfig, start: int) -> Iterator[dict]:
-    """Endless micro-batches of this rank from micro-batch index ``start`` on (epochs chained)."""
+    """Endless micro-batches of this rank from micro-batch index ``start`` on (epochs chained).
+
+    With ``--student-gen`` each batch also carries its ``examples`` (the prompts to sample from).
+    """
     sampler = ResumableBatches(len(s.train_set), cfg.batch_size, cfg.seed, s.env.rank, s.env.world, start)
-    return iter(_loader(s.train_set, sampler, s.collator, cfg))
+    collator = WithExamples(s.collator) if cfg.student_gen else s.collator
+    return iter(_loader(s.train_set, sampler, collator, cfg))
 
 
 @torch.no_grad()
@@ -206,15 +222,24 @@ def _stat_keys(s: Setup) -> list[str]:
 def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     seed_everything(cfg.seed)
     s = build(cfg, env)
+    s.notes.extend(resolve_schedule(cfg, len(s.train_set), env.world))
+    off = _off_policy(cfg, s)
     fp = fingerprint(cfg, s)
     state = _load_resume_state(cfg, fp)
     device = env.device
     _prepare_student(s, cfg)
-    module = Trainable(s.student, s.mta, cfg.kd, cfg.temperature, cfg.skew_alpha, s.kd_vocab).to(device)
+    module = Trainable(
+        s.student, s.mta, cfg.kd, cfg.temperature, cfg.skew_alpha, s.kd_vocab, cfg.entropy_weight
+    ).to(device)
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    run = _Run(cfg, s, fp, optimizer, scheduler, _autocast(cfg, device))
+    run = _Run(cfg, s, fp, optimizer, scheduler, _autocast(cfg, device), off)
     step = 0 if state is None else restore_state(state, run.ckpt_path, s.student, s.mta, optimizer, scheduler)
+    if off is not None:
+        if state is not None:
+            off.load_state_dict(state.get("student_gen"))
+        else:  # the reference loss of the adaptive schedule: the student before the first step
+            off.schedule.update(evaluate(s, cfg, run.autocast)["eval_loss"])
     ddp = module
     if env.world > 1:
         ddp = nn.parallel.DistributedDataParallel(
@@ -228,6 +253,23 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     return _finish(cfg, s, step, last_eval, run.metrics_path)
 
 
+def _off_policy(cfg: TrainConfig, s: Setup) -> OffPolicy | None:
+    """The student-generation state of a ``--student-gen`` run (checked here: prompts, held-out set)."""
+    if not cfg.student_gen:
+        return None
+    if s.env.world > 1:
+        raise DistillError(
+            "--student-gen runs in one process only: its replay buffer is per process and the checkpoint "
+            "holds one (run without torchrun)"
+        )
+    check_prompts(s.train_set.items)
+    if len(s.eval_set) == 0:
+        raise DistillError(
+            "--student-gen adapts to the held-out loss: give --eval-data or an --eval-fraction above 0"
+        )
+    return OffPolicy(cfg, s.student_tokenizer, s.env.device)
+
+
 @dataclass
 class _Run:
     """What the loop reads and writes besides the step itself: files, optimizer state, evaluation."""
@@ -238,6 +280,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     autocast: Any
+    off: OffPolicy | None = None
 
     @property
     def ckpt_path(self) -> str:
@@ -260,6 +303,7 @@ class _Run:
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 device=env.device,
+                student_gen=None if self.off is None else self.off.state_dict(),
             )
             save_checkpoint(self.ckpt_path, state)
         if env.world > 1:
@@ -287,12 +331,14 @@ def _loop(run: _Run, stepper: Stepper, step: int) -> tuple[int, dict | None]:
     stat_keys = _stat_keys(s) if s.granularities else []
     with faults.catch_signals() as signal_flag:
         while step < stop:
-            micro = [to_device(next(stream), env.device) for _ in range(cfg.grad_accum)]
+            micro = [_micro_batch(run, next(stream), step + 1) for _ in range(cfg.grad_accum)]
             local = [sum(mb["stats"][k] for mb in micro) for k in stat_keys]
             # The stop request rides on the step's all-reduce: every rank stops after the same step.
             rec, reduced = stepper.step(
                 micro, step + 1, lambda local=local: [*local, float(signal_flag.requested)]
             )
+            if run.off is not None:
+                rec["student_gen"] = run.off.take_counts()
             if stat_keys:
                 rec["unit_coverage"] = checks.coverage(dict(zip(stat_keys, reduced)), s.granularities)
             preempted = reduced[-1] > 0
@@ -300,6 +346,8 @@ def _loop(run: _Run, stepper: Stepper, step: int) -> tuple[int, dict | None]:
             do_eval = step % cfg.eval_every == 0 or step == cfg.steps
             if do_eval:
                 last_eval = evaluate(s, cfg, run.autocast)
+                if run.off is not None and last_eval is not None:
+                    run.off.schedule.update(last_eval["eval_loss"])
             if env.main:
                 records = [rec] if (step % cfg.log_every == 0 or step == cfg.steps or preempted) else []
                 if do_eval and last_eval is not None:
@@ -317,6 +365,16 @@ def _loop(run: _Run, stepper: Stepper, step: int) -> tuple[int, dict | None]:
                 raise faults.Preempted(signal_flag.signame or "SIGTERM", step, run.ckpt_path)
     bar.close()
     return step, last_eval
+
+
+def _micro_batch(run: _Run, batch: dict, step: int) -> dict:
+    """A data micro-batch on the device, or, with ``--student-gen``, what the schedule picks instead."""
+    if run.off is not None:
+        examples = batch.pop("examples")
+        source, chosen = run.off.examples_for(run.s.student, examples, step, run.cfg.steps)
+        if source != "data":
+            batch = run.s.collator(chosen)
+    return to_device(batch, run.s.env.device)
 
 
 def _finish(cfg: TrainConfig, s: Setup, step: int, last_eval: dict | None, metrics_path: str) -> dict:

@@ -1,0 +1,125 @@
+"""The KD divergences of the objective against float64 formulas written out by hand (values, gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mta_kernels.distill import objective as O
+
+
+def _inputs(seed: int = 0, b: int = 2, t: int = 5, v: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(b, t, v, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    te = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[0, :2] = -100  # a prompt
+    labels[1, -1] = -100  # padding
+    return s, te, labels
+
+
+def _hand(kind: str, s: torch.Tensor, te: torch.Tensor, labels: torch.Tensor, alpha: float, tau: float):
+    """Sum over target positions of the divergence, from probabilities (float64, no log-space tricks)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for b in range(s.shape[0]):
+        for i in range(s.shape[1] - 1):
+            if labels[b, i + 1] == -100:
+                continue
+            ps = torch.exp(s[b, i] / tau) / torch.exp(s[b, i] / tau).sum()
+            pt = torch.exp(te[b, i] / tau) / torch.exp(te[b, i] / tau).sum()
+            if kind == "forward":
+                total = total + tau**2 * (pt * torch.log(pt / ps)).sum()
+            elif kind == "reverse":
+                total = total + tau**2 * (ps * torch.log(ps / pt)).sum()
+            elif kind == "skew":  # KL(p_T || a p_T + (1-a) p_S)
+                total = total + (pt * torch.log(pt / (alpha * pt + (1 - alpha) * ps))).sum()
+            elif kind == "srkl":  # KL(p_S || a p_S + (1-a) p_T)
+                total = total + (ps * torch.log(ps / (alpha * ps + (1 - alpha) * pt))).sum()
+            elif kind == "distillm_sfkl":  # DistiLLM's skewed_forward_kl: the cross-entropy
+                total = total - (pt * torch.log(alpha * pt + (1 - alpha) * ps)).sum()
+            elif kind == "entropy":
+                total = total - (pt * torch.log(pt)).sum()
+    return total
+
+
+@pytest.mark.parametrize(
+    "kind,alpha,tau",
+    [("forward", 0.1, 1.0), ("forward", 0.1, 2.0), ("reverse", 0.1, 1.5), ("skew", 0.1, 1.0),
+     ("skew", 0.0, 1.0), ("skew", 0.5, 3.0), ("srkl", 0.1, 1.0), ("srkl", 0.0, 1.0), ("srkl", 0.7, 2.0)],
+)  # fmt: skip
+def test_kd_sum_matches_hand_formula(kind, alpha, tau):
+    """Value and gradient of each divergence (the skew kinds ignore the temperature)."""
+    s, te, labels = _inputs()
+    ours = O.kd_sum(s, te, labels, kind, tau, alpha)
+    assert ours.dtype == torch.float32
+    hand = _hand(kind, s, te, labels, alpha, 1.0 if kind in ("skew", "srkl") else tau)
+    torch.testing.assert_close(ours.double(), hand, rtol=1e-5, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(ours, s)
+    (g_hand,) = torch.autograd.grad(hand, s)
+    torch.testing.assert_close(g_ours, g_hand, rtol=1e-4, atol=1e-6)
+    assert g_hand.abs().sum() > 0
+
+
+def test_skew_forward_conventions():
+    """Ours is KL (0 at p_S = p_T); DistiLLM's value is ours + H(p_T); both have the same gradient."""
+    s, te, labels = _inputs(seed=3)
+    ours = O.kd_sum(s, te, labels, "skew", 1.0, 0.1)
+    theirs = _hand("distillm_sfkl", s, te, labels, 0.1, 1.0)
+    entropy = O.teacher_entropy_sum(te, labels)
+    hand_entropy = _hand("entropy", s, te, labels, 0.1, 1.0)
+    torch.testing.assert_close(entropy.double(), hand_entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((ours + entropy).double(), theirs, rtol=1e-5, atol=1e-6)
+    assert float(entropy) > 0.1  # the conventions differ by a visible amount
+    (g_ours,) = torch.autograd.grad(ours, s)
+    (g_theirs,) = torch.autograd.grad(theirs, s)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-6)
+    same = O.kd_sum(te.clone().requires_grad_(True), te, labels, "skew", 1.0, 0.1)
+    assert abs(float(same.detach())) < 1e-5
+    same = O.kd_sum(te.clone().requires_grad_(True), te, labels, "srkl", 1.0, 0.1)
+    assert abs(float(same.detach())) < 1e-5
+
+
+def test_skew_kinds_are_finite_for_extreme_logits():
+    """Probabilities that underflow in float32 (logit gaps of 200) give finite values and gradients."""
+    s, te, labels = _inputs(seed=1)
+    s = (s.detach() * 100).float().requires_grad_(True)
+    te = (te * 100).float()
+    for kind in ("skew", "srkl"):
+        out = O.kd_sum(s, te, labels, kind, 1.0, 0.1)
+        (g,) = torch.autograd.grad(out, s)
+        assert torch.isfinite(out) and torch.isfinite(g).all()
+
+
+def test_kd_sum_rejects_bad_kind_and_alpha():
+    s, te, labels = _inputs()
+    with pytest.raises(ValueError, match="unknown KD kind"):
+        O.kd_sum(s, te, labels, "sfkl")
+    with pytest.raises(ValueError, match="skew_alpha"):
+        O.kd_sum(s, te, labels, "srkl", skew_alpha=1.0)
+    assert set(O.KD_CONVENTIONS) == {"forward", "reverse", "skew", "srkl"}
+
+
+def test_skew_run_logs_the_teacher_entropy(tmp_path):
+    """A ``--kd skew`` run logs H(p_T) per target token next to ``kd`` (DistiLLM's value is their sum)."""
+    pytest.importorskip("transformers")
+    import json
+
+    from test_distill import _distill_args, make_assets  # tests/ is on sys.path
+
+    from mta_kernels.distill.__main__ import main
+
+    assets = make_assets(tmp_path)
+    for kind in ("skew", "srkl"):
+        out = tmp_path / kind
+        assert (
+            main(_distill_args(assets, out, "--no-mta", "--kd", kind, student_tok="bpe", batch=8, steps=2))
+            == 0
+        )
+        recs = [json.loads(ln) for ln in open(out / "metrics.jsonl") if ln.strip()]
+        train = [r for r in recs if r["kind"] == "train"]
+        assert len(train) == 2
+        if kind == "skew":
+            # a teacher over a 400-token vocabulary: entropy between 0 and log 400
+            assert all(0.0 < r["kd_teacher_entropy"] < 6.0 and r["kd"] >= 0 for r in train)
+        else:
+            assert all("kd_teacher_entropy" not in r for r in train)
