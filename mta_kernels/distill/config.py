@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from mta_kernels.constants import BACKENDS, GRANULARITIES, POOLINGS, WORD_MODES
+from mta_kernels.distill.objective import KD_CONVENTIONS
 
-KD_KINDS = ("forward", "reverse", "skew", "srkl", "none")
+KD_KINDS = (*KD_CONVENTIONS, "none")  # the divergences of objective.py, or no KD term
 MODES = ("teacher", "distill")
 DATA_FORMATS = ("auto", "jsonl", "text")
 # "mta": mta_kernels.losses.MTALoss; "published-xtok": mta_kernels.variants.CrossTokenizerMTALoss.

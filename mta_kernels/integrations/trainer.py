@@ -24,7 +24,7 @@ from mta_kernels.losses import MTALoss
 
 __all__ = ["MTATrainer"]
 
-KD_KINDS = ("forward", "reverse", "skew")
+KD_KINDS = tuple(O.KD_CONVENTIONS)
 
 
 class MTATrainer(Trainer):
