@@ -33,7 +33,8 @@ from mta_kernels._dtypes import accumulation_dtype
 from mta_kernels.constants import COSINE_EPS, GRANULARITIES, HRA_LEVELS, POOLINGS
 from mta_kernels.layout import UnitBatch
 from mta_kernels.ops.saliency import token_saliency
-from mta_kernels.ops.span_pool import span_pool
+# The loss pools with saliency weights, non-negative by construction: the op without span_pool's value check.
+from mta_kernels.ops.span_pool import _span_pool as span_pool
 from mta_kernels.ops.structural import structural_loss
 from mta_kernels.presets import PRESETS, MTAPreset, auto_pairs
 
@@ -56,6 +57,14 @@ def _covered_mask(ranges: torch.Tensor, num_tokens: int) -> torch.Tensor:
     delta.index_add_(0, r[:, 0], ones)
     delta.index_add_(0, r[:, 1], -ones)
     return delta.cumsum(0)[:num_tokens] > 0
+
+
+def _covered(units: UnitBatch, side: str, num_tokens: int) -> torch.Tensor:
+    """bool ``[N]`` covered tokens of one side: from the plan's token -> unit map when there is one."""
+    plan = _plan(units)
+    if plan is not None:
+        return getattr(plan, side).token_to_unit >= 0
+    return _covered_mask(getattr(units, f"{side}_ranges"), num_tokens)
 
 
 def _normalised_weights(saliency: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
@@ -107,6 +116,12 @@ def _project(projector: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- input validation
+def _plan(units: UnitBatch) -> layout.LayoutPlan | None:
+    """The batch's live layout plan (None for a duck-typed batch, an invalid or a modified one)."""
+    live = getattr(units, "live_plan", None)
+    return None if live is None else live()
+
+
 def _check_float(t: torch.Tensor, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
@@ -165,7 +180,13 @@ def _check_units(
     for name, t in (("student_ranges", sr), ("teacher_ranges", tr), ("cu_units", cu)):
         if t.device != device:
             raise ValueError(f"{what}: units.{name} is on {t.device} but the hidden states are on {device}")
-    if check_values:
+    if not check_values:
+        return
+    error = getattr(units, "plan_error", None)
+    if error is not None:  # found when the batch was planned, on the host
+        raise type(error.error)(f"{what}: {error}") from error.error
+    live = getattr(units, "live_plan", None)
+    if live is None or live() is None:  # not a planned UnitBatch (or modified since): check here
         sides = [("student", sr, Ts)] + ([] if tr is sr and Tt == Ts else [("teacher", tr, Tt)])
         for side, ranges, T in sides:
             try:
@@ -177,7 +198,11 @@ def _check_units(
 def _check_same_tokenization(units: UnitBatch, what: str) -> None:
     """Token-level HRA compares token i of the student with token i of the teacher."""
     sr, tr = units.student_ranges, units.teacher_ranges
-    same = units.seq_len_student == units.seq_len_teacher and (sr is tr or torch.equal(sr, tr))
+    plan = _plan(units)
+    if plan is not None:  # compared on the host when the batch was planned
+        same = plan.same_tokenization
+    else:
+        same = units.seq_len_student == units.seq_len_teacher and (sr is tr or torch.equal(sr, tr))
     if not same:
         raise ValueError(
             f"{what}: hra level 'token' needs the student and the teacher to share one tokenizer, but their "
@@ -269,7 +294,7 @@ def _stacked_terms(
         # drives the teacher's pooling, the unit importance W and the token-level HRA weights.
         teacher_w = None  # [L, B, Tt]
         if attention or weighted:
-            covered_t = _covered_mask(units.teacher_ranges, B * Tt)
+            covered_t = _covered(units, "teacher", B * Tt)
             teacher_w = _normalised_weights(token_saliency(teacher, teacher_mask), covered_t)
         if need_units:
             teacher_units = span_pool(
@@ -301,7 +326,7 @@ def _stacked_terms(
         if weighted:
             token_w = teacher_w.reshape(L, B * Ts)
         else:  # unweighted: every covered token counts 1
-            token_w = _covered_mask(units.student_ranges, B * Ts).to(torch.float32).expand(L, -1)
+            token_w = _covered(units, "student", B * Ts).to(torch.float32).expand(L, -1)
         # All B*T tokens go through the projector with weight 0 off the covered set: static shapes and
         # no host sync, at the price of projecting the uncovered tokens too (see docs/design/losses.md).
         hra = torch.stack(

@@ -269,8 +269,21 @@ def _structural_grad_epilogue_kernel(
 
 
 # ------------------------------------------------------------------------------------ host helpers
+class _PlannedBounds(list):
+    """``cu_units`` on the host, from a :class:`~mta_kernels.layout.LayoutPlan` (validated when the batch
+    was planned); ``.cu_units`` is the plan's device tensor, so the denominator needs no host data."""
+
+    def __init__(self, plan: layout.LayoutPlan) -> None:
+        super().__init__(plan.bounds)
+        self.cu_units = plan.cu_units
+
+
 def _seq_bounds(cu_units: torch.Tensor, num_units: int) -> list[int]:
-    """Validate the CSR offsets' values (inside the op: data-dependent) and return them on the host."""
+    """The CSR offsets on the host: from the batch's plan when ``cu_units`` has one (no device read),
+    else read and validated here (inside the op: data-dependent)."""
+    plan = layout._planned_batch(cu_units)
+    if plan is not None and plan.num_units == num_units:
+        return _PlannedBounds(plan)
     bounds = cu_units.tolist()
     if bounds[0] != 0:
         raise ValueError(f"cu_units must start at 0, got cu_units[0] = {bounds[0]}")
@@ -286,13 +299,20 @@ def _seq_bounds(cu_units: torch.Tensor, num_units: int) -> list[int]:
 def _denominator(
     weights: torch.Tensor | None, bounds: list[int], L: int, U: int, device, dtype
 ) -> torch.Tensor:
-    """``[L]`` Σ_b over sequences with ≥ 2 units of (Σ W)² − Σ W² (float64 prefix sums: deterministic)."""
-    lo = torch.tensor(bounds[:-1], dtype=torch.long, device=device)
-    hi = torch.tensor(bounds[1:], dtype=torch.long, device=device)
-    pairs = (hi - lo) >= 2  # [B]
+    """``[L]`` Σ_b over sequences with ≥ 2 units of (Σ W)² − Σ W² (float64 prefix sums: deterministic).
+
+    Unweighted, it is Σ_b n_b (n_b − 1), computed on the host from ``bounds``; weighted, the sequence
+    offsets come from the plan's device tensor when ``bounds`` has one (no host-to-device copy)."""
     if weights is None:
-        n = (hi - lo).to(torch.float64)
-        return (n * (n - 1) * pairs).sum().expand(L).to(dtype)
+        total = sum((hi - lo) * (hi - lo - 1) for lo, hi in zip(bounds[:-1], bounds[1:]))
+        return torch.full((L,), float(total), dtype=dtype, device=device)
+    if isinstance(bounds, _PlannedBounds) and bounds.cu_units.device == device:
+        cu = bounds.cu_units.long()
+        lo, hi = cu[:-1], cu[1:]
+    else:
+        lo = torch.tensor(bounds[:-1], dtype=torch.long, device=device)
+        hi = torch.tensor(bounds[1:], dtype=torch.long, device=device)
+    pairs = (hi - lo) >= 2  # [B]
     w = weights.detach().to(torch.float64).expand(L, U)
     zero = w.new_zeros(L, 1)
     c1 = torch.cat([zero, w.cumsum(-1)], dim=-1)  # [L, U+1]
