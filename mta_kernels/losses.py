@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mta_kernels import layout
-from mta_kernels._dtypes import accumulation_dtype
-from mta_kernels.constants import COSINE_EPS, GRANULARITIES, HRA_LEVELS, POOLINGS
+from mta_kernels.constants import GRANULARITIES, HRA_LEVELS, POOLINGS
 from mta_kernels.layout import UnitBatch
+from mta_kernels.ops.hra import fused_hra
 from mta_kernels.ops.saliency import token_saliency
-# The loss pools with saliency weights, non-negative by construction: the op without span_pool's value check.
-from mta_kernels.ops.span_pool import _span_pool as span_pool
+from mta_kernels.ops.span_pool import _span_pool as span_pool  # saliency weights: >= 0 by construction
 from mta_kernels.ops.structural import structural_loss
 from mta_kernels.presets import PRESETS, MTAPreset, auto_pairs
 
@@ -77,7 +76,8 @@ def _normalised_weights(saliency: torch.Tensor, covered: torch.Tensor) -> torch.
     L, B, T = saliency.shape
     a = saliency * covered.view(1, B, T)
     per_seq = a.sum(-1, keepdim=True)  # [L, B, 1]
-    return a / torch.where(per_seq > 0, per_seq, torch.ones_like(per_seq))
+    # per_seq = 0 only when every a_i of the sequence is 0: 0 / tiny = 0, never 0 / 0
+    return a / per_seq.clamp_min(torch.finfo(per_seq.dtype).tiny)
 
 
 def _unit_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
@@ -93,26 +93,6 @@ def _unit_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch.Tenso
     seq = torch.div(start, T, rounding_mode="floor")  # a unit never crosses a sequence
     sums = prefix[:, end + seq] - prefix[:, start + seq]  # [L, U]
     return sums.to(token_weights.dtype)
-
-
-def _weighted_cosine_distance(
-    projected: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor | None
-) -> torch.Tensor:
-    """``Σ_i w_i (1 − cos(x_i, y_i)) / Σ_i w_i`` over the rows of ``[M, D]`` (0 when Σ w = 0)."""
-    acc = accumulation_dtype(projected, teacher)
-    cos = F.cosine_similarity(projected.to(acc), teacher.to(acc), dim=-1, eps=COSINE_EPS)  # [M]
-    w = torch.ones_like(cos) if weights is None else weights.to(acc)
-    # where, not a product: a row of weight 0 (padding, uncovered token) never leaks a non-finite value.
-    term = torch.where(w > 0, w * (1.0 - cos), torch.zeros_like(cos))
-    den = w.sum()
-    return term.sum() / torch.where(den > 0, den, torch.ones_like(den))
-
-
-def _project(projector: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Apply ``projector`` to student rows of any float dtype (cast to the projector's dtype)."""
-    if torch.is_autocast_enabled(x.device.type):  # autocast picks the matmul dtype itself
-        return projector(x)
-    return projector(x.to(projector.weight.dtype))
 
 
 # ------------------------------------------------------------------------------- input validation
@@ -270,6 +250,8 @@ def _stacked_terms(
     with_dsa: bool,
     hra_level: str | None,
     projectors: Sequence[nn.Linear],
+    student_saliency: torch.Tensor | None = None,
+    teacher_saliency: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """DSA and HRA of L stacked layer pairs of one granularity (inputs already validated).
 
@@ -277,6 +259,8 @@ def _stacked_terms(
         student: ``[L, B, Ts, Ds]`` (gradient flows here); teacher: ``[L, B, Tt, Dt]`` (constant).
         units: the granularity's UnitBatch; masks ``[B, Ts]`` / ``[B, Tt]``.
         projectors: L Linear(Ds → Dt), used when ``hra_level`` is not None.
+        student_saliency, teacher_saliency: ``[L, B, T]`` token saliencies when the caller computed them
+            (for all its layers at once), else computed here when needed.
     Returns:
         ``(dsa [L] or None, hra [L] or None)``, float32 (float64 for float64 inputs).
     """
@@ -285,6 +269,7 @@ def _stacked_terms(
     need_units = with_dsa or hra_level == "unit"  # token-level HRA alone pools nothing
     attention = pooling == "attention" and need_units
     student_flat = student.reshape(L, B * Ts, Ds)  # a view for stacked / contiguous layers
+    plan = _plan(units)
 
     teacher_units = student_units = unit_w = None
     with torch.no_grad():
@@ -294,16 +279,22 @@ def _stacked_terms(
         # drives the teacher's pooling, the unit importance W and the token-level HRA weights.
         teacher_w = None  # [L, B, Tt]
         if attention or weighted:
-            covered_t = _covered(units, "teacher", B * Tt)
-            teacher_w = _normalised_weights(token_saliency(teacher, teacher_mask), covered_t)
+            if teacher_saliency is None:
+                teacher_saliency = token_saliency(teacher, teacher_mask)
+            teacher_w = _normalised_weights(teacher_saliency, _covered(units, "teacher", B * Tt))
         if need_units:
-            teacher_units = span_pool(
-                teacher_flat, units.teacher_ranges, teacher_w.reshape(L, B * Tt) if attention else None
-            )  # [L, U, Dt]
-            unit_w = _unit_sums(teacher_w, units.teacher_ranges) if weighted else None  # [L, U]
+            pool_w = teacher_w.reshape(L, B * Tt) if attention else None
+            teacher_units, den = _pool_with_mass(teacher_flat, units.teacher_ranges, pool_w)  # [L, U, Dt]
+            if weighted:
+                # W_u = Σ_{i in u} ŵ_i: the pooling's own weight sums when it pooled with ŵ
+                unit_w = den.to(teacher_w.dtype) if attention else _unit_sums(teacher_w, units.teacher_ranges)
         # The student's pooling needs a_i only up to a per-sequence factor, which cancels in h_u: the raw
         # saliency (a view) pools exactly like its normalised version and saves the normalisation.
-        student_w = token_saliency(student.detach(), student_mask).reshape(L, B * Ts) if attention else None
+        student_w = None
+        if attention:
+            if student_saliency is None:
+                student_saliency = token_saliency(student.detach(), student_mask)
+            student_w = student_saliency.reshape(L, B * Ts)
 
     if need_units:
         student_units = span_pool(student_flat, units.student_ranges, student_w)  # [L, U, Ds]
@@ -311,33 +302,32 @@ def _stacked_terms(
     dsa = structural_loss(student_units, teacher_units, units.cu_units, unit_w) if with_dsa else None
 
     hra = None
-    if hra_level == "unit":
-        hra = torch.stack(
-            [
-                _weighted_cosine_distance(
-                    _project(projectors[l], student_units[l]),
-                    teacher_units[l],
-                    None if unit_w is None else unit_w[l],
-                )
-                for l in range(L)
-            ]
-        )
-    elif hra_level == "token":
-        if weighted:
-            token_w = teacher_w.reshape(L, B * Ts)
-        else:  # unweighted: every covered token counts 1
-            token_w = _covered(units, "student", B * Ts).to(torch.float32).expand(L, -1)
-        # All B*T tokens go through the projector with weight 0 off the covered set: static shapes and
-        # no host sync, at the price of projecting the uncovered tokens too (see docs/design/losses.md).
-        hra = torch.stack(
-            [
-                _weighted_cosine_distance(
-                    _project(projectors[l], student_flat[l]), teacher_flat[l], token_w[l]
-                )
-                for l in range(L)
-            ]
-        )
+    if hra_level is not None:
+        weight = torch.stack([p.weight for p in projectors])  # [L, Dt, Ds]
+        bias = torch.stack([p.bias for p in projectors])  # [L, Dt]
+        if hra_level == "unit":
+            hra = fused_hra(student_units, teacher_units, unit_w, None, weight, bias)
+        else:
+            # Only the covered tokens go through the projector (the plan's host-side list: static
+            # shapes, no sync); without a plan, all B*T tokens with weight 0 off the covered set.
+            rows = None if plan is None else plan.student.covered_tokens
+            if weighted:
+                token_w = teacher_w.reshape(L, B * Ts)
+            elif rows is None:  # unweighted: every covered token counts 1
+                token_w = _covered(units, "student", B * Ts).to(student.dtype).expand(L, -1)
+            else:
+                token_w = None
+            hra = fused_hra(student_flat, teacher_flat, token_w, rows, weight, bias)
     return dsa, hra
+
+
+def _pool_with_mass(
+    hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Span pooling that also returns each unit's weight sum ``[L, U]`` (a constant), from the op's
+    ``1 / Σ w`` (0 for a unit of weight 0: 1/0 = inf becomes 0)."""
+    out, inv_den = torch.ops.mta_kernels.span_pool(hidden, ranges, weights)
+    return out, inv_den.reciprocal().nan_to_num(posinf=0.0)
 
 
 # ----------------------------------------------------------------------------------------- modules
@@ -531,16 +521,26 @@ class MTALoss(nn.Module):
         student_mask = _check_mask(student_mask, B, Ts, device, "student_mask")
         teacher_mask = _check_mask(teacher_mask, B, Tt, device, "teacher_mask")
 
+        # Every pair's layers stacked once per side, in group order ([K, B, T, D], one copy each); each
+        # group is a slice (a view). The saliency does not depend on the units: one call per side for all
+        # K layers.
+        flat = [k for _, ks in self._groups for k in ks]
+        student_all = _stack_layers([s_states[self.pairs[k][0]] for k in flat])  # [K, B, Ts, Ds]
+        with torch.no_grad():
+            teacher_all = _stack_layers([t_states[self.pairs[k][1]].detach() for k in flat])  # [K, B, Tt, Dt]
+            attention = self.pooling == "attention"
+            s_sal = token_saliency(student_all.detach(), student_mask) if attention else None
+            t_sal = token_saliency(teacher_all, teacher_mask) if attention or self.weighted else None
         dsa_parts, hra_parts = [], []
+        start = 0
         for g, ks in self._groups:
-            student = _stack_layers([s_states[self.pairs[k][0]] for k in ks])  # [L, B, Ts, Ds]
-            with torch.no_grad():
-                teacher = _stack_layers([t_states[self.pairs[k][1]].detach() for k in ks])  # [L, B, Tt, Dt]
+            part = slice(start, start + len(ks))
+            start += len(ks)
             names = ", ".join(f"pair {k} {self.pairs[k]}" for k in ks)
             with _naming(f"{names} ({g!r} units)"):
                 dsa, hra = _stacked_terms(
-                    student,
-                    teacher,
+                    student_all[part],
+                    teacher_all[part],
                     units[g],
                     student_mask,
                     teacher_mask,
@@ -549,6 +549,8 @@ class MTALoss(nn.Module):
                     with_dsa=True,
                     hra_level=self.hra_level,
                     projectors=[self.projectors[k] for k in ks] if self.hra_level is not None else [],
+                    student_saliency=None if s_sal is None else s_sal[part],
+                    teacher_saliency=None if t_sal is None else t_sal[part],
                 )
             dsa_parts.append(dsa)
             hra_parts.append(hra)
