@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mta_kernels import layout
+from mta_kernels._dispatch import use_triton
 from mta_kernels.constants import GRANULARITIES, HRA_LEVELS, POOLINGS
 from mta_kernels.layout import UnitBatch
+from mta_kernels.ops.glue import normalised_weights
 from mta_kernels.ops.hra import fused_hra
 from mta_kernels.ops.saliency import token_saliency
 from mta_kernels.ops.span_pool import _span_pool as span_pool  # saliency weights: >= 0 by construction
@@ -281,7 +283,10 @@ def _stacked_terms(
         if attention or weighted:
             if teacher_saliency is None:
                 teacher_saliency = token_saliency(teacher, teacher_mask)
-            teacher_w = _normalised_weights(teacher_saliency, _covered(units, "teacher", B * Tt))
+            if plan is not None and use_triton(teacher):  # one launch for the whole normalisation
+                teacher_w = normalised_weights(teacher_saliency, plan.teacher.token_to_unit)
+            else:
+                teacher_w = _normalised_weights(teacher_saliency, _covered(units, "teacher", B * Tt))
         if need_units:
             pool_w = teacher_w.reshape(L, B * Tt) if attention else None
             teacher_units, den = _pool_with_mass(teacher_flat, units.teacher_ranges, pool_w)  # [L, U, Dt]

@@ -285,17 +285,41 @@ def test_public_ops_with_a_plan_have_no_host_sync():
     assert c.syncs == 0, c.report()
 
 
-# The 3-pair gpt2-style setting: at most this many launches per forward + backward.
+# The 3-pair gpt2-style setting: the issue's target, launches per forward + backward.
 LAUNCH_BUDGET = 80
 
 
 @needs_triton_path
-@pytest.mark.xfail(reason="the glue between the ops is not fused yet", strict=False)
+@pytest.mark.xfail(
+    reason="not reached yet: the DSA launch function (~19 launches per call) and the saliency's mask "
+    "statistics (~10 per call) are outside the glue fused here; see docs/design/losses.md",
+    strict=True,
+)
 @pytest.mark.parametrize("hra", ["token", "unit"])
 def test_mta_loss_launch_budget(hra):
     s, t, units, mask = gpt2_inputs()
     c = count_fwd_bwd(_loss_module(hra), s, t, units, mask)
     assert c.launches <= LAUNCH_BUDGET, c.report()
+
+
+@needs_triton_path
+@pytest.mark.parametrize("hra", ["token", "unit", None])
+def test_launches_do_not_grow_with_the_number_of_pairs(hra):
+    """No per-layer Python loop: 3 pairs (1 word + 2 phrase) and 5 pairs (2 word + 3 phrase) launch the
+    same kernels and ops, once per side or per granularity."""
+    s, t, units, mask = gpt2_inputs()
+    counts = []
+    for pairs in (
+        [(6, 24, "word"), (9, 36, "phrase"), (12, 48, "phrase")],
+        [(3, 12, "word"), (6, 24, "word"), (8, 30, "phrase"), (9, 36, "phrase"), (12, 48, "phrase")],
+    ):
+        torch.manual_seed(0)
+        module = MTALoss(pairs, DS, DT, hra=hra)
+        for x in s:
+            x.grad = None  # a fresh backward, not an accumulation into the previous one
+        counts.append(count_fwd_bwd(module, s, t, units, mask))
+    assert counts[0].syncs == counts[1].syncs == 0
+    assert counts[0].launch_sites == counts[1].launch_sites, (counts[0].report(), counts[1].report())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

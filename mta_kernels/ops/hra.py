@@ -169,16 +169,19 @@ def _hra_impl(student, teacher, weights, rows, weight, bias, mm_dtype, compute_g
     acc = accumulation_dtype(student, teacher, weights)
     R = N if rows is None else rows.shape[0]
     device = student.device
-    empty = student.new_empty(0, dtype=acc)
+
+    def empty() -> torch.Tensor:  # a fresh one each time: a custom op's outputs may not alias
+        return student.new_empty(0, dtype=acc)
+
     if R == 0 or L == 0:
-        zeros = (lambda *s: student.new_zeros(s, dtype=acc)) if compute_grad else (lambda *s: empty)
+        zeros = (lambda *s: student.new_zeros(s, dtype=acc)) if compute_grad else (lambda *s: empty())
         return student.new_zeros(L, dtype=acc), zeros(L, N, Ds), zeros(L, Dt, Ds), zeros(L, Dt)
     w_mm = weight.to(mm_dtype)  # [L, Dt, Ds]
     b_mm = bias.to(mm_dtype)[:, None, :]  # [L, 1, Dt]
     row_fn = _rows_triton if use_triton(student) else _rows_torch
     chunk = max(1, _CHUNK_ELEMS // max(1, L * max(Dt, Ds)))
     num = d_weight = d_bias = None
-    d_student = empty
+    d_student = None
     if compute_grad:
         d_student = (
             torch.empty(L, N, Ds, dtype=acc, device=device)
@@ -211,7 +214,7 @@ def _hra_impl(student, teacher, weights, rows, weight, bias, mm_dtype, compute_g
             d_weight = dw if d_weight is None else d_weight + dw
             d_bias = db if d_bias is None else d_bias + db
     if not compute_grad:
-        return num, empty, empty, empty
+        return num, empty(), empty(), empty()
     return num, d_student, d_weight, d_bias
 
 
@@ -250,6 +253,7 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (student.dtype, weight.dtype, bias.dtype)
     ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero tensors for the non-differentiable outputs
 
 
 def _backward(ctx, grad_num, *_):
@@ -260,6 +264,8 @@ def _backward(ctx, grad_num, *_):
             "mta_kernels::fused_hra does not support double backward (create_graph=True): its gradient "
             "is computed in the forward pass and has no derivative of its own"
         )
+    if grad_num is None:  # grads are not materialised: the term did not reach the output
+        return (None,) * 8
     d_student, d_weight, d_bias = ctx.saved_tensors
     g = grad_num[:, None, None]
     return (

@@ -383,6 +383,7 @@ def _setup_context(ctx, inputs, output) -> None:
     hidden, ranges, weights = inputs
     _, inv_den = output
     ctx.mark_non_differentiable(inv_den)
+    ctx.set_materialize_grads(False)  # no zero tensors for the non-differentiable outputs
     ctx.save_for_backward(ranges, weights, inv_den)
     ctx.num_tokens = hidden.shape[-2]
 
@@ -390,7 +391,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out: torch.Tensor, _grad_inv_den: torch.Tensor | None):
     ranges, weights, inv_den = ctx.saved_tensors
     grad_hidden = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_out is not None:  # None: grads are not materialised
         grad_hidden = torch.ops.mta_kernels.span_pool_backward(
             grad_out, ranges, weights, inv_den, ctx.num_tokens
         )

@@ -31,6 +31,7 @@ from mta_kernels import layout
 from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
 from mta_kernels._triton import tl, triton
+from mta_kernels.ops.glue import dsa_denominator
 
 __all__ = ["structural_loss"]
 
@@ -307,6 +308,8 @@ def _denominator(
         total = sum((hi - lo) * (hi - lo - 1) for lo, hi in zip(bounds[:-1], bounds[1:]))
         return torch.full((L,), float(total), dtype=dtype, device=device)
     if isinstance(bounds, _PlannedBounds) and bounds.cu_units.device == device:
+        if use_triton(weights):  # one launch instead of the composition below
+            return dsa_denominator(weights.detach(), bounds.cu_units, L, dtype)
         cu = bounds.cu_units.long()
         lo, hi = cu[:-1], cu[1:]
     else:
@@ -643,6 +646,7 @@ def _setup_context(ctx, inputs, output):
     ctx.student_dtype = student.dtype
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero tensors for the non-differentiable outputs
 
 
 def _backward(ctx, grad_loss, _grad_grad):
@@ -655,6 +659,8 @@ def _backward(ctx, grad_loss, _grad_grad):
             "mta_kernels::structural_loss does not support double backward (create_graph=True): its "
             "gradient is computed in the forward pass and has no derivative of its own"
         )
+    if grad_loss is None:  # grads are not materialised: the loss did not reach the output
+        return None, None, None, None, None
     (grad,) = ctx.saved_tensors
     return (grad * grad_loss[:, None, None]).to(ctx.student_dtype), None, None, None, None
 
