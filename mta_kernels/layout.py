@@ -1,4 +1,4 @@
-"""Packed (varlen) unit layout of SPEC §2 and the face of the ``mta_kernels._C`` extension.
+"""Packed (varlen) unit layout (docs/method.md#packed-layout), its plan, and the face of ``mta_kernels._C``.
 
 Layout: a batch of ``B`` sequences padded to ``seq_len`` tokens is flattened to ``N = B * seq_len``
 tokens. ``ranges`` int32 ``[U, 2]`` holds each unit's ``[start, end)`` flat token range and
@@ -133,7 +133,7 @@ def block_diagonal_work_list(cu_units: torch.Tensor, block_m: int) -> torch.Tens
 def char_spans_to_token_ranges(
     texts: list[str], offsets: torch.Tensor, spans: list[list[tuple[int, int]]] | list[np.ndarray]
 ) -> torch.Tensor:
-    """Token range of every character span (SPEC §2 "Mapping units to tokens"), on the CPU.
+    """Token range of every character span (docs/method.md#mapping-units-to-tokens), on the CPU.
 
     A token covering characters ``[ts, te)`` has ``ts`` moved past whitespace (Python's
     ``str.isspace``); if then ``ts >= te`` it belongs to no unit, else to the span containing ``ts``.

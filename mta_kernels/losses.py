@@ -1,4 +1,4 @@
-"""MTA loss modules (SPEC §4–§7): layer pairs, granularity split, pooling, unit weighting, HRA projectors.
+"""MTA loss modules (docs/method.md#the-objective): layer pairs, granularity split, pooling, weighting, HRA.
 
 ``MTALoss`` turns the ``hidden_states`` tuples of a student and a teacher (Hugging Face,
 ``output_hidden_states=True``) and the packed units of each granularity into
@@ -69,7 +69,9 @@ def _covered(units: UnitBatch, side: str, num_tokens: int) -> torch.Tensor:
 
 
 def _normalised_weights(saliency: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
-    """``ŵ_i = a_i / Σ_{k covered, same sequence} a_k`` on covered tokens, 0 elsewhere (SPEC §4).
+    """``ŵ_i = a_i / Σ_{k covered, same sequence} a_k`` on covered tokens, 0 elsewhere.
+
+    (docs/method.md#span-pooling)
 
     saliency ``[L, B, T]``, covered bool ``[B*T]`` -> ``[L, B, T]`` (a sequence whose covered
     saliency sums to 0 gets weights 0, never 0/0). The layout is padded, so the per-sequence segment
@@ -353,7 +355,7 @@ class MTALossOutput:
 
 
 class MTALoss(nn.Module):
-    """The MTA objective over K mapped layer pairs (SPEC §4–§7).
+    """The MTA objective over K mapped layer pairs (docs/method.md#the-objective).
 
     Args:
         pairs: ``[(student_layer, teacher_layer, granularity), ...]``: Hugging Face ``hidden_states``
@@ -425,7 +427,7 @@ class MTALoss(nn.Module):
     # -------------------------------------------------------------------------------- constructors
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MTALoss:
-        """The published settings of SPEC §7 (``PRESETS``); any constructor argument may be overridden.
+        """The published settings (docs/method.md#layer-presets, ``PRESETS``); any argument may be overridden.
 
         Known names: ``"gpt2-xl->gpt2"``, ``"opt-6.7b->opt-1.3b"``, ``"qwen1.5-1.8b->qwen1.5-0.5b"``,
         ``"qwen1.5-1.8b->gpt2"``, ``"mistral-7b->tinyllama"`` (teacher -> student). Dims come from the
@@ -639,7 +641,7 @@ def _single_term(
 
 
 class DSALoss(nn.Module):
-    """DSA alone (SPEC §4–§5) for one layer pair or L stacked layer pairs of one granularity.
+    """DSA alone (docs/method.md#dsa-loss) for one layer pair or L stacked layer pairs of one granularity.
 
     ``forward(student, teacher, units, student_mask, teacher_mask)``:
         student ``[B, Ts, Ds]`` or ``[L, B, Ts, Ds]`` (gradient flows here); teacher ``[B, Tt, Dt]`` or
@@ -680,7 +682,7 @@ class DSALoss(nn.Module):
 
 
 class HRALoss(nn.Module):
-    """HRA alone (SPEC §6) for one layer pair or ``num_pairs`` stacked layer pairs.
+    """HRA alone (docs/method.md#hra-loss) for one layer pair or ``num_pairs`` stacked layer pairs.
 
     Args:
         student_dim, teacher_dim: D_s and D_t; ``self.projectors`` holds ``num_pairs``

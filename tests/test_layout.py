@@ -1,4 +1,6 @@
-"""Layout ops of the ``mta_kernels._C`` extension against plain-Python/torch equivalents (SPEC §2).
+"""Layout ops of ``mta_kernels._C`` and the layout plan against plain-Python/torch equivalents.
+
+See docs/method.md#packed-layout.
 
 Every op runs on many random layouts (awkward sizes, U = 0, sequences with 0/1 units, B = 1,
 seq_len = 63); every validation error is checked to name the offending unit; CUDA results are
@@ -420,7 +422,7 @@ WORDS = [
 
 
 def ref_char_spans(texts, offsets, spans) -> list:
-    """SPEC §2 'Mapping units to tokens', literally."""
+    """docs/method.md#mapping-units-to-tokens, literally."""
     out = []
     for b, (text, sp) in enumerate(zip(texts, spans)):
         res = [[-1, -1] for _ in sp]

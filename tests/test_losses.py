@@ -1,6 +1,7 @@
-"""MTALoss / DSALoss / HRALoss (SPEC §4–§7) against a readable composition of the reference functions.
+"""MTALoss / DSALoss / HRALoss (docs/method.md#the-objective) against a composition of the reference ops.
 
-The oracle is ``reference_mta`` below run in float64; the "eager" baseline of the SPEC §8 rule is the
+The oracle is ``reference_mta`` below run in float64; the "eager" baseline of the tolerance rule
+(docs/method.md#numerical-tolerance-rule) is the
 same composition run in the input dtype. Units are built by hand (random sorted, non-overlapping ranges
 per sequence, the same unit count in both tokenizations), never by spaCy.
 """
@@ -94,7 +95,7 @@ def clone_states(states, dtype, device=None):
 def reference_mta(
     pairs, s_states, t_states, units, s_mask, t_mask, *, pooling, weighted, hra, gamma, projectors
 ):
-    """SPEC §4–§7 composed from ``mta_kernels.reference``, one pair at a time: (loss, dsa [K], hra [K])."""
+    """The objective composed from ``mta_kernels.reference``, one pair at a time: (loss, dsa [K], hra [K])."""
     dsa_terms, hra_terms = [], []
     for k, (ls, lt, granularity) in enumerate(pairs):
         ub = units[granularity]
@@ -148,7 +149,7 @@ def run_and_compare(
     check_grads: bool = True,
     floor: float = 1e-5,
 ) -> None:
-    """Module vs the float64 oracle under the SPEC §8 rule (eager = the composition in the input dtype);
+    """Module vs the float64 oracle under the tolerance rule (eager = the composition in the input dtype);
     values, per-pair terms, and the gradients w.r.t. the student's layers and the projectors."""
     dtype = s_states[0].dtype
     kw = dict(pooling=module.pooling, weighted=module.weighted, hra=module.hra_level, gamma=module.gamma)
@@ -261,7 +262,7 @@ def test_auto_mapping_matches_reference():
 
 
 def test_bfloat16_inputs_within_rule():
-    """bf16 hidden states (float32 projectors): the SPEC §8 rule against the float64 oracle."""
+    """bf16 hidden states (float32 projectors): the tolerance rule against the float64 oracle."""
     module = MTALoss.from_preset("qwen1.5-1.8b->gpt2", student_dim=DS, teacher_dim=DT)
     s_states, t_states, units, s_mask, t_mask = preset_inputs("qwen1.5-1.8b->gpt2", False, seed=8)
     s_states, t_states = clone_states(s_states, torch.bfloat16), clone_states(t_states, torch.bfloat16)

@@ -1,4 +1,4 @@
-"""span_pool (SPEC §4): Triton and torch paths against the float64 eager oracle, grads, errors.
+"""span_pool (docs/method.md#span-pooling): Triton and torch paths against the float64 oracle, grads, errors.
 
 On a CPU-only machine the Triton kernels run under TRITON_INTERPRET=1 (set by conftest); shapes are
 tiny on purpose. On a CUDA machine the same tests run the real kernels.

@@ -418,7 +418,7 @@ def _check_inputs(hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
 
 
 def token_saliency(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean attention each token receives under a parameter-free self-attention (SPEC §3).
+    """Mean attention each token receives under a parameter-free self-attention (docs/method.md#token-saliency).
 
     Flash-style: the T×T score matrix is never stored. Extra memory: O(L·B·T) on the Triton path; on
     the torch path an fp32 normalised copy of ``hidden`` plus score chunks of at most

@@ -1,4 +1,4 @@
-"""Span pooling (SPEC §4): weighted mean of each unit's token vectors, one launch for all layers.
+"""Span pooling (docs/method.md#span-pooling): weighted mean of each unit's token vectors, one launch for all layers.
 
     h[l, u] = Σ_{i in u} w[l, i] H[l, i] / Σ_{i in u} w[l, i]        (0 when the weights sum to 0)
 
@@ -405,7 +405,7 @@ _span_pool_op.register_autograd(_backward, setup_context=_setup_context)
 def span_pool(
     hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Weighted mean of each unit's token vectors (SPEC §4), all stacked layers in one launch.
+    """Weighted mean of each unit's token vectors (docs/method.md#span-pooling), all stacked layers in one launch.
 
     Args:
         hidden: ``[N, D]`` or stacked layers ``[L, N, D]``, N = B*T flat tokens; float32, bfloat16,

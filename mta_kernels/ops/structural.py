@@ -451,7 +451,7 @@ def _torch_forward(
     Short sequences (≤ 64 units) are packed several to a block, like the Triton work list, and run as
     one batched matmul per group of blocks (masked by sequence id). A longer sequence runs alone,
     ``row_chunk`` rows at a time, or, when the cost model says so (more units than dimensions), with the
-    feature-space identity of SPEC §5 (O(N·D²) instead of O(N²·D)); ``feature_space`` True/False forces
+    feature-space identity of docs/method.md#dsa-loss (O(N·D²) instead of O(N²·D)); ``feature_space`` True/False forces
     one formulation for the long sequences (tests).
     """
     L, U, Ds = student.shape
@@ -675,7 +675,7 @@ def structural_loss(
     cu_units: torch.Tensor,
     unit_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DSA loss, block-diagonal: pairwise cosine geometry of the units within each sequence (SPEC §5).
+    """DSA loss, block-diagonal: pairwise cosine geometry of the units within each sequence (docs/method.md#dsa-loss).
 
     Args:
         student: ``[U, Ds]`` or stacked layer pairs ``[L, U, Ds]``, float16/bfloat16/float32/float64.
