@@ -310,8 +310,11 @@ def _stacked_terms(
 
     hra = None
     if hra_level is not None:
-        weight = torch.stack([p.weight for p in projectors])  # [L, Dt, Ds]
-        bias = torch.stack([p.bias for p in projectors])  # [L, Dt]
+        if len(projectors) == 1:  # views
+            weight, bias = projectors[0].weight.unsqueeze(0), projectors[0].bias.unsqueeze(0)
+        else:
+            weight = torch.stack([p.weight for p in projectors])  # [L, Dt, Ds]
+            bias = torch.stack([p.bias for p in projectors])  # [L, Dt]
         if hra_level == "unit":
             hra = fused_hra(student_units, teacher_units, unit_w, None, weight, bias)
         else:
@@ -528,9 +531,26 @@ class MTALoss(nn.Module):
         student_mask = _check_mask(student_mask, B, Ts, device, "student_mask")
         teacher_mask = _check_mask(teacher_mask, B, Tt, device, "teacher_mask")
 
-        # Every pair's layers stacked once per side, in group order ([K, B, T, D], one copy each); each
-        # group is a slice (a view). The saliency does not depend on the units: one call per side for all
-        # K layers.
+        if use_triton(s_states[self.pairs[0][0]]):
+            dsa_parts, hra_parts = self._stacked_groups(s_states, t_states, units, student_mask, teacher_mask)
+            reorder = self._reorder
+        else:
+            dsa_parts, hra_parts = self._pair_by_pair(s_states, t_states, units, student_mask, teacher_mask)
+            reorder = False
+        dsa = torch.cat(dsa_parts)
+        if reorder:
+            dsa = dsa[self._order]  # [K], pairs' order
+        if self.hra_level is None:
+            return MTALossOutput(loss=dsa.mean(), dsa=dsa.detach(), hra=None)
+        hra = torch.cat(hra_parts)
+        if reorder:
+            hra = hra[self._order]
+        return MTALossOutput(loss=(dsa + self.gamma * hra).mean(), dsa=dsa.detach(), hra=hra.detach())
+
+    def _stacked_groups(self, s_states, t_states, units, student_mask, teacher_mask):
+        """The Triton path: few launches. Every pair's layers stacked once per side, in group order
+        ([K, B, T, D], one copy each); each group is a slice (a view). The saliency does not depend on
+        the units: one call per side for all K layers. Returns the per-group ``[L_g]`` terms."""
         flat = [k for _, ks in self._groups for k in ks]
         student_all = _stack_layers([s_states[self.pairs[k][0]] for k in flat])  # [K, B, Ts, Ds]
         with torch.no_grad():
@@ -561,15 +581,29 @@ class MTALoss(nn.Module):
                 )
             dsa_parts.append(dsa)
             hra_parts.append(hra)
-        dsa = torch.cat(dsa_parts)
-        if self._reorder:
-            dsa = dsa[self._order]  # [K], pairs' order
-        if self.hra_level is None:
-            return MTALossOutput(loss=dsa.mean(), dsa=dsa.detach(), hra=None)
-        hra = torch.cat(hra_parts)
-        if self._reorder:
-            hra = hra[self._order]
-        return MTALossOutput(loss=(dsa + self.gamma * hra).mean(), dsa=dsa.detach(), hra=hra.detach())
+        return dsa_parts, hra_parts
+
+    def _pair_by_pair(self, s_states, t_states, units, student_mask, teacher_mask):
+        """The torch path (CPU): launches cost little there, copies do: each pair on views of its own
+        layers (``[1, B, T, D]``), nothing stacked. Returns the ``[1]`` terms in the order of ``pairs``."""
+        dsa_parts, hra_parts = [], []
+        for k, (ls, lt, g) in enumerate(self.pairs):
+            with _naming(f"pair {k} {self.pairs[k]} ({g!r} units)"):
+                dsa, hra = _stacked_terms(
+                    s_states[ls].unsqueeze(0),
+                    t_states[lt].detach().unsqueeze(0),
+                    units[g],
+                    student_mask,
+                    teacher_mask,
+                    pooling=self.pooling,
+                    weighted=self.weighted,
+                    with_dsa=True,
+                    hra_level=self.hra_level,
+                    projectors=[self.projectors[k]] if self.hra_level is not None else [],
+                )
+            dsa_parts.append(dsa)
+            hra_parts.append(hra)
+        return dsa_parts, hra_parts
 
     @staticmethod
     def _check_states(states: Sequence[torch.Tensor], side: str) -> Sequence[torch.Tensor]:

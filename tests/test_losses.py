@@ -315,9 +315,10 @@ def test_gradients_reach_student_and_projectors_not_teacher():
     assert all(t.grad is None for t in t_states)
 
 
-def test_one_op_call_per_side_and_granularity(monkeypatch):
-    """Stacking: saliency runs once per side for all K pairs; pooling and DSA once per side per
-    granularity, whatever K is."""
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_one_op_call_per_side_and_granularity(monkeypatch, backend):
+    """Triton path: saliency once per side for all K pairs; pooling and DSA once per side per granularity,
+    whatever K is. Torch path: each pair on views of its own layers (nothing stacked), one call each."""
     calls = {"token_saliency": [], "span_pool": [], "_pool_with_mass": [], "structural_loss": []}
     for name in calls:
         real = getattr(losses_mod, name)
@@ -329,13 +330,18 @@ def test_one_op_call_per_side_and_granularity(monkeypatch):
         monkeypatch.setattr(losses_mod, name, counted)
     module = MTALoss.from_preset("opt-6.7b->opt-1.3b", student_dim=DS, teacher_dim=DT, hra="unit")
     inputs = preset_inputs("opt-6.7b->opt-1.3b", False, seed=9)
-    module(*inputs)
-    # 1 word pair + 4 phrase pairs -> two groups; 2 saliency calls over all 5 layers; per group one
-    # pooling per side (student: span_pool, teacher: _pool_with_mass) and one DSA call.
-    assert [s[0] for s in calls["token_saliency"]] == [5, 5]
-    assert len(calls["span_pool"]) == 2 and len(calls["_pool_with_mass"]) == 2
-    assert len(calls["structural_loss"]) == 2
-    assert {s[0] for s in calls["span_pool"]} == {1, 4}  # the stacked layer count
+    with mta_kernels.use_backend(backend):
+        module(*inputs)
+    if backend == "triton":
+        # 1 word pair + 4 phrase pairs -> two groups; 2 saliency calls over all 5 layers; per group one
+        # pooling per side (student: span_pool, teacher: _pool_with_mass) and one DSA call.
+        assert [s[0] for s in calls["token_saliency"]] == [5, 5]
+        assert len(calls["span_pool"]) == 2 and len(calls["_pool_with_mass"]) == 2
+        assert len(calls["structural_loss"]) == 2
+        assert {s[0] for s in calls["span_pool"]} == {1, 4}  # the stacked layer count
+    else:
+        assert [s[0] for s in calls["token_saliency"]] == [1] * 10
+        assert len(calls["span_pool"]) == len(calls["_pool_with_mass"]) == len(calls["structural_loss"]) == 5
 
 
 def test_dsa_and_hra_modules_match_mta_terms():

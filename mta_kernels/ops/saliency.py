@@ -28,7 +28,7 @@ The key loop of pass 1 and the query loop of pass 2 run only over ``[first valid
 sequence, so left/right padding costs no FLOPs; holes inside are masked element-wise.
 
 Torch path (CPU tensors without the interpreter, or ``use_backend("torch")``): the same math in
-chunks of at most 128 query rows × T keys (and a bounded number of sequences per chunk), so it never
+chunks of at most 256 query rows × T keys (and a bounded number of sequences per chunk), so it never
 holds a T×T matrix either; a chunk holds all keys of its rows, so one pass suffices there.
 
 No gradient (SPEC §3): the saliency is a constant weight. ``token_saliency`` returns a tensor that
@@ -53,8 +53,8 @@ SALIENCY_STD_EPS = 1e-5
 _LOG2E = 1.4426950408889634
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # Torch path: at most this many query rows per chunk, and chunks of at most max(_TORCH_CHUNK_ELEMS,
-# 128 * T) scores: below T ≈ 725 a chunk may hold T² scores (a constant 2 MB), above never.
-_TORCH_CHUNK_ROWS = 128
+# 256 * T) scores: below T ≈ 725 a chunk may hold T² scores (a constant 2 MB), above never.
+_TORCH_CHUNK_ROWS = 256
 _TORCH_CHUNK_ELEMS = 1 << 19
 
 
@@ -328,36 +328,47 @@ def _saliency_triton(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tenso
 
 
 def _saliency_torch(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
-    """Torch path, same math in chunks of <= 128 query rows × T keys: ``hidden`` ``[L, B, T, D]``,
-    ``valid`` bool ``[B, T]``; writes ``out`` float32 contiguous ``[L, B, T]``."""
+    """Torch path, same math in chunks of <= 256 query rows × T keys: ``hidden`` ``[L, B, T, D]``,
+    ``valid`` bool ``[B, T]``; writes ``out`` float32 contiguous ``[L, B, T]``.
+
+    The row-normalised copy of the hidden states is made per chunk of sequences, never for all L·B at
+    once; the score scale is applied to the query chunk (c × D) rather than to the scores (c × T)."""
     L, B, T, D = hidden.shape
     G = L * B
-    h = hidden.to(torch.float32).reshape(G, T, D)  # O(L·B·T·D), never O(T²)
-    hn = h / (h.std(dim=-1, keepdim=True) + SALIENCY_STD_EPS)  # [G, T, D], as the reference
-    del h
+    h = hidden.reshape(G, T, D)  # a view for stacked / contiguous layers
     key_valid = valid.expand(L, B, T).reshape(G, T)  # [G, T]
     n = key_valid.sum(dim=-1)  # [G]
     row_votes = key_valid & (n >= 2)[:, None]  # [G, T] query rows that have keys and vote
     row_weight = row_votes.to(torch.float32)[:, None, :]  # [G, 1, T]
     key_invalid = ~key_valid[:, None, :]  # [G, 1, T]
+    # Host data on this path (the CPU, or a test forcing the torch path): the masks are applied only
+    # where they change something. Rows without keys (padding, n < 2) get a dummy finite row: no NaN,
+    # weight 0 below; masking after the GEMM also keeps garbage (NaN) hidden states at padding out.
+    all_vote = bool(row_votes.all())
+    all_keys = all_vote or bool(key_valid.all())
     acc = out.view(G, T)
     acc.zero_()
-    sqrt_d = math.sqrt(D)
+    scale = 1.0 / math.sqrt(D)
     rows = min(T, _TORCH_CHUNK_ROWS)
     seqs = max(1, min(G, _TORCH_CHUNK_ELEMS // (rows * T)))
     for g0 in range(0, G, seqs):
         g1 = min(G, g0 + seqs)
-        hn_k = hn[g0:g1]  # [g, T, D]
+        hk = h[g0:g1].to(torch.float32)
+        hk = hk / (hk.std(dim=-1, keepdim=True) + SALIENCY_STD_EPS)  # [g, T, D], as the reference
+        hk_t = hk.transpose(-1, -2)
         for q0 in range(0, T, rows):
             q1 = min(T, q0 + rows)
-            s = torch.matmul(hn_k[:, q0:q1], hn_k.transpose(-1, -2)).div_(sqrt_d)  # [g, c, T]
-            s.masked_fill_(key_invalid[g0:g1], float("-inf"))
+            s = torch.bmm(hk[:, q0:q1] * scale, hk_t)  # [g, c, T]; the scale on the c × D side
+            if not all_keys:
+                s.masked_fill_(key_invalid[g0:g1], float("-inf"))  # [g, c, T]
             s.diagonal(offset=q0, dim1=1, dim2=2).fill_(float("-inf"))  # i == j
-            # Rows without keys (padding, n < 2) get a dummy finite row: no NaN, weight 0 below. This
-            # also keeps garbage (NaN) hidden states at padding positions out of the result.
-            s.masked_fill_(~row_votes[g0:g1, q0:q1, None], 0.0)
+            if not all_vote:
+                s.masked_fill_(~row_votes[g0:g1, q0:q1, None], 0.0)
             p = torch.softmax(s, dim=-1)  # [g, c, T]
-            acc[g0:g1] += torch.bmm(row_weight[g0:g1, :, q0:q1], p).squeeze(1)  # Σ over voting rows
+            if all_vote:
+                acc[g0:g1] += p.sum(1)
+            else:
+                acc[g0:g1] += torch.bmm(row_weight[g0:g1, :, q0:q1], p).squeeze(1)  # Σ over voting rows
     acc /= n.clamp_min(1)[:, None].to(torch.float32)
     acc.masked_fill_((n == 1)[:, None] & key_valid, 1.0)
     acc.masked_fill_(~key_valid, 0.0)
