@@ -60,6 +60,12 @@ def _covered_mask(ranges: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return delta.cumsum(0)[:num_tokens] > 0
 
 
+def _eager_triton(t: torch.Tensor) -> bool:
+    """The ops run their Triton kernels on ``t`` and the glue is not being traced by torch.compile (the
+    backend choice reads a context variable, which the tracer does not follow)."""
+    return not torch.compiler.is_compiling() and use_triton(t)
+
+
 def _covered(units: UnitBatch, side: str, num_tokens: int) -> torch.Tensor:
     """bool ``[N]`` covered tokens of one side: from the plan's token -> unit map when there is one."""
     plan = _plan(units)
@@ -285,7 +291,7 @@ def _stacked_terms(
         if attention or weighted:
             if teacher_saliency is None:
                 teacher_saliency = token_saliency(teacher, teacher_mask)
-            if plan is not None and use_triton(teacher):  # one launch for the whole normalisation
+            if plan is not None and _eager_triton(teacher):  # one launch for the whole normalisation
                 teacher_w = normalised_weights(teacher_saliency, plan.teacher.token_to_unit)
             else:
                 teacher_w = _normalised_weights(teacher_saliency, _covered(units, "teacher", B * Tt))
@@ -531,7 +537,8 @@ class MTALoss(nn.Module):
         student_mask = _check_mask(student_mask, B, Ts, device, "student_mask")
         teacher_mask = _check_mask(teacher_mask, B, Tt, device, "teacher_mask")
 
-        if use_triton(s_states[self.pairs[0][0]]):
+        # Traced by torch.compile: the stacked glue (static, either backend; the compiler fuses it).
+        if torch.compiler.is_compiling() or use_triton(s_states[self.pairs[0][0]]):
             dsa_parts, hra_parts = self._stacked_groups(s_states, t_states, units, student_mask, teacher_mask)
             reorder = self._reorder
         else:
