@@ -11,7 +11,8 @@ quarters of the valid tokens (words = the tokens of the phrases, as the publishe
 given to the published code as character offsets and to ours as :class:`~mta_kernels.layout.UnitBatch`
 (built outside the timing: the collator builds it in the DataLoader worker; its time is reported apart).
 
-Measured, per implementation: forward + backward wall time (median of ``--reps`` after one warm-up run)
+Measured, per implementation: forward + backward wall time (median of ``--reps`` after one warm-up run,
+the two implementations interleaved so that a shared machine loads both alike)
 and the peak of bytes allocated during forward + backward above what existed before (a dispatch mode
 that counts every storage an op creates, until it is freed; see ``_LiveBytes``). The two losses are not the
 same numbers (the deviations are listed in docs/method.md#deviations-from-the-published-code); both
@@ -216,17 +217,25 @@ def peak_bytes(step) -> int:
     return watch.peak
 
 
-def measure(step, reset, reps: int) -> dict:
-    reset()
-    value = step()  # warm-up
-    times = []
-    for _ in range(reps):
+def measure(impls: dict, reps: int) -> dict:
+    """``{name: (step, reset)}`` -> per name: loss, median seconds, peak bytes. The implementations run
+    interleaved (A B A B ...), so a machine shared with other work loads both alike."""
+    out = {}
+    for name, (step, reset) in impls.items():
         reset()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    reset()
-    return dict(loss=value, seconds=statistics.median(times), all_seconds=times, peak_bytes=peak_bytes(step))
+        out[name] = dict(loss=step(), all_seconds=[])  # warm-up
+    for _ in range(reps):
+        for name, (step, reset) in impls.items():
+            reset()
+            t0 = time.perf_counter()
+            step()
+            out[name]["all_seconds"].append(time.perf_counter() - t0)
+    for name, (step, reset) in impls.items():
+        reset()
+        out[name]["seconds"] = statistics.median(out[name]["all_seconds"])
+        out[name]["peak_bytes"] = peak_bytes(step)
+        reset()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,9 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     for B, T in shapes:
         inputs = make_inputs(B, T)
         row = dict(B=B, T=T, coverage=inputs["coverage"], plan_seconds=inputs["plan_seconds"])
+        row.update(measure({"published": published(module, inputs), "ours": ours(inputs)}, args.reps))
         for name in ("published", "ours"):
-            built = published(module, inputs) if name == "published" else ours(inputs)
-            row[name] = measure(*built, args.reps)
             r = row[name]
             print(
                 f"| {B} | {T} | {inputs['coverage']:.2f} | {inputs['num_units']['word']}/"
