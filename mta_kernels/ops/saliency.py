@@ -41,6 +41,7 @@ raises ``RuntimeError("token_saliency has no gradient (SPEC §3)")``.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -273,17 +274,52 @@ def _colsum_kernel(
 
 
 # ------------------------------------------------------------------------------------- host launchers
+# The masks of one batch go through every saliency call of the loss (both sides, every layer group):
+# the valid mask and its statistics are kept for the last two masks seen. An entry is found by the
+# mask's memory (pointer, shape, strides, dtype, device) and trusted while that storage lives and its
+# version counter has not moved (no in-place change since).
+_MASK_CACHE: list[dict] = []
+
+
+def _valid_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, T]``: any non-zero integer counts as valid, as in the reference."""
+    key = (attention_mask.data_ptr(), tuple(attention_mask.shape), attention_mask.stride())
+    key += (attention_mask.dtype, attention_mask.device)
+    for entry in _MASK_CACHE:
+        if (
+            entry["key"] == key
+            and entry["storage"]() is not None
+            and entry["version"] == attention_mask._version
+        ):
+            return entry["valid"]
+    valid = attention_mask != 0
+    if attention_mask.numel() > 0:
+        storage = weakref.ref(attention_mask.untyped_storage())
+        entry = dict(key=key, storage=storage, version=attention_mask._version, valid=valid, stats=None)
+        _MASK_CACHE.insert(0, entry)
+        del _MASK_CACHE[2:]
+    return valid
+
+
 def _mask_stats(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: valid-token count ``n`` int32 ``[B]`` and span ``[first, last + 1)`` int32 ``[B, 2]``.
 
-    A sequence without valid tokens gets the empty span ``[T, 0)``. Computed on the device: no sync.
+    A sequence without valid tokens gets the empty span ``[T, 0)``. Computed on the device: no sync;
+    kept with the mask (see ``_valid_mask``), so the calls of one batch compute it once.
     """
+    for entry in _MASK_CACHE:
+        if entry["valid"] is valid and entry["stats"] is not None:
+            return entry["stats"]
     B, T = valid.shape
-    idx = torch.arange(T, device=valid.device, dtype=torch.int32)
+    pos = torch.arange(1, T + 1, device=valid.device, dtype=torch.int32)  # position + 1
     n = valid.sum(dim=-1, dtype=torch.int32)
-    first = torch.where(valid, idx, torch.full_like(idx, T)).amin(dim=-1)
-    last = torch.where(valid, idx + 1, torch.zeros_like(idx)).amax(dim=-1)
-    return n, torch.stack([first, last], dim=-1).to(torch.int32).contiguous()
+    last = (valid * pos).amax(dim=-1) if T > 0 else n  # last valid + 1, 0 without valid tokens
+    first = torch.where(valid, pos, T + 1).amin(dim=-1) - 1 if T > 0 else n  # T without valid tokens
+    stats = n, torch.stack([first, last], dim=-1)
+    for entry in _MASK_CACHE:
+        if entry["valid"] is valid:
+            entry["stats"] = stats
+    return stats
 
 
 def _block_sizes(T: int, D: int, fp32_operands: bool) -> tuple[int, int, int]:
@@ -381,7 +417,7 @@ def _token_saliency_op(hidden: torch.Tensor, attention_mask: torch.Tensor) -> to
     if out.numel() == 0:
         return out
     hidden4 = hidden if hidden.dim() == 4 else hidden.unsqueeze(0)  # [L, B, T, D]
-    valid = attention_mask != 0  # [B, T] bool; any non-zero integer counts as valid, as in the reference
+    valid = _valid_mask(attention_mask)  # [B, T] bool
     out4 = out.view(hidden4.shape[:-1])
     if use_triton(hidden):
         _saliency_triton(hidden4, valid, out4)
