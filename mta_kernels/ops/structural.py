@@ -682,6 +682,9 @@ def structural_loss(
             The gradient flows here.
         teacher: ``[U, Dt]`` or ``[L, U, Dt]`` (``Dt`` may differ from ``Ds``); treated as a constant.
         cu_units: int32 ``[B+1]`` CSR offsets: the units of sequence b are rows ``cu_units[b]:cu_units[b+1]``.
+            The ``cu_units`` of a :class:`~mta_kernels.layout.UnitBatch` carry their plan (bounds and work
+            lists computed on the host): then nothing is read back from the device. Other offsets are
+            read and checked inside the op (one device-to-host copy).
         unit_weights: ``None`` (all 1) or ``[U]`` / ``[L, U]`` unit importances (constants).
     Returns:
         float32 (float64 for float64 inputs) scalar, or ``[L]`` for stacked inputs. 0 with a zero gradient
