@@ -165,3 +165,19 @@ def test_opcheck():
             s_req,
         )
         torch.library.opcheck(torch.ops.mta_kernels.fused_hra.default, args)
+
+
+def test_autocast_runs_the_gemms_in_bfloat16_within_rule():
+    """Under autocast the projector GEMMs take bf16 operands (fp32 accumulation): the result stays within
+    the tolerance rule of an eager autocast reference against the float64 oracle."""
+    gen = torch.Generator().manual_seed(10)
+    inputs64 = _inputs(torch.float64, gen, N=40, Ds=24, Dt=40)
+    oracle = _reference_hra(*inputs64)
+    inputs32 = [t.float() if t.is_floating_point() else t for t in inputs64]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = _reference_hra(*inputs32)
+        got = fused_hra(*inputs32)
+    assert got.dtype == torch.float32
+    assert_within_rule(got, eager, oracle, floor=1e-6, what="fused HRA under bf16 autocast")
+    # and the GEMMs really ran in bf16: the float32 result differs from it
+    assert not torch.equal(got, fused_hra(*inputs32))
