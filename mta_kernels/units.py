@@ -317,7 +317,7 @@ def _char_spans_to_token_ranges(
     spans: Sequence[Sequence[Span]],
     packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The extension's char-span -> token-range op (SPEC §2), ``[K, 2]`` local token ranges.
+    """The extension's char-span -> token-range op (docs/method.md#mapping-units-to-tokens): local ranges.
 
     ``packed`` = (codepoints, cu_chars, spans [K, 2], cu_spans) already in the op's tensor form (what
     :func:`mta_kernels.layout.char_spans_to_token_ranges` builds from ``texts`` and ``spans``): given, the
