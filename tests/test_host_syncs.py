@@ -36,9 +36,9 @@ from mta_kernels.layout import UnitBatch
 from mta_kernels.losses import DSALoss, HRALoss, MTALoss
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-needs_triton_path = pytest.mark.skipif(
-    not (torch.cuda.is_available() or INTERPRETING), reason="needs a GPU or TRITON_INTERPRET=1"
-)
+# The counts are taken on the Triton path run by the interpreter on CPU tensors; on a GPU machine the
+# CUDA tests below run the loss under the sync debug mode and in a CUDA graph instead.
+needs_triton_path = pytest.mark.skipif(not INTERPRETING, reason="counts under TRITON_INTERPRET=1")
 
 # aten ops whose result needs device data on the host (size or value known only after the data is read)
 _SYNC_OPS = {
@@ -346,8 +346,8 @@ def test_cuda_loss_runs_under_sync_debug_error(hra):
 def test_loss_compiles_with_fullgraph(backend, hra):
     """No data-dependent Python control flow: the loss traces with ``fullgraph=True`` and matches eager
     (the plan is found through the tensors at run time, inside the ops)."""
-    if backend == "triton" and not (torch.cuda.is_available() or INTERPRETING):
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    if backend == "triton" and not INTERPRETING:
+        pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1")
     s, t, units, mask = gpt2_inputs()
     module = _loss_module(hra)
 
@@ -377,7 +377,7 @@ def test_mask_statistics_are_reused_and_follow_in_place_changes():
         fresh = mta_kernels.token_saliency(h, mask.clone())
     assert torch.equal(second, fresh) and not torch.equal(first, second)
     assert (second[0, 1, 3:] == 0).all()
-    if torch.cuda.is_available() or INTERPRETING:
+    if INTERPRETING:
         with mta_kernels.use_backend("triton"):
             once = count_saliency_launches(h, mask)
             again = count_saliency_launches(h, mask)
