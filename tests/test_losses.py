@@ -329,9 +329,12 @@ def test_one_op_call_per_side_and_granularity(monkeypatch, backend):
 
         monkeypatch.setattr(losses_mod, name, counted)
     module = MTALoss.from_preset("opt-6.7b->opt-1.3b", student_dim=DS, teacher_dim=DT, hra="unit")
-    inputs = preset_inputs("opt-6.7b->opt-1.3b", False, seed=9)
+    s_states, t_states, units, s_mask, t_mask = preset_inputs("opt-6.7b->opt-1.3b", False, seed=9)
+    device = DEVICE if backend == "triton" else "cpu"  # the Triton path: the GPU, or the interpreter
+    s_states, t_states = (tuple(h.to(device) for h in states) for states in (s_states, t_states))
+    units = {g: u.to(device) for g, u in units.items()}
     with mta_kernels.use_backend(backend):
-        module(*inputs)
+        module.to(device)(s_states, t_states, units, s_mask.to(device), t_mask.to(device))
     if backend == "triton":
         # 1 word pair + 4 phrase pairs -> two groups; 2 saliency calls over all 5 layers; per group one
         # pooling per side (student: span_pool, teacher: _pool_with_mass) and one DSA call.
