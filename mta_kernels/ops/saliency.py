@@ -281,8 +281,16 @@ def _colsum_kernel(
 _MASK_CACHE: list[dict] = []
 
 
+def _capturing() -> bool:
+    """A CUDA graph is being captured: every step must be in the graph (a replay runs no Python, and a
+    static mask may be refilled in place between replays), so nothing is taken from the cache."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _valid_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """bool ``[B, T]``: any non-zero integer counts as valid, as in the reference."""
+    if _capturing():
+        return attention_mask != 0
     key = (attention_mask.data_ptr(), tuple(attention_mask.shape), attention_mask.stride())
     key += (attention_mask.dtype, attention_mask.device)
     for entry in _MASK_CACHE:
@@ -308,7 +316,7 @@ def _mask_stats(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     kept with the mask (see ``_valid_mask``), so the calls of one batch compute it once.
     """
     for entry in _MASK_CACHE:
-        if entry["valid"] is valid and entry["stats"] is not None:
+        if entry["valid"] is valid and entry["stats"] is not None and not _capturing():
             return entry["stats"]
     B, T = valid.shape
     pos = torch.arange(1, T + 1, device=valid.device, dtype=torch.int32)  # position + 1
