@@ -5,13 +5,13 @@
 
     L_MTA = (1/K) Σ_k ( L_DSA^k + γ · L_HRA^k )
 
-The pairs of one granularity are stacked into ``[L, B, T, D]`` and go through token saliency, span
-pooling and the structural (DSA) loss in ONE call each per side; the teacher side runs under
-``torch.no_grad()``. Everything between the ops (covered-token masks, per-sequence normalisation, unit
-importances) is vectorised with static shapes: no Python loop over sequences or units and no
-host-device synchronisation of its own, apart from input checks: ``check_units=True`` validates each
-UnitBatch's values (``layout.validate_layout``), and ``hra="token"`` compares the student's and the
-teacher's ranges when they are two different tensors. Design notes: ``docs/design/losses.md``.
+On the Triton path (CUDA, or the interpreter) the pairs are stacked ``[K, B, T, D]`` once per side: token
+saliency runs once per side for all pairs, span pooling, the structural (DSA) loss and the fused HRA
+term once per granularity; on the torch path (CPU) each pair runs on views of its own layers (no
+copies). The teacher side runs under ``torch.no_grad()``. The units' layout plan (``UnitBatch.plan``,
+built and validated on the host where the batch is built) gives the ops everything data-dependent, so
+the forward and the backward read nothing from the device on the host. Design notes:
+``docs/design/losses.md``.
 
 ``DSALoss`` and ``HRALoss`` compute one term for one layer pair (``[B, T, D]`` inputs) or for stacked
 layer pairs (``[L, B, T, D]`` inputs).
@@ -375,9 +375,10 @@ class MTALoss(nn.Module):
             attention weights; False weights everything 1.
         hra: ``"token"`` (shared tokenizer only), ``"unit"`` (any tokenizers) or ``None`` (DSA only).
         gamma: weight γ of the HRA term.
-        check_units: validate the values of every UnitBatch (sorted, non-overlapping, inside its
-            sequence) on each call: one device-to-host copy per ranges tensor on CUDA. Turn it off for
-            units already validated upstream; the ops still check bounds and order.
+        check_units: raise the validation error of a UnitBatch whose layout is invalid (sorted,
+            non-overlapping, inside its sequence; checked on the host when the batch was built, free
+            here). A batch without a live plan is validated here (one device-to-host copy per ranges
+            tensor on CUDA). False lets an invalid batch through to the ops' own bound/order checks.
 
     ``self.projectors`` is an ``nn.ModuleList`` of K ``nn.Linear(student_dim, teacher_dim)`` (bias),
     one per pair, present only when ``hra`` is not None: train them with the student.
