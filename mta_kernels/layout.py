@@ -1,4 +1,4 @@
-"""Packed (varlen) unit layout of SPEC §2 and the face of the ``mta_kernels._C`` extension.
+"""Packed (varlen) unit layout (docs/method.md#packed-layout), its plan, and the face of ``mta_kernels._C``.
 
 Layout: a batch of ``B`` sequences padded to ``seq_len`` tokens is flattened to ``N = B * seq_len``
 tokens. ``ranges`` int32 ``[U, 2]`` holds each unit's ``[start, end)`` flat token range and
@@ -10,7 +10,9 @@ on the CPU only) and give identical results on both. See ``docs/design/layout.md
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import math
+import weakref
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -62,7 +64,12 @@ def token_to_unit(ranges: torch.Tensor, num_tokens: int) -> torch.Tensor:
     Returns:
         int32 ``[N]`` on ``ranges``' device: ``u`` for the tokens of unit ``u``, ``-1`` for uncovered
         tokens. On the CPU an out-of-bounds range is a ValueError; the CUDA kernel clamps to ``[0, N)``.
+        For ``ranges`` of a :class:`LayoutPlan` this is the plan's tensor (computed on the host; do not
+        modify it).
     """
+    side = _planned_side(ranges)
+    if side is not None and side.num_tokens == num_tokens:
+        return side.token_to_unit
     return torch.ops.mta_kernels.token_to_unit(ranges, int(num_tokens))
 
 
@@ -75,8 +82,11 @@ def unit_to_seq(cu_units: torch.Tensor, num_units: int | None = None) -> torch.T
             device-to-host read of ``cu_units[-1]`` on CUDA (on the CPU it is checked).
 
     Returns:
-        int32 ``[U]`` on ``cu_units``' device.
+        int32 ``[U]`` on ``cu_units``' device (the plan's tensor for the ``cu_units`` of a plan).
     """
+    plan = _planned_batch(cu_units)
+    if plan is not None and (num_units is None or num_units == plan.num_units):
+        return plan.unit_to_seq
     return torch.ops.mta_kernels.unit_to_seq(cu_units, None if num_units is None else int(num_units))
 
 
@@ -111,15 +121,19 @@ def block_diagonal_work_list(cu_units: torch.Tensor, block_m: int) -> torch.Tens
     Returns:
         int32 ``[W, 4]`` on ``cu_units``' device, rows ``(row_start, row_end, col_start, col_end)`` in
         global unit indices; ``[col_start, col_end)`` is the units of the block's sequences. Computed
-        on the host (CUDA: ``cu_units`` is copied to the host and the result back).
+        on the host (CUDA: ``cu_units`` is copied to the host and the result back), except for the
+        ``cu_units`` of a :class:`LayoutPlan`, which carries the lists of :data:`WORK_LIST_BLOCKS`.
     """
+    plan = _planned_batch(cu_units)
+    if plan is not None and block_m in plan.work_lists:
+        return plan.work_lists[block_m]
     return torch.ops.mta_kernels.block_diagonal_work_list(cu_units, int(block_m))
 
 
 def char_spans_to_token_ranges(
     texts: list[str], offsets: torch.Tensor, spans: list[list[tuple[int, int]]] | list[np.ndarray]
 ) -> torch.Tensor:
-    """Token range of every character span (SPEC §2 "Mapping units to tokens"), on the CPU.
+    """Token range of every character span (docs/method.md#mapping-units-to-tokens), on the CPU.
 
     A token covering characters ``[ts, te)`` has ``ts`` moved past whitespace (Python's
     ``str.isspace``); if then ``ts >= te`` it belongs to no unit, else to the span containing ``ts``.
@@ -201,18 +215,256 @@ def _(codepoints, cu_chars, offsets, spans, cu_spans):
     return spans.new_empty((spans.shape[0], 2), dtype=torch.int64)
 
 
-@dataclass
+# ------------------------------------------------------------------------------------ the layout plan
+WORK_LIST_BLOCKS: tuple[int, ...] = (16, 32, 64, 128)
+"""Row-block sizes whose DSA work lists a plan prepares (other sizes are computed on demand)."""
+
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True, eq=False)
+class SidePlan:
+    """The facts about one tokenization of a batch's units, computed on the host (see :class:`LayoutPlan`).
+
+    Attributes:
+        ranges: int32 ``[U, 2]`` flat ``[start, end)`` token ranges (validated).
+        token_to_unit: int32 ``[N]``, unit of every flat token, ``-1`` for tokens in no unit.
+        covered_tokens: int32 ``[C]``, the flat indices of the covered tokens, ascending.
+        seq_len: ``T``; num_tokens: ``N = B * T``.
+        max_span: the longest unit in tokens (0 without units); num_covered: ``C``.
+    """
+
+    ranges: torch.Tensor
+    token_to_unit: torch.Tensor
+    covered_tokens: torch.Tensor
+    seq_len: int
+    num_tokens: int
+    max_span: int
+    num_covered: int
+
+
+@dataclass(frozen=True, eq=False)
+class LayoutPlan:
+    """Everything the ops need to know about a batch's units, computed once on the host.
+
+    Built by :func:`plan_layout` where the batch is built (the collator, in the DataLoader worker),
+    validated there once, and moved to the device with one copy: all its tensors are views of a single
+    int32 buffer. The ops find the plan through the tensors they are given (``ranges``, ``cu_units``),
+    so with a plan nothing in the forward or the backward reads device data on the host.
+
+    Attributes:
+        student, teacher: :class:`SidePlan` of each tokenization; the same object when both share one
+            tokenization (then ``student.ranges is teacher.ranges``).
+        cu_units: int32 ``[B+1]``; unit_to_seq: int32 ``[U]``.
+        work_lists: ``{block_m: int32 [W, 4]}`` DSA work lists (:func:`block_diagonal_work_list`) for
+            ``block_m`` in :data:`WORK_LIST_BLOCKS`.
+        bounds: ``cu_units`` on the host (a tuple of B+1 ints); host_cu_units: the same as a CPU tensor.
+        same_tokenization: the student's and the teacher's units are the same token ranges with the same T.
+    """
+
+    student: SidePlan
+    teacher: SidePlan
+    cu_units: torch.Tensor
+    unit_to_seq: torch.Tensor
+    work_lists: dict[int, torch.Tensor]
+    bounds: tuple[int, ...]
+    host_cu_units: torch.Tensor
+    same_tokenization: bool
+    buffer: torch.Tensor  # int32 [S]: every tensor above except host_cu_units is a view of it
+    slots: tuple[tuple[str, int, tuple[int, ...]], ...]  # (name, offset, shape) of each view
+
+    @property
+    def num_units(self) -> int:
+        return len(self.bounds) and self.bounds[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> LayoutPlan:
+        """The plan on ``device``: one copy of the buffer, the views rebuilt on it (sharing kept)."""
+        device = torch.device(device)
+        if device == self.buffer.device:
+            return self
+        return _plan_from_buffer(self, self.buffer.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> LayoutPlan:
+        """The plan in pinned host memory (a later ``to(device, non_blocking=True)`` overlaps)."""
+        if self.buffer.device.type != "cpu" or self.buffer.is_pinned():
+            return self
+        return _plan_from_buffer(self, self.buffer.pin_memory())
+
+
+def _plan_from_buffer(plan: LayoutPlan, buffer: torch.Tensor) -> LayoutPlan:
+    views = {name: buffer[off : off + math.prod(shape)].view(shape) for name, off, shape in plan.slots}
+
+    def side(p: SidePlan, key: str) -> SidePlan:
+        return SidePlan(
+            views[f"{key}.ranges"],
+            views[f"{key}.token_to_unit"],
+            views[f"{key}.covered_tokens"],
+            p.seq_len,
+            p.num_tokens,
+            p.max_span,
+            p.num_covered,
+        )
+
+    student = side(plan.student, "student")
+    teacher = student if plan.teacher is plan.student else side(plan.teacher, "teacher")
+    return LayoutPlan(
+        student=student,
+        teacher=teacher,
+        cu_units=views["cu_units"],
+        unit_to_seq=views["unit_to_seq"],
+        work_lists={bm: views[f"work{bm}"] for bm in plan.work_lists},
+        bounds=plan.bounds,
+        host_cu_units=plan.host_cu_units,
+        same_tokenization=plan.same_tokenization,
+        buffer=buffer,
+        slots=plan.slots,
+    )
+
+
+class LayoutSideError(ValueError):
+    """Raised by :func:`plan_layout`: ``side`` (``"student"``/``"teacher"``) and the original error."""
+
+    def __init__(self, side: str, error: Exception) -> None:
+        super().__init__(f"{side} units: {error}")
+        self.side, self.error = side, error
+
+
+def plan_layout(
+    student_ranges: torch.Tensor,
+    teacher_ranges: torch.Tensor,
+    cu_units: torch.Tensor,
+    seq_len_student: int,
+    seq_len_teacher: int,
+) -> LayoutPlan:
+    """Validate a batch's packed units and compute its :class:`LayoutPlan`, on the host.
+
+    Args:
+        student_ranges, teacher_ranges: int32 ``[U, 2]`` flat token ranges into ``B * seq_len_*``.
+        cu_units: int32 ``[B+1]``.
+        seq_len_student, seq_len_teacher: the padded lengths ``T``.
+
+    Returns:
+        The plan, on the CPU (device tensors are copied to the host first: one sync, here, not in the
+        loss). Its ranges are the given values; a teacher side equal to the student side (same values,
+        same T) is shared.
+
+    Raises:
+        LayoutSideError: a side fails :func:`validate_layout` (``.error`` is the original TypeError or
+            ValueError, whose message names the offending unit).
+    """
+    sr, tr, cu = (t.detach().to("cpu") for t in (student_ranges, teacher_ranges, cu_units))
+    sides = [("student", sr, int(seq_len_student)), ("teacher", tr, int(seq_len_teacher))]
+    for side, ranges, T in sides:
+        try:
+            if not isinstance(ranges, torch.Tensor) or not isinstance(cu, torch.Tensor):
+                raise TypeError("ranges and cu_units must be tensors")
+            validate_layout(ranges, cu, (cu.shape[0] - 1) * T if cu.dim() == 1 else -1, T)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise LayoutSideError(side, exc) from exc
+    shared = tr is sr or (seq_len_student == seq_len_teacher and torch.equal(sr, tr))
+    B = cu.shape[0] - 1
+    bounds = tuple(cu.tolist())
+    U = bounds[-1]
+    parts: list[tuple[str, torch.Tensor]] = []
+
+    def side_plan(key: str, ranges: torch.Tensor, T: int) -> SidePlan:
+        N = B * T
+        t2u = token_to_unit(ranges, N)
+        covered = torch.nonzero(t2u >= 0).reshape(-1).to(torch.int32)
+        lengths = (ranges[:, 1] - ranges[:, 0]).long()
+        parts.extend(
+            [(f"{key}.ranges", ranges), (f"{key}.token_to_unit", t2u), (f"{key}.covered_tokens", covered)]
+        )
+        return SidePlan(ranges, t2u, covered, T, N, int(lengths.max()) if U else 0, int(covered.shape[0]))
+
+    student = side_plan("student", sr.contiguous(), int(seq_len_student))
+    teacher = student if shared else side_plan("teacher", tr.contiguous(), int(seq_len_teacher))
+    parts.append(("cu_units", cu))
+    parts.append(("unit_to_seq", unit_to_seq(cu, U)))
+    for bm in WORK_LIST_BLOCKS:
+        parts.append((f"work{bm}", block_diagonal_work_list(cu, bm)))
+    slots, offset = [], 0
+    for name, t in parts:
+        slots.append((name, offset, tuple(t.shape)))
+        offset += t.numel()
+    buffer = torch.cat([t.reshape(-1).to(torch.int32) for _, t in parts]) if parts else cu.new_empty(0)
+    proto = LayoutPlan(
+        student=student,
+        teacher=teacher,
+        cu_units=cu,
+        unit_to_seq=cu,
+        work_lists=dict.fromkeys(WORK_LIST_BLOCKS),  # type: ignore[arg-type]
+        bounds=bounds,
+        host_cu_units=cu.clone(),
+        same_tokenization=shared,
+        buffer=buffer,
+        slots=tuple(slots),
+    )
+    return _plan_from_buffer(proto, buffer)
+
+
+# The ops find a plan through the tensors they are given (the same memory, whatever Python object or
+# alias carries it: torch.compile hands the ops aliases of their inputs). A registry maps a tensor's
+# (data pointer, shape, device) to the plan, with the tensor's version counter at planning time (shared
+# by its aliases): a tensor modified in place afterwards is no longer trusted and the ops fall back to
+# their own checks. The plan holds its buffer, so no other tensor can take that memory while the plan
+# lives; an entry goes when its plan is collected.
+_REGISTRY: dict[tuple, tuple[weakref.ref, int]] = {}
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+
+
+def _register(t: torch.Tensor, target: SidePlan | LayoutPlan, plan: LayoutPlan) -> None:
+    if t.numel() == 0:  # empty tensors may share a pointer with anything; there is nothing to plan
+        return
+    key = _key(t)
+    _REGISTRY[key] = (weakref.ref(target), t._version)
+    weakref.finalize(plan, _REGISTRY.pop, key, None)
+
+
+def _attach(plan: LayoutPlan) -> None:
+    for side in (plan.student, plan.teacher):
+        _register(side.ranges, side, plan)
+    _register(plan.cu_units, plan, plan)
+
+
+def planned(t: torch.Tensor) -> SidePlan | LayoutPlan | None:
+    """The plan of ``t`` (a plan's ``ranges`` -> :class:`SidePlan`, its ``cu_units`` -> :class:`LayoutPlan`),
+    or None when ``t`` is not a plan's tensor or was modified in place since planning."""
+    if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
+        return None
+    entry = _REGISTRY.get(_key(t))
+    if entry is None or entry[1] != t._version:
+        return None
+    return entry[0]()
+
+
+@dataclass(eq=False)
 class UnitBatch:
-    """Units of one granularity for a batch, packed (SPEC §2 "Packed layout").
+    """Units of one granularity for a batch, packed (docs/method.md#packed-layout), with its plan.
 
     Attributes:
         student_ranges: int32 ``[U, 2]``, ``[start, end)`` flat token indices into the student's
             padded batch ``B * seq_len_student``.
         teacher_ranges: int32 ``[U, 2]``, the same units in the teacher's tokenization (the same
-            tensor as ``student_ranges`` when both share one tokenizer).
+            tensor as ``student_ranges`` when both share one tokenization).
         cu_units: int32 ``[B+1]``, units of sequence b are rows ``cu_units[b]:cu_units[b+1]``.
         seq_len_student: T of the student's padded batch.
         seq_len_teacher: T of the teacher's padded batch.
+        plan: the :class:`LayoutPlan`, computed by the constructor on the host (pass tensors on the CPU:
+            device tensors cost one device-to-host copy here), or ``None`` when the layout is invalid;
+            then ``plan_error`` holds the :class:`LayoutSideError` and the losses raise it (with
+            ``check_units=True``) or let the ops run their own checks.
+
+    With a valid plan the fields are views of the plan's buffer: ``to()`` moves the batch with one
+    copy and keeps a shared ``teacher_ranges`` shared; ``pin_memory()`` pins it (DataLoader
+    ``pin_memory=True`` calls it).
     """
 
     student_ranges: torch.Tensor
@@ -220,6 +472,34 @@ class UnitBatch:
     cu_units: torch.Tensor
     seq_len_student: int
     seq_len_teacher: int
+    plan: LayoutPlan | None = field(default=None, repr=False)
+    plan_error: LayoutSideError | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.plan is None and self.plan_error is None:
+            try:
+                plan = plan_layout(
+                    self.student_ranges,
+                    self.teacher_ranges,
+                    self.cu_units,
+                    self.seq_len_student,
+                    self.seq_len_teacher,
+                )
+            except LayoutSideError as exc:
+                self.plan_error = exc
+                return
+            device = getattr(self.student_ranges, "device", plan.device)
+            self.plan = plan.to(device)
+        if self.plan is not None:
+            self.student_ranges = self.plan.student.ranges
+            self.teacher_ranges = self.plan.teacher.ranges
+            self.cu_units = self.plan.cu_units
+            _attach(self.plan)
+
+    def __setstate__(self, state: dict) -> None:  # unpickled in the main process: re-attach the plan
+        self.__dict__.update(state)
+        if self.plan is not None:
+            _attach(self.plan)
 
     @property
     def num_units(self) -> int:
@@ -229,13 +509,73 @@ class UnitBatch:
     def batch_size(self) -> int:
         return int(self.cu_units.shape[0]) - 1
 
+    def live_plan(self) -> LayoutPlan | None:
+        """The plan, if the batch's tensors are still the plan's and unmodified; else None."""
+        plan = self.plan
+        if plan is None:
+            return None
+        if (
+            self.student_ranges is not plan.student.ranges
+            or self.teacher_ranges is not plan.teacher.ranges
+            or self.cu_units is not plan.cu_units
+        ):
+            return None
+        if torch.compiler.is_compiling():
+            return plan
+        if planned(plan.student.ranges) is None or planned(plan.teacher.ranges) is None:
+            return None
+        return plan if planned(plan.cu_units) is not None else None
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> UnitBatch:
-        """A copy with every tensor on ``device``."""
+        """A copy with every tensor on ``device`` (one copy of the plan's buffer; sharing kept)."""
+        plan = self.live_plan()
+        if plan is not None:
+            moved = plan.to(device, non_blocking=non_blocking)
+            return UnitBatch(
+                moved.student.ranges,
+                moved.teacher.ranges,
+                moved.cu_units,
+                self.seq_len_student,
+                self.seq_len_teacher,
+                plan=moved,
+            )
         move = lambda t: t.to(device, non_blocking=non_blocking)
+        student = move(self.student_ranges)
+        teacher = student if self.teacher_ranges is self.student_ranges else move(self.teacher_ranges)
         return UnitBatch(
-            move(self.student_ranges),
-            move(self.teacher_ranges),
+            student,
+            teacher,
             move(self.cu_units),
             self.seq_len_student,
             self.seq_len_teacher,
+            plan_error=self.plan_error,
         )
+
+    def pin_memory(self) -> UnitBatch:
+        """The batch in pinned host memory (called by a DataLoader with ``pin_memory=True``)."""
+        plan = self.live_plan()
+        if plan is None or not torch.cuda.is_available():
+            return self
+        pinned = plan.pin_memory()
+        return UnitBatch(
+            pinned.student.ranges,
+            pinned.teacher.ranges,
+            pinned.cu_units,
+            self.seq_len_student,
+            self.seq_len_teacher,
+            plan=pinned,
+        )
+
+
+def _planned_side(ranges: torch.Tensor) -> SidePlan | None:
+    if torch.compiler.is_compiling():
+        return None
+    p = planned(ranges)
+    return p if isinstance(p, SidePlan) else None
+
+
+def _planned_batch(cu_units: torch.Tensor) -> LayoutPlan | None:
+    if torch.compiler.is_compiling():
+        return None
+    p = planned(cu_units)
+    return p if isinstance(p, LayoutPlan) else None

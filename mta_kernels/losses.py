@@ -1,17 +1,17 @@
-"""MTA loss modules (SPEC §4–§7): layer pairs, granularity split, pooling, unit weighting, HRA projectors.
+"""MTA loss modules (docs/method.md#the-objective): layer pairs, granularity split, pooling, weighting, HRA.
 
 ``MTALoss`` turns the ``hidden_states`` tuples of a student and a teacher (Hugging Face,
 ``output_hidden_states=True``) and the packed units of each granularity into
 
     L_MTA = (1/K) Σ_k ( L_DSA^k + γ · L_HRA^k )
 
-The pairs of one granularity are stacked into ``[L, B, T, D]`` and go through token saliency, span
-pooling and the structural (DSA) loss in ONE call each per side; the teacher side runs under
-``torch.no_grad()``. Everything between the ops (covered-token masks, per-sequence normalisation, unit
-importances) is vectorised with static shapes: no Python loop over sequences or units and no
-host-device synchronisation of its own, apart from input checks: ``check_units=True`` validates each
-UnitBatch's values (``layout.validate_layout``), and ``hra="token"`` compares the student's and the
-teacher's ranges when they are two different tensors. Design notes: ``docs/design/losses.md``.
+On the Triton path (CUDA, or the interpreter) the pairs are stacked ``[K, B, T, D]`` once per side: token
+saliency runs once per side for all pairs, span pooling, the structural (DSA) loss and the fused HRA
+term once per granularity; on the torch path (CPU) each pair runs on views of its own layers (no
+copies). The teacher side runs under ``torch.no_grad()``. The units' layout plan (``UnitBatch.plan``,
+built and validated on the host where the batch is built) gives the ops everything data-dependent, so
+the forward and the backward read nothing from the device on the host. Design notes:
+``docs/design/losses.md``.
 
 ``DSALoss`` and ``HRALoss`` compute one term for one layer pair (``[B, T, D]`` inputs) or for stacked
 layer pairs (``[L, B, T, D]`` inputs).
@@ -29,11 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mta_kernels import layout
-from mta_kernels._dtypes import accumulation_dtype
-from mta_kernels.constants import COSINE_EPS, GRANULARITIES, HRA_LEVELS, POOLINGS
+from mta_kernels._dispatch import use_triton
+from mta_kernels.constants import GRANULARITIES, HRA_LEVELS, POOLINGS
 from mta_kernels.layout import UnitBatch
+from mta_kernels.ops.glue import normalised_weights
+from mta_kernels.ops.hra import fused_hra
 from mta_kernels.ops.saliency import token_saliency
-from mta_kernels.ops.span_pool import span_pool
+from mta_kernels.ops.span_pool import _span_pool as span_pool  # saliency weights: >= 0 by construction
 from mta_kernels.ops.structural import structural_loss
 from mta_kernels.presets import PRESETS, MTAPreset, auto_pairs
 
@@ -58,8 +60,24 @@ def _covered_mask(ranges: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return delta.cumsum(0)[:num_tokens] > 0
 
 
+def _eager_triton(t: torch.Tensor) -> bool:
+    """The ops run their Triton kernels on ``t`` and the glue is not being traced by torch.compile (the
+    backend choice reads a context variable, which the tracer does not follow)."""
+    return not torch.compiler.is_compiling() and use_triton(t)
+
+
+def _covered(units: UnitBatch, side: str, num_tokens: int) -> torch.Tensor:
+    """bool ``[N]`` covered tokens of one side: from the plan's token -> unit map when there is one."""
+    plan = _plan(units)
+    if plan is not None:
+        return getattr(plan, side).token_to_unit >= 0
+    return _covered_mask(getattr(units, f"{side}_ranges"), num_tokens)
+
+
 def _normalised_weights(saliency: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
-    """``ŵ_i = a_i / Σ_{k covered, same sequence} a_k`` on covered tokens, 0 elsewhere (SPEC §4).
+    """``ŵ_i = a_i / Σ_{k covered, same sequence} a_k`` on covered tokens, 0 elsewhere.
+
+    (docs/method.md#span-pooling)
 
     saliency ``[L, B, T]``, covered bool ``[B*T]`` -> ``[L, B, T]`` (a sequence whose covered
     saliency sums to 0 gets weights 0, never 0/0). The layout is padded, so the per-sequence segment
@@ -68,7 +86,8 @@ def _normalised_weights(saliency: torch.Tensor, covered: torch.Tensor) -> torch.
     L, B, T = saliency.shape
     a = saliency * covered.view(1, B, T)
     per_seq = a.sum(-1, keepdim=True)  # [L, B, 1]
-    return a / torch.where(per_seq > 0, per_seq, torch.ones_like(per_seq))
+    # per_seq = 0 only when every a_i of the sequence is 0: 0 / tiny = 0, never 0 / 0
+    return a / per_seq.clamp_min(torch.finfo(per_seq.dtype).tiny)
 
 
 def _unit_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
@@ -86,27 +105,13 @@ def _unit_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch.Tenso
     return sums.to(token_weights.dtype)
 
 
-def _weighted_cosine_distance(
-    projected: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor | None
-) -> torch.Tensor:
-    """``Σ_i w_i (1 − cos(x_i, y_i)) / Σ_i w_i`` over the rows of ``[M, D]`` (0 when Σ w = 0)."""
-    acc = accumulation_dtype(projected, teacher)
-    cos = F.cosine_similarity(projected.to(acc), teacher.to(acc), dim=-1, eps=COSINE_EPS)  # [M]
-    w = torch.ones_like(cos) if weights is None else weights.to(acc)
-    # where, not a product: a row of weight 0 (padding, uncovered token) never leaks a non-finite value.
-    term = torch.where(w > 0, w * (1.0 - cos), torch.zeros_like(cos))
-    den = w.sum()
-    return term.sum() / torch.where(den > 0, den, torch.ones_like(den))
-
-
-def _project(projector: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Apply ``projector`` to student rows of any float dtype (cast to the projector's dtype)."""
-    if torch.is_autocast_enabled(x.device.type):  # autocast picks the matmul dtype itself
-        return projector(x)
-    return projector(x.to(projector.weight.dtype))
-
-
 # ------------------------------------------------------------------------------- input validation
+def _plan(units: UnitBatch) -> layout.LayoutPlan | None:
+    """The batch's live layout plan (None for a duck-typed batch, an invalid or a modified one)."""
+    live = getattr(units, "live_plan", None)
+    return None if live is None else live()
+
+
 def _check_float(t: torch.Tensor, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
@@ -165,7 +170,13 @@ def _check_units(
     for name, t in (("student_ranges", sr), ("teacher_ranges", tr), ("cu_units", cu)):
         if t.device != device:
             raise ValueError(f"{what}: units.{name} is on {t.device} but the hidden states are on {device}")
-    if check_values:
+    if not check_values:
+        return
+    error = getattr(units, "plan_error", None)
+    if error is not None:  # found when the batch was planned, on the host
+        raise type(error.error)(f"{what}: {error}") from error.error
+    live = getattr(units, "live_plan", None)
+    if live is None or live() is None:  # not a planned UnitBatch (or modified since): check here
         sides = [("student", sr, Ts)] + ([] if tr is sr and Tt == Ts else [("teacher", tr, Tt)])
         for side, ranges, T in sides:
             try:
@@ -177,7 +188,11 @@ def _check_units(
 def _check_same_tokenization(units: UnitBatch, what: str) -> None:
     """Token-level HRA compares token i of the student with token i of the teacher."""
     sr, tr = units.student_ranges, units.teacher_ranges
-    same = units.seq_len_student == units.seq_len_teacher and (sr is tr or torch.equal(sr, tr))
+    plan = _plan(units)
+    if plan is not None:  # compared on the host when the batch was planned
+        same = plan.same_tokenization
+    else:
+        same = units.seq_len_student == units.seq_len_teacher and (sr is tr or torch.equal(sr, tr))
     if not same:
         raise ValueError(
             f"{what}: hra level 'token' needs the student and the teacher to share one tokenizer, but their "
@@ -245,6 +260,8 @@ def _stacked_terms(
     with_dsa: bool,
     hra_level: str | None,
     projectors: Sequence[nn.Linear],
+    student_saliency: torch.Tensor | None = None,
+    teacher_saliency: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """DSA and HRA of L stacked layer pairs of one granularity (inputs already validated).
 
@@ -252,6 +269,8 @@ def _stacked_terms(
         student: ``[L, B, Ts, Ds]`` (gradient flows here); teacher: ``[L, B, Tt, Dt]`` (constant).
         units: the granularity's UnitBatch; masks ``[B, Ts]`` / ``[B, Tt]``.
         projectors: L Linear(Ds → Dt), used when ``hra_level`` is not None.
+        student_saliency, teacher_saliency: ``[L, B, T]`` token saliencies when the caller computed them
+            (for all its layers at once), else computed here when needed.
     Returns:
         ``(dsa [L] or None, hra [L] or None)``, float32 (float64 for float64 inputs).
     """
@@ -260,6 +279,7 @@ def _stacked_terms(
     need_units = with_dsa or hra_level == "unit"  # token-level HRA alone pools nothing
     attention = pooling == "attention" and need_units
     student_flat = student.reshape(L, B * Ts, Ds)  # a view for stacked / contiguous layers
+    plan = _plan(units)
 
     teacher_units = student_units = unit_w = None
     with torch.no_grad():
@@ -269,16 +289,25 @@ def _stacked_terms(
         # drives the teacher's pooling, the unit importance W and the token-level HRA weights.
         teacher_w = None  # [L, B, Tt]
         if attention or weighted:
-            covered_t = _covered_mask(units.teacher_ranges, B * Tt)
-            teacher_w = _normalised_weights(token_saliency(teacher, teacher_mask), covered_t)
+            if teacher_saliency is None:
+                teacher_saliency = token_saliency(teacher, teacher_mask)
+            if plan is not None and _eager_triton(teacher):  # one launch for the whole normalisation
+                teacher_w = normalised_weights(teacher_saliency, plan.teacher.token_to_unit)
+            else:
+                teacher_w = _normalised_weights(teacher_saliency, _covered(units, "teacher", B * Tt))
         if need_units:
-            teacher_units = span_pool(
-                teacher_flat, units.teacher_ranges, teacher_w.reshape(L, B * Tt) if attention else None
-            )  # [L, U, Dt]
-            unit_w = _unit_sums(teacher_w, units.teacher_ranges) if weighted else None  # [L, U]
+            pool_w = teacher_w.reshape(L, B * Tt) if attention else None
+            teacher_units, den = _pool_with_mass(teacher_flat, units.teacher_ranges, pool_w)  # [L, U, Dt]
+            if weighted:
+                # W_u = Σ_{i in u} ŵ_i: the pooling's own weight sums when it pooled with ŵ
+                unit_w = den.to(teacher_w.dtype) if attention else _unit_sums(teacher_w, units.teacher_ranges)
         # The student's pooling needs a_i only up to a per-sequence factor, which cancels in h_u: the raw
         # saliency (a view) pools exactly like its normalised version and saves the normalisation.
-        student_w = token_saliency(student.detach(), student_mask).reshape(L, B * Ts) if attention else None
+        student_w = None
+        if attention:
+            if student_saliency is None:
+                student_saliency = token_saliency(student.detach(), student_mask)
+            student_w = student_saliency.reshape(L, B * Ts)
 
     if need_units:
         student_units = span_pool(student_flat, units.student_ranges, student_w)  # [L, U, Ds]
@@ -286,33 +315,35 @@ def _stacked_terms(
     dsa = structural_loss(student_units, teacher_units, units.cu_units, unit_w) if with_dsa else None
 
     hra = None
-    if hra_level == "unit":
-        hra = torch.stack(
-            [
-                _weighted_cosine_distance(
-                    _project(projectors[l], student_units[l]),
-                    teacher_units[l],
-                    None if unit_w is None else unit_w[l],
-                )
-                for l in range(L)
-            ]
-        )
-    elif hra_level == "token":
-        if weighted:
-            token_w = teacher_w.reshape(L, B * Ts)
-        else:  # unweighted: every covered token counts 1
-            token_w = _covered_mask(units.student_ranges, B * Ts).to(torch.float32).expand(L, -1)
-        # All B*T tokens go through the projector with weight 0 off the covered set: static shapes and
-        # no host sync, at the price of projecting the uncovered tokens too (see docs/design/losses.md).
-        hra = torch.stack(
-            [
-                _weighted_cosine_distance(
-                    _project(projectors[l], student_flat[l]), teacher_flat[l], token_w[l]
-                )
-                for l in range(L)
-            ]
-        )
+    if hra_level is not None:
+        if len(projectors) == 1:  # views
+            weight, bias = projectors[0].weight.unsqueeze(0), projectors[0].bias.unsqueeze(0)
+        else:
+            weight = torch.stack([p.weight for p in projectors])  # [L, Dt, Ds]
+            bias = torch.stack([p.bias for p in projectors])  # [L, Dt]
+        if hra_level == "unit":
+            hra = fused_hra(student_units, teacher_units, unit_w, None, weight, bias)
+        else:
+            # Only the covered tokens go through the projector (the plan's host-side list: static
+            # shapes, no sync); without a plan, all B*T tokens with weight 0 off the covered set.
+            rows = None if plan is None else plan.student.covered_tokens
+            if weighted:
+                token_w = teacher_w.reshape(L, B * Ts)
+            elif rows is None:  # unweighted: every covered token counts 1
+                token_w = _covered(units, "student", B * Ts).to(student.dtype).expand(L, -1)
+            else:
+                token_w = None
+            hra = fused_hra(student_flat, teacher_flat, token_w, rows, weight, bias)
     return dsa, hra
+
+
+def _pool_with_mass(
+    hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Span pooling that also returns each unit's weight sum ``[L, U]`` (a constant), from the op's
+    ``1 / Σ w`` (0 for a unit of weight 0: 1/0 = inf becomes 0)."""
+    out, inv_den = torch.ops.mta_kernels.span_pool(hidden, ranges, weights)
+    return out, inv_den.reciprocal().nan_to_num(posinf=0.0)
 
 
 # ----------------------------------------------------------------------------------------- modules
@@ -333,7 +364,7 @@ class MTALossOutput:
 
 
 class MTALoss(nn.Module):
-    """The MTA objective over K mapped layer pairs (SPEC §4–§7).
+    """The MTA objective over K mapped layer pairs (docs/method.md#the-objective).
 
     Args:
         pairs: ``[(student_layer, teacher_layer, granularity), ...]``: Hugging Face ``hidden_states``
@@ -344,9 +375,10 @@ class MTALoss(nn.Module):
             attention weights; False weights everything 1.
         hra: ``"token"`` (shared tokenizer only), ``"unit"`` (any tokenizers) or ``None`` (DSA only).
         gamma: weight γ of the HRA term.
-        check_units: validate the values of every UnitBatch (sorted, non-overlapping, inside its
-            sequence) on each call: one device-to-host copy per ranges tensor on CUDA. Turn it off for
-            units already validated upstream; the ops still check bounds and order.
+        check_units: raise the validation error of a UnitBatch whose layout is invalid (sorted,
+            non-overlapping, inside its sequence; checked on the host when the batch was built, free
+            here). A batch without a live plan is validated here (one device-to-host copy per ranges
+            tensor on CUDA). False lets an invalid batch through to the ops' own bound/order checks.
 
     ``self.projectors`` is an ``nn.ModuleList`` of K ``nn.Linear(student_dim, teacher_dim)`` (bias),
     one per pair, present only when ``hra`` is not None: train them with the student.
@@ -405,7 +437,7 @@ class MTALoss(nn.Module):
     # -------------------------------------------------------------------------------- constructors
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MTALoss:
-        """The published settings of SPEC §7 (``PRESETS``); any constructor argument may be overridden.
+        """The published settings (docs/method.md#layer-presets, ``PRESETS``); any argument may be overridden.
 
         Known names: ``"gpt2-xl->gpt2"``, ``"opt-6.7b->opt-1.3b"``, ``"qwen1.5-1.8b->qwen1.5-0.5b"``,
         ``"qwen1.5-1.8b->gpt2"``, ``"mistral-7b->tinyllama"`` (teacher -> student). Dims come from the
@@ -506,16 +538,44 @@ class MTALoss(nn.Module):
         student_mask = _check_mask(student_mask, B, Ts, device, "student_mask")
         teacher_mask = _check_mask(teacher_mask, B, Tt, device, "teacher_mask")
 
+        # Traced by torch.compile: the stacked glue (static, either backend; the compiler fuses it).
+        if torch.compiler.is_compiling() or use_triton(s_states[self.pairs[0][0]]):
+            dsa_parts, hra_parts = self._stacked_groups(s_states, t_states, units, student_mask, teacher_mask)
+            reorder = self._reorder
+        else:
+            dsa_parts, hra_parts = self._pair_by_pair(s_states, t_states, units, student_mask, teacher_mask)
+            reorder = False
+        dsa = torch.cat(dsa_parts)
+        if reorder:
+            dsa = dsa[self._order]  # [K], pairs' order
+        if self.hra_level is None:
+            return MTALossOutput(loss=dsa.mean(), dsa=dsa.detach(), hra=None)
+        hra = torch.cat(hra_parts)
+        if reorder:
+            hra = hra[self._order]
+        return MTALossOutput(loss=(dsa + self.gamma * hra).mean(), dsa=dsa.detach(), hra=hra.detach())
+
+    def _stacked_groups(self, s_states, t_states, units, student_mask, teacher_mask):
+        """The Triton path: few launches. Every pair's layers stacked once per side, in group order
+        ([K, B, T, D], one copy each); each group is a slice (a view). The saliency does not depend on
+        the units: one call per side for all K layers. Returns the per-group ``[L_g]`` terms."""
+        flat = [k for _, ks in self._groups for k in ks]
+        student_all = _stack_layers([s_states[self.pairs[k][0]] for k in flat])  # [K, B, Ts, Ds]
+        with torch.no_grad():
+            teacher_all = _stack_layers([t_states[self.pairs[k][1]].detach() for k in flat])  # [K, B, Tt, Dt]
+            attention = self.pooling == "attention"
+            s_sal = token_saliency(student_all.detach(), student_mask) if attention else None
+            t_sal = token_saliency(teacher_all, teacher_mask) if attention or self.weighted else None
         dsa_parts, hra_parts = [], []
+        start = 0
         for g, ks in self._groups:
-            student = _stack_layers([s_states[self.pairs[k][0]] for k in ks])  # [L, B, Ts, Ds]
-            with torch.no_grad():
-                teacher = _stack_layers([t_states[self.pairs[k][1]].detach() for k in ks])  # [L, B, Tt, Dt]
+            part = slice(start, start + len(ks))
+            start += len(ks)
             names = ", ".join(f"pair {k} {self.pairs[k]}" for k in ks)
             with _naming(f"{names} ({g!r} units)"):
                 dsa, hra = _stacked_terms(
-                    student,
-                    teacher,
+                    student_all[part],
+                    teacher_all[part],
                     units[g],
                     student_mask,
                     teacher_mask,
@@ -524,18 +584,34 @@ class MTALoss(nn.Module):
                     with_dsa=True,
                     hra_level=self.hra_level,
                     projectors=[self.projectors[k] for k in ks] if self.hra_level is not None else [],
+                    student_saliency=None if s_sal is None else s_sal[part],
+                    teacher_saliency=None if t_sal is None else t_sal[part],
                 )
             dsa_parts.append(dsa)
             hra_parts.append(hra)
-        dsa = torch.cat(dsa_parts)
-        if self._reorder:
-            dsa = dsa[self._order]  # [K], pairs' order
-        if self.hra_level is None:
-            return MTALossOutput(loss=dsa.mean(), dsa=dsa.detach(), hra=None)
-        hra = torch.cat(hra_parts)
-        if self._reorder:
-            hra = hra[self._order]
-        return MTALossOutput(loss=(dsa + self.gamma * hra).mean(), dsa=dsa.detach(), hra=hra.detach())
+        return dsa_parts, hra_parts
+
+    def _pair_by_pair(self, s_states, t_states, units, student_mask, teacher_mask):
+        """The torch path (CPU): launches cost little there, copies do: each pair on views of its own
+        layers (``[1, B, T, D]``), nothing stacked. Returns the ``[1]`` terms in the order of ``pairs``."""
+        dsa_parts, hra_parts = [], []
+        for k, (ls, lt, g) in enumerate(self.pairs):
+            with _naming(f"pair {k} {self.pairs[k]} ({g!r} units)"):
+                dsa, hra = _stacked_terms(
+                    s_states[ls].unsqueeze(0),
+                    t_states[lt].detach().unsqueeze(0),
+                    units[g],
+                    student_mask,
+                    teacher_mask,
+                    pooling=self.pooling,
+                    weighted=self.weighted,
+                    with_dsa=True,
+                    hra_level=self.hra_level,
+                    projectors=[self.projectors[k]] if self.hra_level is not None else [],
+                )
+            dsa_parts.append(dsa)
+            hra_parts.append(hra)
+        return dsa_parts, hra_parts
 
     @staticmethod
     def _check_states(states: Sequence[torch.Tensor], side: str) -> Sequence[torch.Tensor]:
@@ -607,7 +683,7 @@ def _single_term(
 
 
 class DSALoss(nn.Module):
-    """DSA alone (SPEC §4–§5) for one layer pair or L stacked layer pairs of one granularity.
+    """DSA alone (docs/method.md#dsa-loss) for one layer pair or L stacked layer pairs of one granularity.
 
     ``forward(student, teacher, units, student_mask, teacher_mask)``:
         student ``[B, Ts, Ds]`` or ``[L, B, Ts, Ds]`` (gradient flows here); teacher ``[B, Tt, Dt]`` or
@@ -648,7 +724,7 @@ class DSALoss(nn.Module):
 
 
 class HRALoss(nn.Module):
-    """HRA alone (SPEC §6) for one layer pair or ``num_pairs`` stacked layer pairs.
+    """HRA alone (docs/method.md#hra-loss) for one layer pair or ``num_pairs`` stacked layer pairs.
 
     Args:
         student_dim, teacher_dim: D_s and D_t; ``self.projectors`` holds ``num_pairs``

@@ -396,8 +396,10 @@ def align_units(
 
     Returns:
         :class:`UnitBatch` (CPU) with int32 ``student_ranges``/``teacher_ranges`` ``[U, 2]`` (flat token
-        indices into ``B * Ts`` / ``B * Tt``) and int32 ``cu_units`` ``[B+1]``. A unit that receives no
-        token in either tokenization (e.g. past a truncation) is dropped from both.
+        indices into ``B * Ts`` / ``B * Tt``) and int32 ``cu_units`` ``[B+1]``, and its layout plan
+        (validated here, on the host: in a DataLoader worker when the collator calls this; see
+        ``docs/design/layout.md#the-layout-plan``). A unit that receives no token in either tokenization
+        (e.g. past a truncation) is dropped from both.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}: use one of {GRANULARITIES}")

@@ -1,4 +1,6 @@
-"""Layout ops of the ``mta_kernels._C`` extension against plain-Python/torch equivalents (SPEC §2).
+"""Layout ops of ``mta_kernels._C`` and the layout plan against plain-Python/torch equivalents.
+
+See docs/method.md#packed-layout.
 
 Every op runs on many random layouts (awkward sizes, U = 0, sequences with 0/1 units, B = 1,
 seq_len = 63); every validation error is checked to name the offending unit; CUDA results are
@@ -420,7 +422,7 @@ WORDS = [
 
 
 def ref_char_spans(texts, offsets, spans) -> list:
-    """SPEC §2 'Mapping units to tokens', literally."""
+    """docs/method.md#mapping-units-to-tokens, literally."""
     out = []
     for b, (text, sp) in enumerate(zip(texts, spans)):
         res = [[-1, -1] for _ in sp]
@@ -684,3 +686,68 @@ def test_cuda_device_mismatch():
         layout.validate_layout(ranges.cuda(), cu, 10, 10)
     with pytest.raises(ValueError, match="same device"):
         layout.validate_layout(ranges, cu.cuda(), 10, 10)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+def _planned_batch():
+    from mta_kernels.layout import UnitBatch
+
+    sr = torch.tensor([[0, 2], [3, 5], [12, 13], [14, 18]], dtype=torch.int32)
+    tr = torch.tensor([[1, 2], [4, 6], [13, 15], [16, 17]], dtype=torch.int32)
+    cu = torch.tensor([0, 2, 2, 4], dtype=torch.int32)
+    return UnitBatch(sr, tr, cu, 6, 6), sr, tr, cu
+
+
+def test_plan_matches_the_ops():
+    units, sr, tr, cu = _planned_batch()
+    plan = units.plan
+    assert plan is not None and units.plan_error is None
+    assert plan.bounds == (0, 2, 2, 4) and plan.num_units == 4 and not plan.same_tokenization
+    for side, ranges in ((plan.student, sr), (plan.teacher, tr)):
+        assert torch.equal(side.ranges, ranges) and side.num_tokens == 18 and side.seq_len == 6
+        t2u = torch.ops.mta_kernels.token_to_unit(ranges, 18)
+        assert torch.equal(side.token_to_unit, t2u)
+        assert torch.equal(side.covered_tokens.long(), torch.nonzero(t2u >= 0).reshape(-1))
+        assert side.num_covered == int((t2u >= 0).sum())
+        assert side.max_span == int((ranges[:, 1] - ranges[:, 0]).max())
+    assert torch.equal(plan.unit_to_seq, torch.ops.mta_kernels.unit_to_seq(cu, 4))
+    for bm in layout.WORK_LIST_BLOCKS:
+        assert torch.equal(plan.work_lists[bm], torch.ops.mta_kernels.block_diagonal_work_list(cu, bm))
+    # the public helpers hand out the plan's tensors for the plan's own tensors
+    assert layout.token_to_unit(units.student_ranges, 18) is plan.student.token_to_unit
+    assert layout.block_diagonal_work_list(units.cu_units, 16) is plan.work_lists[16]
+    # every tensor of the plan is a view of one buffer: one copy moves it
+    assert all(
+        t.untyped_storage().data_ptr() == plan.buffer.untyped_storage().data_ptr()
+        for t in (units.student_ranges, units.teacher_ranges, units.cu_units, plan.unit_to_seq)
+    )
+
+
+def test_plan_shares_one_tokenization_and_survives_to_and_pickle():
+    import pickle
+
+    from mta_kernels.layout import UnitBatch
+
+    sr = torch.tensor([[0, 2], [4, 5]], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    for teacher in (sr, sr.clone()):  # the same tensor, or equal values: shared either way
+        units = UnitBatch(sr, teacher, cu, 3, 3)
+        assert units.teacher_ranges is units.student_ranges and units.plan.same_tokenization
+        moved = units.to("cpu")
+        assert moved.teacher_ranges is moved.student_ranges and moved.live_plan() is not None
+        back = pickle.loads(pickle.dumps(units))  # a DataLoader worker hands batches over by pickling
+        assert back.live_plan() is not None and layout.planned(back.cu_units) is back.plan
+    assert UnitBatch(sr, sr, cu, 3, 4).plan.same_tokenization is False  # different T
+
+
+def test_invalid_layout_keeps_the_error_and_in_place_edits_drop_the_plan():
+    from mta_kernels.layout import LayoutSideError, UnitBatch
+
+    sr = torch.tensor([[0, 2], [1, 5]], dtype=torch.int32)
+    units = UnitBatch(sr, sr, torch.tensor([0, 2], dtype=torch.int32), 6, 6)
+    assert units.plan is None and isinstance(units.plan_error, LayoutSideError)
+    assert units.plan_error.side == "student" and "overlaps unit 0" in str(units.plan_error)
+    good, *_ = _planned_batch()
+    assert good.live_plan() is not None
+    good.student_ranges[0, 1] = 3  # modified after planning: no longer trusted
+    assert good.live_plan() is None and layout.planned(good.student_ranges) is None

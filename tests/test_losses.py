@@ -216,7 +216,7 @@ def test_auto_mapping_matches_reference():
 
 
 def test_bfloat16_inputs_within_rule():
-    """bf16 hidden states (float32 projectors): the SPEC §8 rule against the float64 oracle."""
+    """bf16 hidden states (float32 projectors): the tolerance rule against the float64 oracle."""
     module = MTALoss.from_preset("qwen1.5-1.8b->gpt2", student_dim=DS, teacher_dim=DT)
     s_states, t_states, units, s_mask, t_mask = preset_inputs("qwen1.5-1.8b->gpt2", False, seed=8)
     s_states, t_states = clone_states(s_states, torch.bfloat16), clone_states(t_states, torch.bfloat16)
@@ -269,9 +269,11 @@ def test_gradients_reach_student_and_projectors_not_teacher():
     assert all(t.grad is None for t in t_states)
 
 
-def test_one_op_call_per_side_and_granularity(monkeypatch):
-    """Stacking: saliency, pooling and DSA run once per side per granularity, whatever K is."""
-    calls = {"token_saliency": [], "span_pool": [], "structural_loss": []}
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_one_op_call_per_side_and_granularity(monkeypatch, backend):
+    """Triton path: saliency once per side for all K pairs; pooling and DSA once per side per granularity,
+    whatever K is. Torch path: each pair on views of its own layers (nothing stacked), one call each."""
+    calls = {"token_saliency": [], "span_pool": [], "_pool_with_mass": [], "structural_loss": []}
     for name in calls:
         real = getattr(losses_mod, name)
 
@@ -281,12 +283,22 @@ def test_one_op_call_per_side_and_granularity(monkeypatch):
 
         monkeypatch.setattr(losses_mod, name, counted)
     module = MTALoss.from_preset("opt-6.7b->opt-1.3b", student_dim=DS, teacher_dim=DT, hra="unit")
-    inputs = preset_inputs("opt-6.7b->opt-1.3b", False, seed=9)
-    module(*inputs)
-    # 1 word pair + 4 phrase pairs -> two groups; per group 2 saliency, 2 pooling, 1 DSA call.
-    assert len(calls["token_saliency"]) == 4 and len(calls["span_pool"]) == 4
-    assert len(calls["structural_loss"]) == 2
-    assert {s[0] for s in calls["span_pool"]} == {1, 4}  # the stacked layer count
+    s_states, t_states, units, s_mask, t_mask = preset_inputs("opt-6.7b->opt-1.3b", False, seed=9)
+    device = DEVICE if backend == "triton" else "cpu"  # the Triton path: the GPU, or the interpreter
+    s_states, t_states = (tuple(h.to(device) for h in states) for states in (s_states, t_states))
+    units = {g: u.to(device) for g, u in units.items()}
+    with mta_kernels.use_backend(backend):
+        module.to(device)(s_states, t_states, units, s_mask.to(device), t_mask.to(device))
+    if backend == "triton":
+        # 1 word pair + 4 phrase pairs -> two groups; 2 saliency calls over all 5 layers; per group one
+        # pooling per side (student: span_pool, teacher: _pool_with_mass) and one DSA call.
+        assert [s[0] for s in calls["token_saliency"]] == [5, 5]
+        assert len(calls["span_pool"]) == 2 and len(calls["_pool_with_mass"]) == 2
+        assert len(calls["structural_loss"]) == 2
+        assert {s[0] for s in calls["span_pool"]} == {1, 4}  # the stacked layer count
+    else:
+        assert [s[0] for s in calls["token_saliency"]] == [1] * 10
+        assert len(calls["span_pool"]) == len(calls["_pool_with_mass"]) == len(calls["structural_loss"]) == 5
 
 
 def test_dsa_and_hra_modules_match_mta_terms():

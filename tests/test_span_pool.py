@@ -1,4 +1,4 @@
-"""span_pool (SPEC §4): Triton and torch paths against the float64 eager oracle, grads, errors.
+"""span_pool (docs/method.md#span-pooling): Triton and torch paths against the float64 oracle, grads, errors.
 
 On a CPU-only machine the Triton kernels run under TRITON_INTERPRET=1 (set by conftest); shapes are
 tiny on purpose. On a CUDA machine the same tests run the real kernels.
@@ -257,3 +257,39 @@ def test_range_errors_name_the_unit(bad_ranges, unit: int, backend: str) -> None
     ranges = torch.tensor(bad_ranges, dtype=torch.int32, device=DEVICE)
     with use_backend(backend), pytest.raises(ValueError, match=f"unit {unit} "):
         span_pool(hidden, ranges)
+
+
+# --------------------------------------------------------------------------- planned ranges, value checks
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_negative_weights_are_rejected(backend: str) -> None:
+    device = DEVICE if backend == "triton" else "cpu"
+    h = torch.randn(2, 6, 4, device=device)
+    ranges = torch.tensor([[0, 2], [3, 6]], dtype=torch.int32, device=device)
+    w = torch.rand(2, 6, device=device)
+    w[1, 4] = -0.5
+    if device != "cpu":
+        pytest.skip("on CUDA the check is a device-side assert, which ends the CUDA context")
+    with use_backend(backend), pytest.raises(RuntimeError, match="weights must be non-negative"):
+        span_pool(h, ranges, w)
+    with use_backend(backend):  # zero weights are legal (a unit of weight 0 pools to 0)
+        span_pool(h, ranges, w.clamp_min(0))
+
+
+def test_planned_ranges_reject_a_batch_read_as_layers() -> None:
+    from mta_kernels.layout import UnitBatch
+
+    B, T, D = 3, 5, 4
+    ranges = torch.tensor([[0, 2], [6, 9], [11, 12]], dtype=torch.int32)
+    units = UnitBatch(ranges, ranges, torch.tensor([0, 1, 2, 3], dtype=torch.int32), T, T)
+    h = torch.randn(B, T, D)
+    with pytest.raises(ValueError, match=r"\[B, T, D\] tensor passed as \[L, N, D\]"):
+        span_pool(h, units.student_ranges)
+    out = span_pool(h.reshape(B * T, D), units.student_ranges)  # the flat view is what it expects
+    assert_within_rule(out, out, reference.span_pool(h.reshape(B * T, D).double(), ranges), floor=1e-6)
+
+
+def test_unplanned_batch_read_as_layers_names_the_bound() -> None:
+    h = torch.randn(3, 5, 4)  # [B, T, D] passed as [L, N, D]: ranges index B*T = 15 tokens
+    ranges = torch.tensor([[0, 2], [6, 9]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"inside \[0, 5\)"):
+        span_pool(h, ranges)

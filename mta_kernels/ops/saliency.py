@@ -28,7 +28,7 @@ The key loop of pass 1 and the query loop of pass 2 run only over ``[first valid
 sequence, so left/right padding costs no FLOPs; holes inside are masked element-wise.
 
 Torch path (CPU tensors without the interpreter, or ``use_backend("torch")``): the same math in
-chunks of at most 128 query rows × T keys (and a bounded number of sequences per chunk), so it never
+chunks of at most 256 query rows × T keys (and a bounded number of sequences per chunk), so it never
 holds a T×T matrix either; a chunk holds all keys of its rows, so one pass suffices there.
 
 No gradient (SPEC §3): the saliency is a constant weight. ``token_saliency`` returns a tensor that
@@ -41,6 +41,7 @@ raises ``RuntimeError("token_saliency has no gradient (SPEC §3)")``.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -53,8 +54,8 @@ SALIENCY_STD_EPS = 1e-5
 _LOG2E = 1.4426950408889634
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # Torch path: at most this many query rows per chunk, and chunks of at most max(_TORCH_CHUNK_ELEMS,
-# 128 * T) scores: below T ≈ 725 a chunk may hold T² scores (a constant 2 MB), above never.
-_TORCH_CHUNK_ROWS = 128
+# 256 * T) scores: below T ≈ 725 a chunk may hold T² scores (a constant 2 MB), above never.
+_TORCH_CHUNK_ROWS = 256
 _TORCH_CHUNK_ELEMS = 1 << 19
 
 
@@ -280,17 +281,60 @@ def _colsum_kernel(
 
 
 # ------------------------------------------------------------------------------------- host launchers
+# The masks of one batch go through every saliency call of the loss (both sides, every layer group):
+# the valid mask and its statistics are kept for the last two masks seen. An entry is found by the
+# mask's memory (pointer, shape, strides, dtype, device) and trusted while that storage lives and its
+# version counter has not moved (no in-place change since).
+_MASK_CACHE: list[dict] = []
+
+
+def _capturing() -> bool:
+    """A CUDA graph is being captured: every step must be in the graph (a replay runs no Python, and a
+    static mask may be refilled in place between replays), so nothing is taken from the cache."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _valid_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, T]``: any non-zero integer counts as valid, as in the reference."""
+    if _capturing():
+        return attention_mask != 0
+    key = (attention_mask.data_ptr(), tuple(attention_mask.shape), attention_mask.stride())
+    key += (attention_mask.dtype, attention_mask.device)
+    for entry in _MASK_CACHE:
+        if (
+            entry["key"] == key
+            and entry["storage"]() is not None
+            and entry["version"] == attention_mask._version
+        ):
+            return entry["valid"]
+    valid = attention_mask != 0
+    if attention_mask.numel() > 0:
+        storage = weakref.ref(attention_mask.untyped_storage())
+        entry = dict(key=key, storage=storage, version=attention_mask._version, valid=valid, stats=None)
+        _MASK_CACHE.insert(0, entry)
+        del _MASK_CACHE[2:]
+    return valid
+
+
 def _mask_stats(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: valid-token count ``n`` int32 ``[B]`` and span ``[first, last + 1)`` int32 ``[B, 2]``.
 
-    A sequence without valid tokens gets the empty span ``[T, 0)``. Computed on the device: no sync.
+    A sequence without valid tokens gets the empty span ``[T, 0)``. Computed on the device: no sync;
+    kept with the mask (see ``_valid_mask``), so the calls of one batch compute it once.
     """
+    for entry in _MASK_CACHE:
+        if entry["valid"] is valid and entry["stats"] is not None and not _capturing():
+            return entry["stats"]
     B, T = valid.shape
-    idx = torch.arange(T, device=valid.device, dtype=torch.int32)
+    pos = torch.arange(1, T + 1, device=valid.device, dtype=torch.int32)  # position + 1
     n = valid.sum(dim=-1, dtype=torch.int32)
-    first = torch.where(valid, idx, torch.full_like(idx, T)).amin(dim=-1)
-    last = torch.where(valid, idx + 1, torch.zeros_like(idx)).amax(dim=-1)
-    return n, torch.stack([first, last], dim=-1).to(torch.int32).contiguous()
+    last = (valid * pos).amax(dim=-1) if T > 0 else n  # last valid + 1, 0 without valid tokens
+    first = torch.where(valid, pos, T + 1).amin(dim=-1) - 1 if T > 0 else n  # T without valid tokens
+    stats = n, torch.stack([first, last], dim=-1)
+    for entry in _MASK_CACHE:
+        if entry["valid"] is valid:
+            entry["stats"] = stats
+    return stats
 
 
 def _block_sizes(T: int, D: int, fp32_operands: bool) -> tuple[int, int, int]:
@@ -359,36 +403,47 @@ def _saliency_triton(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tenso
 
 
 def _saliency_torch(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
-    """Torch path, same math in chunks of <= 128 query rows × T keys: ``hidden`` ``[L, B, T, D]``,
-    ``valid`` bool ``[B, T]``; writes ``out`` float32 contiguous ``[L, B, T]``."""
+    """Torch path, same math in chunks of <= 256 query rows × T keys: ``hidden`` ``[L, B, T, D]``,
+    ``valid`` bool ``[B, T]``; writes ``out`` float32 contiguous ``[L, B, T]``.
+
+    The row-normalised copy of the hidden states is made per chunk of sequences, never for all L·B at
+    once; the score scale is applied to the query chunk (c × D) rather than to the scores (c × T)."""
     L, B, T, D = hidden.shape
     G = L * B
-    h = hidden.to(torch.float32).reshape(G, T, D)  # O(L·B·T·D), never O(T²)
-    hn = h / (h.std(dim=-1, keepdim=True) + SALIENCY_STD_EPS)  # [G, T, D], as the reference
-    del h
+    h = hidden.reshape(G, T, D)  # a view for stacked / contiguous layers
     key_valid = valid.expand(L, B, T).reshape(G, T)  # [G, T]
     n = key_valid.sum(dim=-1)  # [G]
     row_votes = key_valid & (n >= 2)[:, None]  # [G, T] query rows that have keys and vote
     row_weight = row_votes.to(torch.float32)[:, None, :]  # [G, 1, T]
     key_invalid = ~key_valid[:, None, :]  # [G, 1, T]
+    # Host data on this path (the CPU, or a test forcing the torch path): the masks are applied only
+    # where they change something. Rows without keys (padding, n < 2) get a dummy finite row: no NaN,
+    # weight 0 below; masking after the GEMM also keeps garbage (NaN) hidden states at padding out.
+    all_vote = bool(row_votes.all())
+    all_keys = all_vote or bool(key_valid.all())
     acc = out.view(G, T)
     acc.zero_()
-    sqrt_d = math.sqrt(D)
+    scale = 1.0 / math.sqrt(D)
     rows = min(T, _TORCH_CHUNK_ROWS)
     seqs = max(1, min(G, _TORCH_CHUNK_ELEMS // (rows * T)))
     for g0 in range(0, G, seqs):
         g1 = min(G, g0 + seqs)
-        hn_k = hn[g0:g1]  # [g, T, D]
+        hk = h[g0:g1].to(torch.float32)
+        hk = hk / (hk.std(dim=-1, keepdim=True) + SALIENCY_STD_EPS)  # [g, T, D], as the reference
+        hk_t = hk.transpose(-1, -2)
         for q0 in range(0, T, rows):
             q1 = min(T, q0 + rows)
-            s = torch.matmul(hn_k[:, q0:q1], hn_k.transpose(-1, -2)).div_(sqrt_d)  # [g, c, T]
-            s.masked_fill_(key_invalid[g0:g1], float("-inf"))
+            s = torch.bmm(hk[:, q0:q1] * scale, hk_t)  # [g, c, T]; the scale on the c × D side
+            if not all_keys:
+                s.masked_fill_(key_invalid[g0:g1], float("-inf"))  # [g, c, T]
             s.diagonal(offset=q0, dim1=1, dim2=2).fill_(float("-inf"))  # i == j
-            # Rows without keys (padding, n < 2) get a dummy finite row: no NaN, weight 0 below. This
-            # also keeps garbage (NaN) hidden states at padding positions out of the result.
-            s.masked_fill_(~row_votes[g0:g1, q0:q1, None], 0.0)
+            if not all_vote:
+                s.masked_fill_(~row_votes[g0:g1, q0:q1, None], 0.0)
             p = torch.softmax(s, dim=-1)  # [g, c, T]
-            acc[g0:g1] += torch.bmm(row_weight[g0:g1, :, q0:q1], p).squeeze(1)  # Σ over voting rows
+            if all_vote:
+                acc[g0:g1] += p.sum(1)
+            else:
+                acc[g0:g1] += torch.bmm(row_weight[g0:g1, :, q0:q1], p).squeeze(1)  # Σ over voting rows
     acc /= n.clamp_min(1)[:, None].to(torch.float32)
     acc.masked_fill_((n == 1)[:, None] & key_valid, 1.0)
     acc.masked_fill_(~key_valid, 0.0)
@@ -401,7 +456,7 @@ def _token_saliency_op(hidden: torch.Tensor, attention_mask: torch.Tensor) -> to
     if out.numel() == 0:
         return out
     hidden4 = hidden if hidden.dim() == 4 else hidden.unsqueeze(0)  # [L, B, T, D]
-    valid = attention_mask != 0  # [B, T] bool; any non-zero integer counts as valid, as in the reference
+    valid = _valid_mask(attention_mask)  # [B, T] bool
     out4 = out.view(hidden4.shape[:-1])
     if use_triton(hidden):
         _saliency_triton(hidden4, valid, out4)
@@ -449,7 +504,7 @@ def _check_inputs(hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
 
 
 def token_saliency(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean attention each token receives under a parameter-free self-attention (SPEC §3).
+    """Mean attention each token receives under a parameter-free self-attention (docs/method.md#token-saliency).
 
     Flash-style: the T×T score matrix is never stored. Extra memory: O(L·B·T) on the Triton path; on
     the torch path an fp32 normalised copy of ``hidden`` plus score chunks of at most

@@ -1,4 +1,4 @@
-"""Span pooling (SPEC §4): weighted mean of each unit's token vectors, one launch for all layers.
+"""Span pooling (docs/method.md#span-pooling): weighted mean of each unit's token vectors, one launch for all layers.
 
     h[l, u] = Σ_{i in u} w[l, i] H[l, i] / Σ_{i in u} w[l, i]        (0 when the weights sum to 0)
 
@@ -198,6 +198,20 @@ def _check_ranges(ranges: torch.Tensor, num_tokens: int) -> tuple[int, int]:
     return max_len, total
 
 
+def _check_planned_tokens(hidden: torch.Tensor, side: layout.SidePlan) -> None:
+    """Metadata check against the plan: ``hidden`` must have the plan's ``N = B * T`` token rows (a
+    ``[B, T, D]`` tensor passed as ``[L, N, D]`` has ``T`` rows)."""
+    N = hidden.shape[-2]
+    if N != side.num_tokens:
+        hint = (
+            " (a [B, T, D] tensor passed as [L, N, D]? flatten it to [B*T, D])" if N == side.seq_len else ""
+        )
+        raise ValueError(
+            f"span_pool: hidden {tuple(hidden.shape)} has {N} token rows but the ranges index "
+            f"N = B*T = {side.num_tokens} tokens{hint}"
+        )
+
+
 def _fwd_blocks(mean_len: float, width: int) -> tuple[int, int, int]:
     """(BU, BT, BD): BT ≈ the mean span length (≤ 8), BU·BT = 32 token rows per step, BD ≤ 128."""
     bt = min(8, triton.next_power_of_2(max(1, round(mean_len))))
@@ -255,7 +269,12 @@ def _span_pool_op(
     h3, w2 = _as_stacked(hidden, weights)
     L, N, D = h3.shape
     U = ranges.shape[0]
-    max_len, total = _check_ranges(ranges, N)
+    side = layout._planned_side(ranges)
+    if side is not None:  # validated on the host when the batch was planned: no device read here
+        _check_planned_tokens(hidden, side)
+        total = side.num_covered
+    else:
+        _, total = _check_ranges(ranges, N)
     acc = accumulation_dtype(hidden, weights)
     if not use_triton(hidden):
         out, inv_den = _torch_forward(h3, ranges, w2, acc)
@@ -364,6 +383,7 @@ def _setup_context(ctx, inputs, output) -> None:
     hidden, ranges, weights = inputs
     _, inv_den = output
     ctx.mark_non_differentiable(inv_den)
+    ctx.set_materialize_grads(False)  # no zero tensors for the non-differentiable outputs
     ctx.save_for_backward(ranges, weights, inv_den)
     ctx.num_tokens = hidden.shape[-2]
 
@@ -371,7 +391,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out: torch.Tensor, _grad_inv_den: torch.Tensor | None):
     ranges, weights, inv_den = ctx.saved_tensors
     grad_hidden = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_out is not None:  # None: grads are not materialised
         grad_hidden = torch.ops.mta_kernels.span_pool_backward(
             grad_out, ranges, weights, inv_den, ctx.num_tokens
         )
@@ -385,16 +405,22 @@ _span_pool_op.register_autograd(_backward, setup_context=_setup_context)
 def span_pool(
     hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Weighted mean of each unit's token vectors (SPEC §4), all stacked layers in one launch.
+    """Weighted mean of each unit's token vectors (docs/method.md#span-pooling), all stacked layers in one launch.
 
     Args:
         hidden: ``[N, D]`` or stacked layers ``[L, N, D]``, N = B*T flat tokens; float32, bfloat16,
             float16 (or float64, computed in float64). Any strides (e.g. a flattened slice of a
             ``[B, T, D]`` hidden state): nothing is copied.
         ranges: int32 ``[U, 2]``, ``[start, end)`` flat token range of each unit; non-empty, inside
-            ``[0, N)``, sorted and non-overlapping (checked, ValueError naming the first bad unit).
+            ``[0, N)``, sorted and non-overlapping. The ranges of a :class:`~mta_kernels.layout.UnitBatch`
+            carry their plan (validated on the host when the batch was built): then nothing is read
+            back from the device and ``hidden`` must have the plan's ``N = B*T`` rows (ValueError).
+            Other ranges are checked here (one device-to-host copy; ValueError naming the first bad
+            unit).
         weights: ``None`` (plain mean) or non-negative float token weights ``[N]`` (shared by all
-            layers) or ``[L, N]``; constants for autograd (no gradient flows to them).
+            layers) or ``[L, N]``; constants for autograd (no gradient flows to them). A negative
+            weight is a RuntimeError (``torch._assert_async``: at the call on the CPU, a device-side
+            assert on CUDA).
     Returns:
         ``[U, D]`` or ``[L, U, D]`` in hidden's dtype (accumulated in float32); a unit whose weights
         sum to 0 pools to 0. Differentiable w.r.t. ``hidden``.
@@ -432,5 +458,16 @@ def span_pool(
         if weights.device != hidden.device:
             raise ValueError(f"span_pool: weights is on {weights.device} but hidden is on {hidden.device}")
         weights = weights.detach()
+        # A value check without a host sync: on the CPU it raises here (RuntimeError); on CUDA it is a
+        # device-side assert, reported at the next synchronisation.
+        torch._assert_async((weights >= 0).all(), "span_pool: weights must be non-negative")
+    side = None if torch.compiler.is_compiling() else layout._planned_side(ranges)
+    if side is not None:
+        _check_planned_tokens(hidden, side)
+    return _span_pool(hidden, ranges, weights)
+
+
+def _span_pool(hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """:func:`span_pool` without its checks (for callers whose inputs are valid by construction)."""
     out, _ = torch.ops.mta_kernels.span_pool(hidden, ranges, weights)
     return out

@@ -32,6 +32,7 @@ from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
 from mta_kernels._triton import tl, triton
 from mta_kernels.constants import DSA_NORM_FLOOR
+from mta_kernels.ops.glue import dsa_denominator
 
 __all__ = ["structural_loss"]
 
@@ -280,8 +281,21 @@ def _structural_grad_epilogue_kernel(
 
 
 # ------------------------------------------------------------------------------------ host helpers
+class _PlannedBounds(list):
+    """``cu_units`` on the host, from a :class:`~mta_kernels.layout.LayoutPlan` (validated when the batch
+    was planned); ``.cu_units`` is the plan's device tensor, so the denominator needs no host data."""
+
+    def __init__(self, plan: layout.LayoutPlan) -> None:
+        super().__init__(plan.bounds)
+        self.cu_units = plan.cu_units
+
+
 def _seq_bounds(cu_units: torch.Tensor, num_units: int) -> list[int]:
-    """Validate the CSR offsets' values (inside the op: data-dependent) and return them on the host."""
+    """The CSR offsets on the host: from the batch's plan when ``cu_units`` has one (no device read),
+    else read and validated here (inside the op: data-dependent)."""
+    plan = layout._planned_batch(cu_units)
+    if plan is not None and plan.num_units == num_units:
+        return _PlannedBounds(plan)
     bounds = cu_units.tolist()
     if bounds[0] != 0:
         raise ValueError(f"cu_units must start at 0, got cu_units[0] = {bounds[0]}")
@@ -297,13 +311,22 @@ def _seq_bounds(cu_units: torch.Tensor, num_units: int) -> list[int]:
 def _denominator(
     weights: torch.Tensor | None, bounds: list[int], L: int, U: int, device, dtype
 ) -> torch.Tensor:
-    """``[L]`` Σ_b over sequences with ≥ 2 units of (Σ W)² − Σ W² (float64 prefix sums: deterministic)."""
-    lo = torch.tensor(bounds[:-1], dtype=torch.long, device=device)
-    hi = torch.tensor(bounds[1:], dtype=torch.long, device=device)
-    pairs = (hi - lo) >= 2  # [B]
+    """``[L]`` Σ_b over sequences with ≥ 2 units of (Σ W)² − Σ W² (float64 prefix sums: deterministic).
+
+    Unweighted, it is Σ_b n_b (n_b − 1), computed on the host from ``bounds``; weighted, the sequence
+    offsets come from the plan's device tensor when ``bounds`` has one (no host-to-device copy)."""
     if weights is None:
-        n = (hi - lo).to(torch.float64)
-        return (n * (n - 1) * pairs).sum().expand(L).to(dtype)
+        total = sum((hi - lo) * (hi - lo - 1) for lo, hi in zip(bounds[:-1], bounds[1:]))
+        return torch.full((L,), float(total), dtype=dtype, device=device)
+    if isinstance(bounds, _PlannedBounds) and bounds.cu_units.device == device:
+        if use_triton(weights):  # one launch instead of the composition below
+            return dsa_denominator(weights.detach(), bounds.cu_units, L, dtype)
+        cu = bounds.cu_units.long()
+        lo, hi = cu[:-1], cu[1:]
+    else:
+        lo = torch.tensor(bounds[:-1], dtype=torch.long, device=device)
+        hi = torch.tensor(bounds[1:], dtype=torch.long, device=device)
+    pairs = (hi - lo) >= 2  # [B]
     w = weights.detach().to(torch.float64).expand(L, U)
     zero = w.new_zeros(L, 1)
     c1 = torch.cat([zero, w.cumsum(-1)], dim=-1)  # [L, U+1]
@@ -447,7 +470,7 @@ def _torch_forward(
     Short sequences (≤ 64 units) are packed several to a block, like the Triton work list, and run as
     one batched matmul per group of blocks (masked by sequence id). A longer sequence runs alone,
     ``row_chunk`` rows at a time, or, when the cost model says so (more units than dimensions), with the
-    feature-space identity of SPEC §5 (O(N·D²) instead of O(N²·D)); ``feature_space`` True/False forces
+    feature-space identity of docs/method.md#dsa-loss (O(N·D²) instead of O(N²·D)); ``feature_space`` True/False forces
     one formulation for the long sequences (tests).
     """
     L, U, Ds = student.shape
@@ -642,6 +665,7 @@ def _setup_context(ctx, inputs, output):
     ctx.student_dtype = student.dtype
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero tensors for the non-differentiable outputs
 
 
 def _backward(ctx, grad_loss, _grad_grad):
@@ -654,6 +678,8 @@ def _backward(ctx, grad_loss, _grad_grad):
             "mta_kernels::structural_loss does not support double backward (create_graph=True): its "
             "gradient is computed in the forward pass and has no derivative of its own"
         )
+    if grad_loss is None:  # grads are not materialised: the loss did not reach the output
+        return None, None, None, None, None
     (grad,) = ctx.saved_tensors
     # scale and cast in one pass (out= in the student's dtype): no second full-size copy in the
     # accumulation dtype before the cast
@@ -672,13 +698,16 @@ def structural_loss(
     cu_units: torch.Tensor,
     unit_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DSA loss, block-diagonal: pairwise cosine geometry of the units within each sequence (SPEC §5).
+    """DSA loss, block-diagonal: pairwise cosine geometry of the units within each sequence (docs/method.md#dsa-loss).
 
     Args:
         student: ``[U, Ds]`` or stacked layer pairs ``[L, U, Ds]``, float16/bfloat16/float32/float64.
             The gradient flows here.
         teacher: ``[U, Dt]`` or ``[L, U, Dt]`` (``Dt`` may differ from ``Ds``); treated as a constant.
         cu_units: int32 ``[B+1]`` CSR offsets: the units of sequence b are rows ``cu_units[b]:cu_units[b+1]``.
+            The ``cu_units`` of a :class:`~mta_kernels.layout.UnitBatch` carry their plan (bounds and work
+            lists computed on the host): then nothing is read back from the device. Other offsets are
+            read and checked inside the op (one device-to-host copy).
         unit_weights: ``None`` (all 1) or ``[U]`` / ``[L, U]`` unit importances (constants).
     Returns:
         float32 (float64 for float64 inputs) scalar, or ``[L]`` for stacked inputs. 0 with a zero gradient

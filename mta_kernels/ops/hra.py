@@ -1,0 +1,325 @@
+"""HRA term fused: projector, cosine and weighting of L stacked layer pairs in one op, chunk by chunk.
+
+For layer l, rows i (the covered tokens, or the units), projector ``(W_l, b_l)``::
+
+    P_i = W_l x_i + b_l
+    cos_i = Σ_d (P_i / max(‖P_i‖, eps))_d (y_i / max(‖y_i‖, eps))_d      (torch's cosine_similarity)
+    L_l = Σ_i w_i (1 − cos_i) / Σ_i w_i                                      (0 when Σ w = 0)
+
+The term is the end of the graph, so its gradient is computed in the forward, chunk by chunk of rows
+(the pattern of fused linear losses such as Liger-Kernel's): a chunk's projected rows ``P`` exist only
+while the chunk is processed, never for all rows at once, and the backward only scales the gradients by
+``grad_output``. Per chunk: one gather of the student rows, one batched GEMM for ``P``, one row kernel
+(Triton, or the same math in torch) for the cosine terms and ``∂L/∂P``, and the GEMMs of ``∂L/∂x``,
+``∂L/∂W``, ``∂L/∂b``.
+
+The GEMMs run in ``mm_dtype``: the 16-bit dtype of bf16/fp16 hidden states or of autocast (tensor cores,
+fp32 accumulation), else the accumulation dtype (float32; float64 for float64 inputs). The cosine and
+the weighting are computed in the accumulation dtype.
+
+Gradient of the cosine, as torch's autograd computes it through ``cosine_similarity`` (the norm floor
+is applied without a gradient): with ``n_p = max(‖P‖, eps)``, ``n_y = max(‖y‖, eps)``,
+``∂cos/∂P = y / (n_p n_y) − (P·y) / (n_p² n_y) · P / ‖P‖`` (the last factor 0 at ``P = 0``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mta_kernels._dispatch import use_triton
+from mta_kernels._dtypes import accumulation_dtype
+from mta_kernels._triton import tl, triton
+from mta_kernels.constants import COSINE_EPS
+
+__all__ = ["fused_hra"]
+
+# Rows per chunk: at most this many elements of P (and of its gradient) at a time.
+_CHUNK_ELEMS = 1 << 22
+
+
+@triton.jit
+def _hra_rows_kernel(
+    P,  # [L, R, Dt] projected rows of the chunk, any float dtype
+    Y,  # [L, N, Dt] teacher rows (read through ROWS), any strides
+    WGT,  # [L, N] row weights (read through ROWS); unused without weights
+    ROWS,  # int32 [R] teacher/weight row of each chunk row; unused without HAS_ROWS
+    TERM,  # [L, R] ACC (out): w (1 - cos)
+    DP,  # [L, R, Dt] ACC (out): ∂(Σ w (1 - cos))/∂P; may alias P when P is ACC
+    R,
+    Dt,
+    stride_pl,
+    stride_pr,
+    stride_pd,
+    stride_yl,
+    stride_yn,
+    stride_yd,
+    stride_wl,
+    stride_wn,
+    eps,
+    HAS_ROWS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+):
+    # One program: BR rows of one layer; two passes over Dt (dot products, then the gradient).
+    pid = tl.program_id(0).to(tl.int64)
+    i_l = tl.program_id(1).to(tl.int64)
+    o_r = pid * BR + tl.arange(0, BR).to(tl.int64)  # [BR]
+    m_r = o_r < R
+    if HAS_ROWS:
+        b_tok = tl.load(ROWS + o_r, mask=m_r, other=0).to(tl.int64)  # [BR]
+    else:
+        b_tok = o_r
+    p_p = P + i_l * stride_pl + o_r[:, None] * stride_pr  # [BR, 1]
+    p_y = Y + i_l * stride_yl + b_tok[:, None] * stride_yn  # [BR, 1]
+    b_pp = tl.zeros([BR], dtype=ACC)
+    b_yy = tl.zeros([BR], dtype=ACC)
+    b_py = tl.zeros([BR], dtype=ACC)
+    for d in range(0, Dt, BD):
+        o_d = d + tl.arange(0, BD).to(tl.int64)
+        m = m_r[:, None] & (o_d < Dt)[None, :]
+        b_p = tl.load(p_p + o_d[None, :] * stride_pd, mask=m, other=0.0).to(ACC)  # [BR, BD]
+        b_y = tl.load(p_y + o_d[None, :] * stride_yd, mask=m, other=0.0).to(ACC)
+        b_pp += tl.sum(b_p * b_p, axis=1)
+        b_yy += tl.sum(b_y * b_y, axis=1)
+        b_py += tl.sum(b_p * b_y, axis=1)
+    b_np = tl.sqrt(b_pp)
+    b_cp = tl.maximum(b_np, eps)
+    b_cy = tl.maximum(tl.sqrt(b_yy), eps)
+    b_cos = b_py / (b_cp * b_cy)
+    if HAS_WEIGHTS:
+        b_w = tl.load(WGT + i_l * stride_wl + b_tok * stride_wn, mask=m_r, other=0.0).to(ACC)
+    else:
+        b_w = m_r.to(ACC)
+    m_w = b_w > 0  # a row of weight 0 never leaks a non-finite value
+    tl.store(TERM + i_l * R + o_r, tl.where(m_w, b_w * (1.0 - b_cos), 0.0), mask=m_r)
+    if COMPUTE_GRAD:
+        # ∂/∂P of w (1 − cos) = −w ∂cos/∂P = a y + c P
+        b_a = tl.where(m_w, -b_w / (b_cp * b_cy), 0.0)
+        b_inv_np = tl.where(b_np > 0, 1.0 / tl.where(b_np > 0, b_np, 1.0), 0.0)
+        b_c = tl.where(m_w, b_w * b_py / (b_cp * b_cp * b_cy) * b_inv_np, 0.0)
+        p_dp = DP + (i_l * R + o_r[:, None]) * Dt  # [BR, 1], contiguous
+        for d in range(0, Dt, BD):
+            o_d = d + tl.arange(0, BD).to(tl.int64)
+            m = m_r[:, None] & (o_d < Dt)[None, :]
+            b_p = tl.load(p_p + o_d[None, :] * stride_pd, mask=m, other=0.0).to(ACC)
+            b_y = tl.load(p_y + o_d[None, :] * stride_yd, mask=m, other=0.0).to(ACC)
+            tl.store(p_dp + o_d[None, :], b_a[:, None] * b_y + b_c[:, None] * b_p, mask=m)
+
+
+def _rows_triton(P, teacher, weights, rows, compute_grad, acc):
+    L, R, Dt = P.shape
+    term = torch.empty(L, R, dtype=acc, device=P.device)
+    dp = P if P.dtype == acc and P.is_contiguous() else torch.empty(L, R, Dt, dtype=acc, device=P.device)
+    if R == 0 or L == 0:
+        return term, dp
+    BR, BD = 16, min(128, max(16, triton.next_power_of_2(Dt)))
+    _hra_rows_kernel[(triton.cdiv(R, BR), L)](
+        P,
+        teacher,
+        teacher if weights is None else weights,
+        teacher if rows is None else rows,
+        term,
+        dp,
+        R,
+        Dt,
+        *P.stride(),
+        *teacher.stride(),
+        *((0, 0) if weights is None else weights.stride()),
+        COSINE_EPS,
+        HAS_ROWS=rows is not None,
+        HAS_WEIGHTS=weights is not None,
+        COMPUTE_GRAD=compute_grad,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        BR=BR,
+        BD=BD,
+        num_warps=4,
+    )
+    return term, dp
+
+
+def _rows_torch(P, teacher, weights, rows, compute_grad, acc):
+    """The row kernel's math in torch: ``P [L, R, Dt]`` -> ``term [L, R]``, ``dP [L, R, Dt]`` (ACC)."""
+    p = P.to(acc)
+    y = (teacher if rows is None else teacher[:, rows.long()]).to(acc)  # [L, R, Dt]
+    w = torch.ones(p.shape[:2], dtype=acc, device=p.device) if weights is None else weights.to(acc)
+    if rows is not None and weights is not None:
+        w = w[:, rows.long()]
+    n_p = torch.linalg.vector_norm(p, dim=-1)
+    c_p = n_p.clamp_min(COSINE_EPS)
+    c_y = torch.linalg.vector_norm(y, dim=-1).clamp_min(COSINE_EPS)
+    py = (p * y).sum(-1)
+    cos = py / (c_p * c_y)
+    pos = w > 0
+    zero = torch.zeros_like(cos)
+    term = torch.where(pos, w * (1.0 - cos), zero)
+    if not compute_grad:
+        return term, p
+    a = torch.where(pos, -w / (c_p * c_y), zero)
+    inv_np = torch.where(n_p > 0, 1.0 / torch.where(n_p > 0, n_p, torch.ones_like(n_p)), zero)
+    c = torch.where(pos, w * py / (c_p * c_p * c_y) * inv_np, zero)
+    return term, a[..., None] * y + c[..., None] * p
+
+
+def _hra_impl(student, teacher, weights, rows, weight, bias, mm_dtype, compute_grad):
+    L, N, Ds = student.shape
+    Dt = teacher.shape[-1]
+    acc = accumulation_dtype(student, teacher, weights)
+    R = N if rows is None else rows.shape[0]
+    device = student.device
+
+    def empty() -> torch.Tensor:  # a fresh one each time: a custom op's outputs may not alias
+        return student.new_empty(0, dtype=acc)
+
+    if R == 0 or L == 0:
+        zeros = (lambda *s: student.new_zeros(s, dtype=acc)) if compute_grad else (lambda *s: empty())
+        return student.new_zeros(L, dtype=acc), zeros(L, N, Ds), zeros(L, Dt, Ds), zeros(L, Dt)
+    w_mm = weight.to(mm_dtype)  # [L, Dt, Ds]
+    b_mm = bias.to(mm_dtype)[:, None, :]  # [L, 1, Dt]
+    row_fn = _rows_triton if use_triton(student) else _rows_torch
+    chunk = max(1, _CHUNK_ELEMS // max(1, L * max(Dt, Ds)))
+    num = d_weight = d_bias = None
+    d_student = None
+    if compute_grad:
+        d_student = (
+            torch.empty(L, N, Ds, dtype=acc, device=device)
+            if rows is None
+            else torch.zeros(L, N, Ds, dtype=acc, device=device)  # rows off the used set get 0
+        )
+    with torch.autocast(device_type=device.type, enabled=False):  # the dtypes are chosen here
+        for r0 in range(0, R, chunk):
+            r1 = min(R, r0 + chunk)
+            if rows is None:
+                x, y_rows = student[:, r0:r1], None
+                y, w = teacher[:, r0:r1], None if weights is None else weights[:, r0:r1]
+            else:
+                y_rows = rows[r0:r1] if R > chunk else rows
+                x, y, w = student.index_select(1, y_rows), teacher, weights
+            x = x.to(mm_dtype)  # [L, r, Ds]
+            p = torch.baddbmm(b_mm, x, w_mm.transpose(1, 2))  # [L, r, Dt]
+            term, dp = row_fn(p, y, w, y_rows, compute_grad, acc)
+            num = term.sum(-1) if num is None else num + term.sum(-1)
+            if not compute_grad:
+                continue
+            dp_mm = dp.to(mm_dtype)
+            dx = torch.bmm(dp_mm, w_mm)  # [L, r, Ds]
+            if rows is None:
+                d_student[:, r0:r1] = dx
+            else:
+                d_student.index_copy_(1, y_rows.long(), dx.to(acc))
+            dw = torch.bmm(dp_mm.transpose(1, 2), x).to(acc)  # [L, Dt, Ds]
+            db = dp.sum(1)  # [L, Dt]
+            d_weight = dw if d_weight is None else d_weight + dw
+            d_bias = db if d_bias is None else d_bias + db
+    if not compute_grad:
+        return num, empty(), empty(), empty()
+    return num, d_student, d_weight, d_bias
+
+
+@torch.library.custom_op("mta_kernels::fused_hra", mutates_args=())
+def _fused_hra_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weights: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mm_dtype: torch.dtype,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Σ_i w_i (1 − cos_i) [L], ∂/∂student [L, N, Ds], ∂/∂weight, ∂/∂bias)`` (gradients of the sum,
+    empty without ``compute_grad``), all in the accumulation dtype."""
+    return _hra_impl(student, teacher, weights, rows, weight, bias, mm_dtype, compute_grad)
+
+
+@_fused_hra_op.register_fake
+def _(student, teacher, weights, rows, weight, bias, mm_dtype, compute_grad):
+    L, N, Ds = student.shape
+    Dt = teacher.shape[-1]
+    acc = accumulation_dtype(student, teacher, weights)
+    grad = (
+        (lambda *s: student.new_empty(s, dtype=acc))
+        if compute_grad
+        else (lambda *s: student.new_empty(0, dtype=acc))
+    )
+    return student.new_empty(L, dtype=acc), grad(L, N, Ds), grad(L, Dt, Ds), grad(L, Dt)
+
+
+def _setup_context(ctx, inputs, output):
+    student, _, _, _, weight, bias, _, compute_grad = inputs
+    ctx.compute_grad = compute_grad
+    ctx.dtypes = (student.dtype, weight.dtype, bias.dtype)
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero tensors for the non-differentiable outputs
+
+
+def _backward(ctx, grad_num, *_):
+    if not ctx.compute_grad:
+        raise RuntimeError("mta_kernels::fused_hra: called with compute_grad=False, it has no gradient")
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "mta_kernels::fused_hra does not support double backward (create_graph=True): its gradient "
+            "is computed in the forward pass and has no derivative of its own"
+        )
+    if grad_num is None:  # grads are not materialised: the term did not reach the output
+        return (None,) * 8
+    d_student, d_weight, d_bias = ctx.saved_tensors
+    g = grad_num[:, None, None]
+    return (
+        (d_student * g).to(ctx.dtypes[0]),
+        None,
+        None,
+        None,
+        (d_weight * g).to(ctx.dtypes[1]),
+        (d_bias * g[:, :, 0]).to(ctx.dtypes[2]),
+        None,
+        None,
+    )
+
+
+_fused_hra_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_hra(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weights: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """HRA of L stacked layer pairs: ``Σ_i w_i (1 − cos(W_l x_i + b_l, y_i)) / Σ_i w_i`` per layer.
+
+    Args:
+        student: ``[L, N, Ds]`` rows (token rows ``B*T``, or units); the gradient flows here.
+        teacher: ``[L, N, Dt]`` (constant).
+        weights: ``[L, N]`` non-negative row weights (constant), 0 off the used rows, or None (every
+            used row weighs 1).
+        rows: int32 ``[R]`` the rows used (the covered tokens, ascending), or None for all N rows.
+        weight: ``[L, Dt, Ds]`` stacked projector weights; bias: ``[L, Dt]``.
+    Returns:
+        ``[L]`` in the accumulation dtype (float32; float64 for float64 inputs); 0 for a layer whose
+        weights sum to 0. Differentiable w.r.t. ``student``, ``weight`` and ``bias`` (no double backward).
+    """
+    device = student.device
+    if torch.is_autocast_enabled(device.type):
+        mm_dtype = torch.get_autocast_dtype(device.type)
+    elif student.dtype in (torch.bfloat16, torch.float16):
+        mm_dtype = student.dtype
+    else:
+        mm_dtype = accumulation_dtype(student, teacher, weights, weight)
+    compute_grad = torch.is_grad_enabled() and (
+        student.requires_grad or weight.requires_grad or bias.requires_grad
+    )
+    w = None if weights is None else weights.detach()
+    num, *_ = _fused_hra_op(student, teacher.detach(), w, rows, weight, bias, mm_dtype, compute_grad)
+    if w is None:
+        count = student.shape[1] if rows is None else rows.shape[0]
+        return num / max(count, 1)
+    # Σ w over all N rows: the callers' weights are 0 off the used rows. Σ w = 0 means every term is 0:
+    # 0 / tiny = 0, never 0 / 0.
+    den = w.sum(-1, dtype=num.dtype)  # [L]
+    return num / den.clamp_min(torch.finfo(num.dtype).tiny)
