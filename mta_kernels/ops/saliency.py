@@ -1,4 +1,4 @@
-"""Token saliency (SPEC §3): the mean attention each token receives under a parameter-free
+"""Token saliency (docs/method.md#token-saliency): the mean attention each token receives under a parameter-free
 self-attention of a layer's hidden states, computed flash-style without the T×T matrix.
 
 For one sequence and layer, hidden ``H`` ``[T, D]``, valid tokens V, ``n = |V|``::
@@ -17,7 +17,7 @@ grid of (block, sequence, layer) programs (``_grid``):
    key blocks; the score tile is ``tl.dot`` of the *raw* hidden rows over D in chunks of BD, scaled
    by ``r_j r_i log2(e) / sqrt(D)`` afterwards. Stores the row max ``m2_j`` and ``log2`` of the row sum
    *separately* (+inf max for rows that have no keys: padding, or n < 2). Keeping the max apart matters:
-   scores are not centred (SPEC §3), so rows with a large common direction have S2 ~ 1e4 and a stored
+   scores are not centred (docs/method.md#token-saliency), so rows with a large common direction have S2 ~ 1e4 and a stored
    log-sum-exp would round to ~1e-3 there; pass 2 recomputes the same tiles, rounded alike (no fp
    fusion, ``SCORE_LAUNCH_OPTIONS``), so ``S2 - m2`` is exact for the row's largest score.
 2. ``_colsum_kernel``     T/BN · B · L programs: a block of key columns i loops over all query blocks j,
@@ -31,11 +31,11 @@ Torch path (CPU tensors without the interpreter, or ``use_backend("torch")``): t
 chunks of at most 256 query rows × T keys (and a bounded number of sequences per chunk), so it never
 holds a T×T matrix either; a chunk holds all keys of its rows, so one pass suffices there.
 
-No gradient (SPEC §3): the saliency is a constant weight. ``token_saliency`` returns a tensor that
+No gradient: the saliency is a constant weight. ``token_saliency`` returns a tensor that
 does not require grad (``hidden`` is detached), so ``out.backward()`` raises torch's "does not require
 grad" error rather than silently giving a zero gradient; calling the raw op
 ``torch.ops.mta_kernels.token_saliency`` on a tensor that requires grad gives an output whose backward
-raises ``RuntimeError("token_saliency has no gradient (SPEC §3)")``.
+raises ``RuntimeError("token_saliency has no gradient ...")``.
 """
 
 from __future__ import annotations
@@ -472,7 +472,7 @@ def _token_saliency_fake(hidden: torch.Tensor, attention_mask: torch.Tensor) -> 
 
 def _token_saliency_backward(ctx, grad_out: torch.Tensor):
     raise RuntimeError(
-        "token_saliency has no gradient (SPEC §3): its output is a constant weight; "
+        "token_saliency has no gradient (docs/method.md#token-saliency): its output is a constant weight; "
         "use mta_kernels.token_saliency, which returns a tensor that does not require grad"
     )
 

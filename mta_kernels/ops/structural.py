@@ -1,4 +1,4 @@
-"""DSA structural loss (SPEC §5), block-diagonal, fused, tiled: no N×N matrix ever exists.
+"""DSA structural loss (docs/method.md#dsa-loss), block-diagonal, fused, tiled: no N×N matrix ever exists.
 
     Û = normalize(X, dim=-1, eps=DSA_NORM_FLOOR)   (student S, teacher T; widths Ds, Dt may differ)
     C^S_uv = Û^S_u · Û^S_v,   C^T_uv = Û^T_u · Û^T_v
@@ -17,7 +17,7 @@ Two implementations behind one op (``mta_kernels._dispatch.use_triton``):
   inverse norms); the loss partials go to a ``[L, W]`` buffer summed afterwards and the gradient rows are
   owned by exactly one program: no atomics, deterministic.
 - torch (any device): short sequences packed into blocks of ≤ 64 units and batched; a long sequence alone,
-  in row chunks (never more than ``chunk × N`` scores), or with the feature-space identity of SPEC §5 when
+  in row chunks (never more than ``chunk × N`` scores), or with the feature-space identity of docs/method.md#dsa-loss when
   it has more units than dimensions (cost model).
 
 Deterministic on both paths (no atomics, no scatter-add). Design notes: ``docs/design/structural.md``.
@@ -47,7 +47,7 @@ def _dot_nt(a, b, NATIVE: tl.constexpr, F32_PREC: tl.constexpr, IS_FP64: tl.cons
     """``a [M, K] · b [N, K]ᵀ -> [M, N]``, fp32 accumulation (fp64 for fp64 inputs).
 
     NATIVE: 16-bit operands straight to the tensor cores (products exact in fp32). Otherwise the operands
-    are fp32 and F32_PREC is "ieee" (true fp32; TF32 would cost ~1e-3 relative error, far beyond SPEC §8)
+    are fp32 and F32_PREC is "ieee" (true fp32; TF32 would cost ~1e-3 relative error, far beyond the tolerance rule)
     or "tf32x3". fp64 avoids tl.dot (fp64 dot support differs across Triton releases): fp64 is the
     gradcheck/oracle dtype, not a performance target.
     """
