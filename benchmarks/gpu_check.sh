@@ -34,7 +34,7 @@ KILL_GRACE=1    # seconds between timeout's TERM and KILL
 EXPORT_BOX=2    # seconds allowed to pack the results after each stage
 LIMIT=540       # the whole script, worst case (9 minutes)
 B=benchmarks
-KERNEL_TESTS="tests/test_saliency.py tests/test_span_pool.py tests/test_structural.py tests/test_outliers.py tests/test_losses.py tests/test_layout.py"
+KERNEL_TESTS="tests/test_saliency.py tests/test_span_pool.py tests/test_structural.py tests/test_outliers.py tests/test_losses.py tests/test_fused_hra.py tests/test_host_syncs.py tests/test_layout.py"
 TARGET_PROVIDERS=eager_stacked,eager,mta_kernels
 
 # name|box seconds|command (run with bash -c; $RES is the results folder, $PYTHON the interpreter)

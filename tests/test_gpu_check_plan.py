@@ -18,7 +18,14 @@ LIMIT_S = 9 * 60
 # The order that gives a verdict first: build, kernel tests, the target shape (eager, then autocast), the
 # saliency case, the training step, the sweeps, torch.compile last.
 ORDER = ["install", "kernels", "target", "target-autocast", "saliency", "step", "sweep:", "compile"]
-KERNEL_TEST_FILES = ["test_saliency.py", "test_span_pool.py", "test_structural.py", "test_losses.py"]
+KERNEL_TEST_FILES = [
+    "test_saliency.py",
+    "test_span_pool.py",
+    "test_structural.py",
+    "test_losses.py",
+    "test_fused_hra.py",
+    "test_host_syncs.py",  # zero syncs under sync_debug_mode("error"), CUDA-graph capture
+]
 
 
 @pytest.fixture(scope="module")
