@@ -17,10 +17,12 @@ harness checks loss and gradients against ``eager``).
 
 Floor (per pair k with units of its granularity; e bytes per hidden element, C_k covered tokens):
     bytes = B·T·(2·Ds + Dt)·e                 read H_s, H_t; write dH_s (dense)
-    FLOPs = 4·B·T²·(Ds + Dt)                  saliency, student and teacher (two-pass, see bench_saliency)
-          + DSA fwd+bwd floor                 (bench_structural.structural_floor)
+    FLOPs = 2·B·T²·(Ds + Dt)                  saliency, student and teacher: the useful Gram H·Hᵀ once
+                                               (the kernel's two passes compute it twice; see bench_saliency)
+          + DSA fwd+bwd floor                 (bench_structural.structural_floor_by_rate)
           + 6·M_k·Ds·Dt                        HRA projector fwd + bwd (dX, dW); M_k = C_k covered tokens
                                                (token level) or U_k units (unit level)
+    fp32 inputs: all FLOPs at the fp32 rate; 16-bit: tensor-core rate except the DSA gradient's fp32 part.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 import harness
 import torch
-from bench_structural import structural_floor
+from bench_structural import structural_floor_by_rate
 
 PROVIDERS = ("eager_stacked", "eager", "mta_kernels", "compile")  # compile last (see bench_saliency)
 
@@ -142,20 +144,29 @@ def make_loss_fn(provider: str, x: dict[str, Any], compiled_cache: dict[str, Any
     return lambda: f(x["s_states"], x["t_states"], x["units"], x["mask"], x["mask"], **kwargs).loss
 
 
-def mta_floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float]:
+def mta_floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float, float]:
+    """(bytes, FLOPs at the tensor-core rate, FLOPs at the fp32 rate) of one forward + backward.
+
+    fp32 hidden states: every FLOP at the fp32 rate. 16-bit: saliency and the projector on the tensor
+    cores, the DSA gradient's fp32 part at the fp32 rate (``structural_floor_by_rate``).
+    """
     pre = harness.PRESETS[p["preset"]]
     B, T, Ds, Dt, e = p["B"], p["T"], pre.d_student, pre.d_teacher, x["element_size"]
-    total_bytes, total_flops = 0.0, 0.0
+    total_bytes, flops16, flops32 = 0.0, 0.0, 0.0
     for _, _, g in x["pairs"]:
         ub = x["units"][g]
         counts = (ub.cu_units[1:] - ub.cu_units[:-1]).tolist()
         covered = int((ub.student_ranges[:, 1] - ub.student_ranges[:, 0]).sum())
-        total_bytes += B * T * (2 * Ds + Dt) * e
-        total_flops += 4.0 * B * T * T * (Ds + Dt)
-        total_flops += structural_floor("fwd+bwd", 1, counts, Ds, Dt, e)[1]
         m = covered if x["hra_level"] == "token" else ub.num_units
-        total_flops += 6.0 * m * Ds * Dt
-    return total_bytes, total_flops
+        dense = 2.0 * B * T * T * (Ds + Dt) + 6.0 * m * Ds * Dt  # useful saliency Gram + projector
+        dsa_bytes, dsa16, dsa32 = structural_floor_by_rate("fwd+bwd", 1, counts, Ds, Dt, e)
+        total_bytes += B * T * (2 * Ds + Dt) * e
+        if e >= 4:
+            flops32 += dense + dsa16 + dsa32
+        else:
+            flops16 += dense + dsa16
+            flops32 += dsa32
+    return total_bytes, flops16, flops32
 
 
 def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
@@ -194,23 +205,23 @@ def _build(p: dict[str, Any], *, device: torch.device, dtype: torch.dtype, seed:
 
 def print_floors(args: argparse.Namespace) -> None:
     """Floors of the cases on the CPU (no GPU needed): bytes, FLOPs and times at the H100 ceilings
-    (3.0 TB/s, 800 TFLOP/s; benchmarks/NOTES.md, "Denominators")."""
+    (3.0 TB/s, 800 TFLOP/s bf16, 50 TFLOP/s fp32; benchmarks/NOTES.md, "Denominators")."""
     harness.apply_unit_overrides(args)
     e = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
-    h100 = {"bandwidth_GBps": 3000.0, "matmul_TFLOPs": 800.0}
+    h100 = {"bandwidth_GBps": 3000.0, "matmul_TFLOPs": 800.0, "matmul_fp32_TFLOPs": 50.0}
     print(f"unit statistics: {harness.UNIT_STATS_SOURCE}: {harness.UNITS_PER_TOKEN} {harness.TOKEN_COVERAGE}")
-    print("| case | preset | B | T | K | bytes (MB) | GFLOP | bytes/3.0 TB/s (µs) | FLOPs/800 TFLOP/s (µs) |")
+    print("| case | preset | B | T | K | bytes (MB) | GFLOP bf16 | GFLOP fp32 | floor at H100 rates (µs) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for which in ("target", "sweep"):
         for p in cases(which, args.quick):
             p = complete(p)
             x = {**layout_inputs(p, torch.device("cpu"), args.seed), "element_size": e}
-            b, f = mta_floor(p, x)
-            t_bytes = b / (h100["bandwidth_GBps"] * 1e9) * 1e6
-            t_flops = f / (h100["matmul_TFLOPs"] * 1e12) * 1e6
+            b, f16, f32 = mta_floor(p, x)
+            rec: dict[str, Any] = {}
+            harness._add_floor(rec, (b, f16, f32), h100)
             print(
                 f"| {p['case']} | {p['preset']} | {p['B']} | {p['T']} | {p['K']} |"
-                f" {b / 1e6:.1f} | {f / 1e9:.1f} | {t_bytes:.1f} | {t_flops:.1f} |"
+                f" {b / 1e6:.1f} | {f16 / 1e9:.1f} | {f32 / 1e9:.1f} | {rec['floor_ms'] * 1e3:.1f} |"
             )
 
 
