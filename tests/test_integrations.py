@@ -1,5 +1,5 @@
 """Trainer integrations (mta_kernels.integrations): MTATrainer on transformers.Trainer, MTAGKDTrainer on
-TRL's on-policy DistillationTrainer, MTADataCollator, and the snippets of docs/integrations.md.
+TRL's on-policy DistillationTrainer, MTADataCollator, and the README's trainer snippets.
 
 Tiny local GPT-2 models and a BPE tokenizer trained on the bundled corpus; no hub access. The ops run
 their plain-torch path (``use_backend("torch")``): the Triton interpreter is tested elsewhere.
@@ -591,27 +591,38 @@ def test_trl_bad_inputs(assets, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- docs
-def _doc_blocks() -> list[str]:
-    with open(os.path.join(REPO, "docs", "integrations.md"), encoding="utf-8") as f:
-        return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+def _readme_blocks() -> list[str]:
+    """The fenced Python blocks of the README's "Use it in your trainer" section, in order."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("## Use it in your trainer", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
-@pytest.mark.parametrize("index", [0, 1], ids=["hf-trainer", "trl"])
-def test_docs_snippets_run(assets, tmp_path, index):
-    """The fenced Python blocks of docs/integrations.md run as written (tiny local models)."""
-    _needs("accelerate", "datasets", "tensorboard", *(["trl"] if index == 1 else []))
-    blocks = _doc_blocks()
-    assert len(blocks) == 2
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["plain-loop", "hf-trainer", "trl"])
+def test_readme_snippets_run(assets, tmp_path, index):
+    """The README's trainer snippets run as written (tiny local models)."""
+    needs = [[], ["accelerate", "datasets", "tensorboard"], ["accelerate", "datasets", "tensorboard", "trl"]]
+    _needs(*needs[index])
+    if index == 0:
+        pytest.importorskip("spacy")
+    blocks = _readme_blocks()
+    assert len(blocks) == 3
     out = tmp_path / "out"
     namespace = {
         "STUDENT": str(assets["root"] / "student"),
         "TEACHER": str(assets["root"] / "teacher"),
         "DATA": str(assets["root"] / "data.jsonl"),
+        "BATCHES": [[r["prompt"] + r["output"] for r in assets["rows"][:2]]] * 2,
         "OUTPUT_DIR": str(out),
         "MAX_STEPS": 2,
     }
     with use_backend("torch"):
-        exec(compile(blocks[index], f"docs/integrations.md[{index}]", "exec"), namespace)
+        exec(compile(blocks[index], f"README.md[{index}]", "exec"), namespace)
+    if index == 0:
+        assert math.isfinite(float(namespace["loss"])) and float(namespace["out"].loss) > 0
+        assert all(p.grad is None or not p.grad.any() for p in namespace["mta"].parameters())  # zero_grad ran
+        return
     trainer = namespace["trainer"]
     assert trainer.state.global_step == 2
     assert any("mta" in r and math.isfinite(r["mta"]) for r in trainer.state.log_history)
