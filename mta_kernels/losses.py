@@ -323,7 +323,7 @@ def _stacked_terms(
         student_saliency, teacher_saliency: ``[L, B, T]`` token saliencies when the caller computed them
             (for all its layers at once), else computed here when needed.
         teacher_confidence: ``[B, Tt]`` (checked) or None: replaces the teacher's saliency as the source
-            of the unit importances and the token-level HRA weights (docs/method.md#the-objective).
+            of the unit importances and the token-level HRA weights (docs/method.md#entropy-weighting).
     Returns:
         ``(dsa [L] or None, hra [L] or None)``, float32 (float64 for float64 inputs).
     """
@@ -567,7 +567,8 @@ class MTALoss(nn.Module):
                 (:func:`mta_kernels.variants.teacher_confidence`, ``1 − H(p_T)/log V``; a constant).
                 Normalised over each sequence's covered tokens like the saliency, it replaces the
                 teacher's saliency as unit importance ``W_u`` and token-level HRA weight (the published
-                ``--entropy_weight``); the pooling keeps the saliency. Needs ``weighted=True``.
+                ``--entropy_weight``); the pooling keeps the saliency. Needs ``weighted=True``
+                (docs/method.md#entropy-weighting).
         Returns:
             :class:`MTALossOutput` with ``.loss`` (float32 scalar), ``.dsa`` and ``.hra`` (``[K]``).
         """
