@@ -90,6 +90,22 @@ def _normalised_weights(saliency: torch.Tensor, covered: torch.Tensor) -> torch.
     return a / per_seq.clamp_min(torch.finfo(per_seq.dtype).tiny)
 
 
+def _normalised_confidence(
+    confidence: torch.Tensor, units: UnitBatch, plan: layout.LayoutPlan | None, teacher: torch.Tensor
+) -> torch.Tensor:
+    """``ĉ_i = c_i / Σ_{k covered, same sequence} c_k`` on the teacher's covered tokens, 0 elsewhere: the
+    teacher confidence ``[B, Tt]`` normalised like the saliency (the published ``--entropy_weight``).
+
+    Returns ``[1, B, Tt]``, float64 for a float64 teacher, else float32.
+    """
+    B, Tt = confidence.shape
+    dtype = torch.float64 if teacher.dtype == torch.float64 else torch.float32
+    c = confidence.detach().to(dtype).reshape(1, B, Tt)
+    if plan is not None and dtype == torch.float32 and _eager_triton(teacher):
+        return normalised_weights(c, plan.teacher.token_to_unit)
+    return _normalised_weights(c, _covered(units, "teacher", B * Tt))
+
+
 def _unit_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
     """``W_u = Σ_{i in u} w_i`` for every unit, from per-sequence prefix sums (no loop, no host sync).
 
@@ -134,6 +150,40 @@ def _check_mask(mask: torch.Tensor | None, B: int, T: int, device: torch.device,
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(f"{what} must be bool or 0/1 integers, got {mask.dtype}")
     return mask
+
+
+def _check_confidence(
+    confidence: torch.Tensor | None, B: int, Tt: int, device: torch.device, weighted: bool
+) -> torch.Tensor | None:
+    """The teacher's per-token confidence ``[B, Tt]`` (or None). Its values (finite, >= 0) are checked
+    where that reads nothing back from a device: CPU tensors on the torch path."""
+    if confidence is None:
+        return None
+    if not isinstance(confidence, torch.Tensor):
+        raise TypeError(
+            f"teacher_confidence must be a torch.Tensor [B, Tt] or None, got {type(confidence).__name__}"
+        )
+    if not confidence.is_floating_point():
+        raise TypeError(f"teacher_confidence must be a floating-point tensor, got {confidence.dtype}")
+    if tuple(confidence.shape) != (B, Tt):
+        raise ValueError(
+            f"teacher_confidence must have shape [B, Tt] = {[B, Tt]} like the teacher's hidden states, "
+            f"got {list(confidence.shape)}"
+        )
+    if confidence.device != device:
+        raise ValueError(
+            f"teacher_confidence is on {confidence.device} but the hidden states are on {device}"
+        )
+    if not weighted:
+        raise ValueError(
+            "teacher_confidence replaces the unit and token weights, but this loss is unweighted "
+            "(weighted=False): build it with weighted=True or pass no confidence"
+        )
+    if confidence.device.type == "cpu" and not torch.compiler.is_compiling() and not use_triton(confidence):
+        c = confidence.detach()
+        if not bool((torch.isfinite(c) & (c >= 0)).all()):
+            raise ValueError("teacher_confidence must be finite and >= 0 (e.g. variants.teacher_confidence)")
+    return confidence
 
 
 def _check_units(
@@ -262,6 +312,7 @@ def _stacked_terms(
     projectors: Sequence[nn.Linear],
     student_saliency: torch.Tensor | None = None,
     teacher_saliency: torch.Tensor | None = None,
+    teacher_confidence: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """DSA and HRA of L stacked layer pairs of one granularity (inputs already validated).
 
@@ -271,6 +322,8 @@ def _stacked_terms(
         projectors: L Linear(Ds → Dt), used when ``hra_level`` is not None.
         student_saliency, teacher_saliency: ``[L, B, T]`` token saliencies when the caller computed them
             (for all its layers at once), else computed here when needed.
+        teacher_confidence: ``[B, Tt]`` (checked) or None: replaces the teacher's saliency as the source
+            of the unit importances and the token-level HRA weights (docs/method.md#entropy-weighting).
     Returns:
         ``(dsa [L] or None, hra [L] or None)``, float32 (float64 for float64 inputs).
     """
@@ -288,17 +341,24 @@ def _stacked_terms(
         # ŵ^T: the teacher's attention weights normalised over the covered tokens of each sequence. It
         # drives the teacher's pooling, the unit importance W and the token-level HRA weights.
         teacher_w = None  # [L, B, Tt]
-        if attention or weighted:
+        if attention or (weighted and teacher_confidence is None):
             if teacher_saliency is None:
                 teacher_saliency = token_saliency(teacher, teacher_mask)
             if plan is not None and _eager_triton(teacher):  # one launch for the whole normalisation
                 teacher_w = normalised_weights(teacher_saliency, plan.teacher.token_to_unit)
             else:
                 teacher_w = _normalised_weights(teacher_saliency, _covered(units, "teacher", B * Tt))
+        # The published --entropy_weight: the confidence, normalised over the covered tokens like ŵ^T,
+        # replaces ŵ^T as unit importance and token-HRA weight (ŵ^T still pools). Shared by the L layers.
+        weight_w = teacher_w
+        if weighted and teacher_confidence is not None:
+            weight_w = _normalised_confidence(teacher_confidence, units, plan, teacher).expand(L, B, Tt)
         if need_units:
             pool_w = teacher_w.reshape(L, B * Tt) if attention else None
             teacher_units, den = _pool_with_mass(teacher_flat, units.teacher_ranges, pool_w)  # [L, U, Dt]
-            if weighted:
+            if weighted and teacher_confidence is not None:  # W_u = Σ_{i in u} ĉ_i, the same for every layer
+                unit_w = _unit_sums(weight_w[:1], units.teacher_ranges).expand(L, -1).contiguous()
+            elif weighted:
                 # W_u = Σ_{i in u} ŵ_i: the pooling's own weight sums when it pooled with ŵ
                 unit_w = den.to(teacher_w.dtype) if attention else _unit_sums(teacher_w, units.teacher_ranges)
         # The student's pooling needs a_i only up to a per-sequence factor, which cancels in h_u: the raw
@@ -328,7 +388,7 @@ def _stacked_terms(
             # shapes, no sync); without a plan, all B*T tokens with weight 0 off the covered set.
             rows = None if plan is None else plan.student.covered_tokens
             if weighted:
-                token_w = teacher_w.reshape(L, B * Ts)
+                token_w = weight_w.reshape(L, B * Ts).contiguous()
             elif rows is None:  # unweighted: every covered token counts 1
                 token_w = _covered(units, "student", B * Ts).to(student.dtype).expand(L, -1)
             else:
@@ -494,6 +554,7 @@ class MTALoss(nn.Module):
         units: Mapping[str, UnitBatch],
         student_mask: torch.Tensor | None,
         teacher_mask: torch.Tensor | None,
+        teacher_confidence: torch.Tensor | None = None,
     ) -> MTALossOutput:
         """L_MTA for one batch.
 
@@ -502,6 +563,12 @@ class MTALoss(nn.Module):
             teacher_hidden_states: the teacher's, each ``[B, Tt, Dt]`` (no gradient reaches them).
             units: ``{"word": UnitBatch, "phrase": UnitBatch}`` (the granularities the pairs use).
             student_mask, teacher_mask: attention masks ``[B, Ts]`` / ``[B, Tt]`` (None: all valid).
+            teacher_confidence: optional float ``[B, Tt]``, the teacher's per-token confidence
+                (:func:`mta_kernels.variants.teacher_confidence`, ``1 − H(p_T)/log V``; a constant).
+                Normalised over each sequence's covered tokens like the saliency, it replaces the
+                teacher's saliency as unit importance ``W_u`` and token-level HRA weight (the published
+                ``--entropy_weight``); the pooling keeps the saliency. Needs ``weighted=True``
+                (docs/method.md#entropy-weighting).
         Returns:
             :class:`MTALossOutput` with ``.loss`` (float32 scalar), ``.dsa`` and ``.hra`` (``[K]``).
         """
@@ -537,13 +604,18 @@ class MTALoss(nn.Module):
         device = s_states[self.pairs[0][0]].device
         student_mask = _check_mask(student_mask, B, Ts, device, "student_mask")
         teacher_mask = _check_mask(teacher_mask, B, Tt, device, "teacher_mask")
+        conf = _check_confidence(teacher_confidence, B, Tt, device, self.weighted)
 
         # Traced by torch.compile: the stacked glue (static, either backend; the compiler fuses it).
         if torch.compiler.is_compiling() or use_triton(s_states[self.pairs[0][0]]):
-            dsa_parts, hra_parts = self._stacked_groups(s_states, t_states, units, student_mask, teacher_mask)
+            dsa_parts, hra_parts = self._stacked_groups(
+                s_states, t_states, units, student_mask, teacher_mask, conf
+            )
             reorder = self._reorder
         else:
-            dsa_parts, hra_parts = self._pair_by_pair(s_states, t_states, units, student_mask, teacher_mask)
+            dsa_parts, hra_parts = self._pair_by_pair(
+                s_states, t_states, units, student_mask, teacher_mask, conf
+            )
             reorder = False
         dsa = torch.cat(dsa_parts)
         if reorder:
@@ -555,7 +627,7 @@ class MTALoss(nn.Module):
             hra = hra[self._order]
         return MTALossOutput(loss=(dsa + self.gamma * hra).mean(), dsa=dsa.detach(), hra=hra.detach())
 
-    def _stacked_groups(self, s_states, t_states, units, student_mask, teacher_mask):
+    def _stacked_groups(self, s_states, t_states, units, student_mask, teacher_mask, confidence=None):
         """The Triton path: few launches. Every pair's layers stacked once per side, in group order
         ([K, B, T, D], one copy each); each group is a slice (a view). The saliency does not depend on
         the units: one call per side for all K layers. Returns the per-group ``[L_g]`` terms."""
@@ -565,7 +637,8 @@ class MTALoss(nn.Module):
             teacher_all = _stack_layers([t_states[self.pairs[k][1]].detach() for k in flat])  # [K, B, Tt, Dt]
             attention = self.pooling == "attention"
             s_sal = token_saliency(student_all.detach(), student_mask) if attention else None
-            t_sal = token_saliency(teacher_all, teacher_mask) if attention or self.weighted else None
+            need_t_sal = attention or (self.weighted and confidence is None)
+            t_sal = token_saliency(teacher_all, teacher_mask) if need_t_sal else None
         dsa_parts, hra_parts = [], []
         start = 0
         for g, ks in self._groups:
@@ -586,12 +659,13 @@ class MTALoss(nn.Module):
                     projectors=[self.projectors[k] for k in ks] if self.hra_level is not None else [],
                     student_saliency=None if s_sal is None else s_sal[part],
                     teacher_saliency=None if t_sal is None else t_sal[part],
+                    teacher_confidence=confidence,
                 )
             dsa_parts.append(dsa)
             hra_parts.append(hra)
         return dsa_parts, hra_parts
 
-    def _pair_by_pair(self, s_states, t_states, units, student_mask, teacher_mask):
+    def _pair_by_pair(self, s_states, t_states, units, student_mask, teacher_mask, confidence=None):
         """The torch path (CPU): launches cost little there, copies do: each pair on views of its own
         layers (``[1, B, T, D]``), nothing stacked. Returns the ``[1]`` terms in the order of ``pairs``."""
         dsa_parts, hra_parts = [], []
@@ -608,6 +682,7 @@ class MTALoss(nn.Module):
                     with_dsa=True,
                     hra_level=self.hra_level,
                     projectors=[self.projectors[k]] if self.hra_level is not None else [],
+                    teacher_confidence=confidence,
                 )
             dsa_parts.append(dsa)
             hra_parts.append(hra)
@@ -653,6 +728,7 @@ def _single_term(
     weighted: bool,
     hra_level: str | None,
     check_units: bool,
+    teacher_confidence: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The forward of :class:`DSALoss` (``hra_level=None``) and :class:`HRALoss`: checks, then one term
     over one layer pair ``[B, T, D]`` (scalar) or stacked pairs ``[L, B, T, D]`` (``[L]``)."""
@@ -665,6 +741,7 @@ def _single_term(
     _check_units(units, B, Ts, Tt, student4.device, what, check_units)
     if hra_level == "token":
         _check_same_tokenization(units, what)
+    conf = _check_confidence(teacher_confidence, B, Tt, student4.device, weighted)
     with _naming(what):
         dsa, hra = _stacked_terms(
             student4,
@@ -677,6 +754,7 @@ def _single_term(
             with_dsa=hra_level is None,
             hra_level=hra_level,
             projectors=projectors,
+            teacher_confidence=conf,
         )
     term = dsa if hra_level is None else hra
     return term[0] if squeeze else term
@@ -685,10 +763,11 @@ def _single_term(
 class DSALoss(nn.Module):
     """DSA alone (docs/method.md#dsa-loss) for one layer pair or L stacked layer pairs of one granularity.
 
-    ``forward(student, teacher, units, student_mask, teacher_mask)``:
+    ``forward(student, teacher, units, student_mask, teacher_mask, teacher_confidence=None)``:
         student ``[B, Ts, Ds]`` or ``[L, B, Ts, Ds]`` (gradient flows here); teacher ``[B, Tt, Dt]`` or
         ``[L, B, Tt, Dt]`` (constant); units: the UnitBatch of the granularity; masks ``[B, Ts]`` /
-        ``[B, Tt]`` (None: all valid) -> float32 scalar, or ``[L]``.
+        ``[B, Tt]`` (None: all valid); teacher_confidence: optional ``[B, Tt]`` unit-weight source, as in
+        :meth:`MTALoss.forward` (shared by the L pairs) -> float32 scalar, or ``[L]``.
     """
 
     def __init__(self, pooling: str = "attention", weighted: bool = True, check_units: bool = True) -> None:
@@ -706,6 +785,7 @@ class DSALoss(nn.Module):
         units: UnitBatch,
         student_mask: torch.Tensor | None = None,
         teacher_mask: torch.Tensor | None = None,
+        teacher_confidence: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return _single_term(
             "DSALoss",
@@ -720,6 +800,7 @@ class DSALoss(nn.Module):
             weighted=self.weighted,
             hra_level=None,
             check_units=self.check_units,
+            teacher_confidence=teacher_confidence,
         )
 
 
@@ -733,9 +814,10 @@ class HRALoss(nn.Module):
         pooling, weighted, check_units: as in :class:`MTALoss` (pooling matters for ``level="unit"``
             only).
 
-    ``forward(student, teacher, units, student_mask, teacher_mask)``: student ``[B, Ts, Ds]`` or
-    ``[L, B, Ts, Ds]`` with ``L == num_pairs``; teacher likewise with Tt, Dt; units: UnitBatch;
-    masks ``[B, T]`` (None: all valid) -> float32 scalar, or ``[L]``.
+    ``forward(student, teacher, units, student_mask, teacher_mask, teacher_confidence=None)``: student
+    ``[B, Ts, Ds]`` or ``[L, B, Ts, Ds]`` with ``L == num_pairs``; teacher likewise with Tt, Dt; units:
+    UnitBatch; masks ``[B, T]`` (None: all valid); teacher_confidence: optional ``[B, Tt]`` weight
+    source, as in :meth:`MTALoss.forward` (shared by the L pairs) -> float32 scalar, or ``[L]``.
     """
 
     def __init__(
@@ -771,6 +853,7 @@ class HRALoss(nn.Module):
         units: UnitBatch,
         student_mask: torch.Tensor | None = None,
         teacher_mask: torch.Tensor | None = None,
+        teacher_confidence: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return _single_term(
             "HRALoss",
@@ -785,4 +868,5 @@ class HRALoss(nn.Module):
             weighted=self.weighted,
             hra_level=self.level,
             check_units=self.check_units,
+            teacher_confidence=teacher_confidence,
         )

@@ -327,6 +327,7 @@ def mta_loss(
     hra: str | None = "unit",
     gamma: float = 0.1,
     stacked: bool = False,
+    teacher_confidence: torch.Tensor | None = None,
 ) -> MTATerms:
     """The whole MTA loss, composed from the functions above one layer pair at a time.
 
@@ -335,7 +336,9 @@ def mta_loss(
 
     - ŵ^T, ŵ^S: token saliency of each side normalised over the covered tokens of each sequence;
     - unit vectors: span pooling of each side, weighted by ŵ (``pooling="attention"``) or plain means;
-    - unit importance ``W_u = Σ_{i in u} ŵ^T_i`` when ``weighted``, else 1;
+    - unit importance ``W_u = Σ_{i in u} ŵ^T_i`` when ``weighted``, else 1; with ``teacher_confidence``
+      c, ``W_u = Σ_{i in u} ĉ_i`` where ĉ is c normalised over the covered tokens of each sequence
+      like ŵ^T (the published ``--entropy_weight``), and ĉ_i replaces ŵ^T_i as token-HRA weight;
     - DSA on the unit vectors with W (the published (ΣU)×(ΣU) form when ``stacked``);
     - HRA: ``"unit"`` compares ``P_k h^S_u`` with ``h^T_u`` weighted by W; ``"token"`` compares
       ``P_k H^S_i`` with ``H^T_i`` over the covered tokens, weighted by ŵ^T_i (1 when not ``weighted``).
@@ -353,6 +356,8 @@ def mta_loss(
         pooling: ``"attention"`` or ``"mean"``; weighted: weight units and tokens by the teacher's
             saliency; hra: ``"token"`` (the two sides share one tokenization), ``"unit"`` or ``None``;
         gamma: weight γ of the HRA term; stacked: compute DSA with :func:`structural_loss_stacked`.
+        teacher_confidence: ``[B, Tt]`` per-token teacher confidence ``1 − H(p_T)/log V`` (a constant),
+            or None; needs ``weighted``.
     Returns:
         :class:`MTATerms` ``(loss, dsa [K], hra [K] or None)``, float32 (float64 for float64 inputs).
     """
@@ -364,6 +369,8 @@ def mta_loss(
         raise ValueError("pairs must name at least one (student_layer, teacher_layer, granularity)")
     if hra is not None and (projectors is None or len(projectors) != len(pairs)):
         raise ValueError(f"hra={hra!r} needs one projector per pair ({len(pairs)})")
+    if teacher_confidence is not None and not weighted:
+        raise ValueError("teacher_confidence replaces the unit and token weights: it needs weighted=True")
     dsa_fn = structural_loss_stacked if stacked else structural_loss
     dsa_terms, hra_terms = [], []
     for k, (ls, lt, granularity) in enumerate(pairs):
@@ -386,6 +393,14 @@ def mta_loss(
         else:
             units_s = span_pool(hs_flat, ub.student_ranges)
             units_t = span_pool(ht_flat, ub.teacher_ranges)
+        if teacher_confidence is not None:  # the importances come from the confidence, the pooling not
+            if tuple(teacher_confidence.shape) != (B, Tt):
+                raise ValueError(
+                    f"teacher_confidence must be [B, Tt] = {[B, Tt]}, got {list(teacher_confidence.shape)}"
+                )
+            dtype = torch.float64 if ht.dtype == torch.float64 else torch.float32
+            conf = teacher_confidence.detach().to(dtype)
+            w_t = covered_token_weights(conf, ub.teacher_ranges, ub.cu_units, Tt)
         unit_w = unit_weight_sums(w_t, ub.teacher_ranges) if weighted else None
 
         dsa_terms.append(dsa_fn(units_s, units_t, ub.cu_units, unit_w))

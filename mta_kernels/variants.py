@@ -42,7 +42,9 @@ __all__ = ["CrossTokenizerMTALoss", "CrossTokenizerMTAOutput", "teacher_confiden
 
 
 def teacher_confidence(teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Normalised teacher confidence ``1 − H(p_T)/log V`` per token (a constant for autograd).
+    """Normalised teacher confidence ``1 − H(p_T)/log V`` per token (a constant for autograd): the
+    ``teacher_confidence`` of :class:`CrossTokenizerMTALoss` and of :class:`mta_kernels.losses.MTALoss`
+    (docs/method.md#entropy-weighting). V = 1 is refused: there is no entropy to normalise by.
 
     Args:
         teacher_logits: ``[B, T, V]``, V ≥ 2.
@@ -120,6 +122,17 @@ class CrossTokenizerMTALoss(nn.Module):
         Returns:
             :class:`CrossTokenizerMTAOutput`.
         """
+        if teacher_confidence is not None:
+            if not isinstance(teacher_confidence, torch.Tensor) or not teacher_confidence.is_floating_point():
+                raise TypeError("teacher_confidence must be a floating-point torch.Tensor [B, Tt]")
+            ht0 = teacher_hidden_states[self.pairs[0][1]]
+            if tuple(teacher_confidence.shape) != tuple(ht0.shape[:2]):
+                raise ValueError(
+                    f"teacher_confidence must be [B, Tt] = {list(ht0.shape[:2])}, "
+                    f"got {list(teacher_confidence.shape)}"
+                )
+            if not self.weighted:
+                raise ValueError("teacher_confidence replaces the unit weights: it needs weighted=True")
         terms = []
         for (s, t, g), proj in zip(self.pairs, self.projectors):
             if g not in units:

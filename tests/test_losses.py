@@ -9,6 +9,7 @@ never by spaCy.
 from __future__ import annotations
 
 import copy
+import os
 import zlib
 
 import pytest
@@ -20,6 +21,7 @@ import mta_kernels.losses as losses_mod
 from mta_kernels import reference as ref
 from mta_kernels.layout import UnitBatch
 from mta_kernels.losses import PRESETS, DSALoss, HRALoss, MTALoss, auto_pairs
+from mta_kernels.variants import teacher_confidence
 
 DS, DT = 17, 24  # small awkward widths; the presets' real widths are overridden in tests
 
@@ -101,6 +103,7 @@ def run_and_compare(
     *,
     check_grads: bool = True,
     floor: float = 1e-5,
+    teacher_confidence: torch.Tensor | None = None,
 ) -> None:
     """Module vs ``reference.mta_loss`` in float64 under the tolerance rule (eager = ``reference.mta_loss``
     in the input dtype; docs/method.md#numerical-tolerance-rule): values, per-pair terms, and the
@@ -108,7 +111,7 @@ def run_and_compare(
     dtype = s_states[0].dtype
     kw = dict(pooling=module.pooling, weighted=module.weighted, hra=module.hra_level, gamma=module.gamma)
 
-    out = module(s_states, t_states, units, s_mask, t_mask)
+    out = module(s_states, t_states, units, s_mask, t_mask, teacher_confidence=teacher_confidence)
     results = {"fused": (out.loss, out.dsa, out.hra, s_states, getattr(module, "projectors", None))}
     for name, d in (("eager", dtype), ("oracle", torch.float64)):
         states = clone_states(s_states, d)
@@ -118,8 +121,17 @@ def run_and_compare(
             if (module.hra_level is not None)
             else None
         )
+        conf = None if teacher_confidence is None else teacher_confidence.to(d)
         loss, dsa, hra = ref.mta_loss(
-            states, teacher, units, s_mask, t_mask, pairs=module.pairs, projectors=proj, **kw
+            states,
+            teacher,
+            units,
+            s_mask,
+            t_mask,
+            pairs=module.pairs,
+            projectors=proj,
+            teacher_confidence=conf,
+            **kw,
         )
         results[name] = (loss, dsa, hra, states, proj)
 
@@ -564,3 +576,207 @@ def test_bad_range_values_name_the_pairs(small):
         module(s, t, {**units, "word": bad}, ms, mt)
     with pytest.raises(ValueError, match=r"DSALoss: student units"):
         DSALoss()(s[1], t[2], bad, ms, mt)
+
+
+# ------------------------------------------------------------------------ teacher-confidence weights
+def confidence_of(B: int, Tt: int, seed: int, device=None) -> torch.Tensor:
+    """``teacher_confidence`` of random logits (V = 11) at varied sharpness: values spread over [0, 1],
+    with one exactly uniform (confidence 0) and one near one-hot position per sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(B, Tt, 1, generator=gen) * 8
+    logits = torch.randn(B, Tt, 11, generator=gen) * scale
+    logits[:, 0] = 0.0  # all-equal logits: H = log V
+    logits[:, -1, 3] = 60.0  # near one-hot
+    return teacher_confidence(logits).to(device or "cpu")
+
+
+@pytest.mark.parametrize("hra", ["token", "unit", None])
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_teacher_confidence_matches_reference(hra, pooling):
+    """``teacher_confidence`` (the published --entropy_weight) against ``reference.mta_loss`` with the same
+    option in float64: values, per-pair terms and gradients; shared tokenizer, left padding."""
+    module = MTALoss.from_preset("gpt2-xl->gpt2", student_dim=DS, teacher_dim=DT, hra=hra, pooling=pooling)
+    s_states, t_states, units, s_mask, t_mask = preset_inputs("gpt2-xl->gpt2", True, seed=21, left_pad=True)
+    conf = confidence_of(*t_mask.shape, seed=4)
+    run_and_compare(module, s_states, t_states, units, s_mask, t_mask, teacher_confidence=conf)
+    # the option changes the loss (the weights are not the saliency's)
+    plain = module(s_states, t_states, units, s_mask, t_mask).loss
+    weighted = module(s_states, t_states, units, s_mask, t_mask, teacher_confidence=conf).loss
+    assert not torch.allclose(plain, weighted, rtol=1e-4, atol=0)
+
+
+def test_teacher_confidence_different_tokenizations():
+    module = MTALoss.from_preset("opt-6.7b->opt-1.3b", student_dim=DS, teacher_dim=DT, hra="unit")
+    s_states, t_states, units, s_mask, t_mask = preset_inputs(
+        "opt-6.7b->opt-1.3b", False, seed=8, Ts=21, Tt=14
+    )
+    run_and_compare(
+        module, s_states, t_states, units, s_mask, t_mask, teacher_confidence=confidence_of(4, 14, seed=9)
+    )
+
+
+def test_teacher_confidence_is_the_published_weighting():
+    """Hand-written published rule on one sequence: ĉ_i = c_i / Σ_{covered} c_k, W_u = Σ_{i in u} ĉ_i; with
+    the student equal to the teacher's geometry except one unit, the DSA term is the W-weighted mean of the
+    squared cosine differences, so doubling the confidence of one unit's tokens moves the loss."""
+    gen = torch.Generator().manual_seed(2)
+    T, D = 9, 6
+    ranges = torch.tensor([[0, 2], [3, 4], [5, 8]], dtype=torch.int32)
+    units = UnitBatch(ranges, ranges, torch.tensor([0, 3], dtype=torch.int32), T, T)
+    hs, ht = (
+        torch.randn(1, T, D, generator=gen, dtype=torch.float64),
+        torch.randn(1, T, D, generator=gen, dtype=torch.float64),
+    )
+    conf = torch.rand(1, T, generator=gen, dtype=torch.float64)
+    dsa = DSALoss(pooling="mean")
+    got = dsa(hs, ht, units, None, None, teacher_confidence=conf)
+    covered = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0], dtype=torch.float64)
+    c_hat = conf[0] * covered / (conf[0] * covered).sum()
+    W = torch.stack([c_hat[a:b].sum() for a, b in ranges.tolist()])
+    su = torch.stack([hs[0, a:b].mean(0) for a, b in ranges.tolist()])
+    tu = torch.stack([ht[0, a:b].mean(0) for a, b in ranges.tolist()])
+    cs = torch.nn.functional.normalize(su, dim=-1) @ torch.nn.functional.normalize(su, dim=-1).T
+    ct = torch.nn.functional.normalize(tu, dim=-1) @ torch.nn.functional.normalize(tu, dim=-1).T
+    off = ~torch.eye(3, dtype=torch.bool)
+    ww = (W[:, None] * W[None, :])[off]
+    want = (ww * (cs - ct)[off] ** 2).sum() / ww.sum()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # token HRA: the weights are ĉ on the covered tokens
+    hra = HRALoss(D, D, level="token").double()
+    got = hra(hs, ht, units, None, None, teacher_confidence=conf)
+    proj = hra.projectors[0](hs[0])
+    cos = torch.nn.functional.cosine_similarity(proj, ht[0], dim=-1)
+    want = (c_hat * (1 - cos)).sum() / c_hat.sum()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_teacher_confidence_zero_everywhere_is_finite():
+    """All-equal teacher logits give confidence 0 on every token: every weight is 0, the terms are 0
+    (never 0/0) and the gradients finite."""
+    module = MTALoss.from_preset("gpt2-xl->gpt2", student_dim=DS, teacher_dim=DT, hra="token")
+    s_states, t_states, units, s_mask, t_mask = preset_inputs("gpt2-xl->gpt2", True, seed=3)
+    conf = teacher_confidence(torch.zeros(*t_mask.shape, 7))
+    assert float(conf.abs().max()) == 0.0
+    out = module(s_states, t_states, units, s_mask, t_mask, teacher_confidence=conf)
+    assert torch.isfinite(out.loss) and float(out.loss.detach()) == 0.0
+    out.loss.backward()
+    assert all(torch.isfinite(h.grad).all() for h in s_states if h.grad is not None)
+
+
+def test_teacher_confidence_bad_inputs(small):
+    module, s, t, units, ms, mt = small
+    B, Tt = mt.shape
+    with pytest.raises(ValueError, match=r"teacher_confidence must have shape \[B, Tt\]"):
+        module(s, t, units, ms, mt, teacher_confidence=torch.ones(B, Tt + 1))
+    with pytest.raises(TypeError, match="floating-point"):
+        module(s, t, units, ms, mt, teacher_confidence=torch.ones(B, Tt, dtype=torch.long))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        module(s, t, units, ms, mt, teacher_confidence=[[1.0] * Tt] * B)
+    for bad in (-0.5, float("nan"), float("inf")):
+        conf = torch.ones(B, Tt)
+        conf[0, 1] = bad
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            module(s, t, units, ms, mt, teacher_confidence=conf)
+    unweighted = MTALoss(module.pairs, DS, DT, weighted=False)
+    with pytest.raises(ValueError, match="weighted=False"):
+        unweighted(s, t, units, ms, mt, teacher_confidence=torch.ones(B, Tt))
+    with pytest.raises(ValueError, match="weighted=False"):
+        DSALoss(weighted=False)(s[1], t[2], units["word"], ms, mt, teacher_confidence=torch.ones(B, Tt))
+    with pytest.raises(ValueError, match="needs weighted=True"):
+        ref.mta_loss(
+            s,
+            t,
+            units,
+            ms,
+            mt,
+            pairs=module.pairs,
+            hra=None,
+            weighted=False,
+            teacher_confidence=torch.ones(B, Tt),
+        )
+
+
+def test_dsa_and_hra_modules_take_teacher_confidence():
+    """DSALoss / HRALoss with the confidence give MTALoss's terms with it (one pair and stacked pairs)."""
+    module = MTALoss.from_preset("qwen1.5-1.8b->qwen1.5-0.5b", student_dim=DS, teacher_dim=DT, hra="token")
+    s_states, t_states, units, s_mask, t_mask = preset_inputs("qwen1.5-1.8b->qwen1.5-0.5b", True, seed=6)
+    conf = confidence_of(*t_mask.shape, seed=1)
+    out = module(s_states, t_states, units, s_mask, t_mask, teacher_confidence=conf)
+    dsa = DSALoss(pooling=module.pooling)
+    phrase_pairs = module.pairs[1:]
+    student = torch.stack([s_states[p[0]] for p in phrase_pairs])
+    teacher = torch.stack([t_states[p[1]] for p in phrase_pairs])
+    stacked_hra = HRALoss(DS, DT, level="token", num_pairs=len(phrase_pairs))
+    for k in range(len(phrase_pairs)):
+        stacked_hra.projectors[k].load_state_dict(module.projectors[k + 1].state_dict())
+    many_dsa = dsa(student, teacher, units["phrase"], s_mask, t_mask, teacher_confidence=conf)
+    many_hra = stacked_hra(student, teacher, units["phrase"], s_mask, t_mask, teacher_confidence=conf)
+    torch.testing.assert_close(many_dsa.detach(), out.dsa[1:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(many_hra.detach(), out.hra[1:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hra", ["unit", "token"])
+def test_teacher_confidence_triton_backend_matches_reference(hra):
+    """The confidence on the Triton path (GPU where there is one, else the interpreter)."""
+    same = hra == "token"
+    module = MTALoss([(1, 1, "word"), (2, 3, "phrase")], DS, DT, hra=hra).to(DEVICE)
+    gen = torch.Generator().manual_seed(13)
+    words, s_mask, t_mask = make_batch(2, 7, 9, [3, 2], same, gen)
+    phrases, _, _ = make_batch(2, 7, 9, [2, 1], same, gen)
+    Tt = 7 if same else 9
+    s_states, t_states = make_states(2, 2, 7, DS, gen), make_states(3, 2, Tt, DT, gen)
+    s_states, t_states = (
+        clone_states(s_states, torch.float32, DEVICE),
+        clone_states(t_states, torch.float32, DEVICE),
+    )
+    units = {"word": words.to(DEVICE), "phrase": phrases.to(DEVICE)}
+    if same:
+        units = {g: UnitBatch(u.student_ranges, u.student_ranges, u.cu_units, 7, 7) for g, u in units.items()}
+    conf = confidence_of(2, Tt, seed=5, device=DEVICE)
+    with mta_kernels.use_backend("triton"):
+        run_and_compare(
+            module, s_states, t_states, units, s_mask.to(DEVICE), t_mask.to(DEVICE), teacher_confidence=conf
+        )
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="counts under TRITON_INTERPRET=1"
+)
+@pytest.mark.parametrize("hra", ["token", "unit"])
+def test_teacher_confidence_has_no_host_sync(hra):
+    """The confidence adds no host sync on the Triton path (counted as in tests/test_host_syncs.py)."""
+    from test_host_syncs import B as HB
+    from test_host_syncs import Counter as SyncCounter
+    from test_host_syncs import T as HT
+    from test_host_syncs import _loss_module, gpt2_inputs
+
+    s, t, units, mask = gpt2_inputs()
+    conf, module = confidence_of(HB, HT, seed=0), _loss_module(hra)
+    with mta_kernels.use_backend("triton"), SyncCounter() as c:
+        module(s, t, units, mask, mask, teacher_confidence=conf).loss.backward()
+    assert c.syncs == 0, c.report()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_teacher_confidence_compiles_with_fullgraph(backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1")
+    from test_host_syncs import B as HB
+    from test_host_syncs import T as HT
+    from test_host_syncs import _loss_module, gpt2_inputs
+
+    s, t, units, mask = gpt2_inputs()
+    conf = confidence_of(HB, HT, seed=0)
+    module = _loss_module("token")
+
+    def loss(s, t, units, conf):
+        return module(s, t, units, mask, mask, teacher_confidence=conf).loss
+
+    with mta_kernels.use_backend(backend):
+        got = torch.compile(loss, fullgraph=True, backend="aot_eager")(s, t, units, conf)
+        got_grads = torch.autograd.grad(got, [s[6], s[12]])
+        want = loss(s, t, units, conf)
+        want_grads = torch.autograd.grad(want, [s[6], s[12]])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 EXPECTED = {
     "mta-gpt2",
+    "mta-gpt2-entropy",
     "mta-opt",
     "mta-qwen1.5",
     "mta-xtok-gpt2",
@@ -60,7 +61,7 @@ def test_shipped_recipes_are_complete():
         else:
             assert cfg["lam"] == 0.5 and cfg["temperature"] == 2.0 and not cfg["student_gen"]
             assert cfg["mta_variant"] == "published-xtok"
-            assert cfg.get("entropy_weight", False) == name.endswith("-entropy")
+        assert cfg.get("entropy_weight", False) == name.endswith("-entropy")
         assert cfg["beta"] == (3.0 if name == "mta-opt" else 2.0)
         assert ("lora" in cfg) == (name in ("mta-opt", "mta-xtok-tinyllama"))
         TrainConfig(**{**cfg, "data": "x", "teacher": "t", "lora": None}).validate()
@@ -111,6 +112,7 @@ def test_every_recipe_runs_on_tiny_models(assets, tmp_path, name, capsys):
     assert cfg["batch_size"] == 4 and cfg["max_length"] == 96 and cfg["lora"] is None
     # kept from the recipe
     kept = ("lam", "beta", "gamma", "kd", "temperature", "lr", "projector_lr", "adam_beta2", "student_gen")
+    assert cfg["entropy_weight"] == recipe["config"].get("entropy_weight", False)
     for key in kept:
         if key in recipe["config"]:
             assert cfg[key] == recipe["config"][key], key
@@ -191,3 +193,27 @@ def test_epochs_and_once_an_epoch():
     for bad in ({"eval_every": 0}, {"epochs": 0}, {"adam_beta2": 1.0}, {"projector_lr": 0.0}):
         with pytest.raises(DistillError, match="must"):
             TrainConfig(data="x", teacher="t", **bad).validate()
+
+
+def test_entropy_weight_reaches_mta_loss(assets, tmp_path, capsys):
+    """``--entropy-weight`` with this package's MTALoss (shared tokenizer, token-level HRA): a short run
+    whose MTA term differs from the same run without it (same seed, same first batch), and the refusals."""
+    pytest.importorskip("spacy")
+    from test_distill import _distill_args
+
+    first = {}
+    for flag in ((), ("--entropy-weight",)):
+        out = tmp_path / f"run{len(flag)}"
+        args = _distill_args(assets, out, "--pairs", "1:1:word,2:2:phrase", *flag, student_tok="bpe", steps=2)
+        assert main(args) == 0
+        with open(out / "config.json") as f:
+            assert json.load(f)["entropy_weight"] == bool(flag)
+        recs = [json.loads(ln) for ln in open(out / "metrics.jsonl") if ln.strip()]
+        train = [r for r in recs if r["kind"] == "train"]
+        assert len(train) == 2 and all(r["mta"] > 0 and len(r["hra"]) == 2 for r in train)
+        first[bool(flag)] = train[0]
+    assert first[True]["mta"] != pytest.approx(first[False]["mta"], rel=1e-6)
+    for refused, msg in ((("--unweighted",), "drop --unweighted"), (("--no-mta",), "--no-mta")):
+        args = _distill_args(assets, tmp_path / "x", "--entropy-weight", *refused, student_tok="bpe", steps=1)
+        assert main(args) == 2
+        assert msg in " ".join(capsys.readouterr().err.split())

@@ -144,6 +144,14 @@ def test_teacher_confidence_and_bad_inputs():
     hs, ht, _ = _inputs(0)
     with pytest.raises(ValueError, match="no units of granularity 'word'"):
         loss_fn(hs, ht, {}, MS, MT)
+    _, _, units = _inputs(0)
+    with pytest.raises(ValueError, match=r"teacher_confidence must be \[B, Tt\]"):
+        loss_fn(hs, ht, units, MS, MT, teacher_confidence=torch.ones(MT.shape[0], MT.shape[1] + 1))
+    with pytest.raises(TypeError, match="floating-point"):
+        loss_fn(hs, ht, units, MS, MT, teacher_confidence=torch.ones(MT.shape, dtype=torch.long))
+    unweighted = CrossTokenizerMTALoss([(1, 1, "word")], DS, DT, weighted=False).double()
+    with pytest.raises(ValueError, match="needs weighted=True"):
+        unweighted(hs, ht, units, MS, MT, teacher_confidence=torch.ones(MT.shape, dtype=torch.float64))
 
 
 def test_loop_runs_the_variant_with_entropy_weights(tmp_path):

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--entropy-weight",
         action="store_true",
         default=d.entropy_weight,
-        help="published-xtok: unit weights = mean teacher confidence 1 - H(p_T)/log V",
+        help="weight the MTA term by the teacher's confidence 1 - H(p_T)/log V instead of its saliency "
+        "(mta: unit and token-HRA weights; published-xtok: unit weights = mean confidence)",
     )
     g.add_argument("--pooling", choices=POOLINGS, default=d.pooling)
     g.add_argument("--unweighted", dest="weighted", action="store_false", help="unit importances all 1")

@@ -63,7 +63,7 @@ class TrainConfig:
     skew_alpha: float = 0.1
     mta: bool = True
     mta_variant: str = "mta"
-    entropy_weight: bool = False  # unit weights = mean teacher confidence (published-xtok only)
+    entropy_weight: bool = False  # MTA weights from the teacher's confidence 1 − H(p_T)/log V
     preset: str | None = None
     pairs: str | None = None
     pooling: str = "attention"
@@ -146,10 +146,12 @@ class TrainConfig:
         self._validate_student_gen()
         if self.mta_variant not in MTA_VARIANTS:
             raise DistillError(f"--mta-variant must be one of {MTA_VARIANTS}, got {self.mta_variant!r}")
-        if self.entropy_weight and self.mta_variant != "published-xtok":
+        if self.entropy_weight and not self.mta:
+            raise DistillError("--entropy-weight weights the MTA term: it has no effect with --no-mta")
+        if self.entropy_weight and not self.weighted:
             raise DistillError(
-                "--entropy-weight is implemented for --mta-variant published-xtok only: this package's MTA "
-                "loss has no entropy weighting"
+                "--entropy-weight replaces the unit (and token) weights with the teacher's confidence: "
+                "drop --unweighted"
             )
         if self.mta_variant == "published-xtok" and self.pooling != "attention":
             raise DistillError(

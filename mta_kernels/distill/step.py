@@ -87,7 +87,9 @@ class Trainable(nn.Module):
             timer = _Timer(batch["input_ids"].device)
             with timer:
                 extra = {}
-                if self.entropy_weight:  # published-xtok: unit weights from the teacher's confidence
+                if (
+                    self.entropy_weight
+                ):  # the published --entropy_weight: weights from the teacher's confidence
                     from mta_kernels.variants import teacher_confidence
 
                     extra["teacher_confidence"] = teacher_confidence(teacher_out.logits)
