@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mta_kernels.distill import checks, faults
+from mta_kernels.distill import checks, faults, reporting
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.checkpoint import (
     CHECKPOINT_NAME,
@@ -140,6 +140,7 @@ def evaluate(s: Setup, cfg: TrainConfig, autocast: Any) -> dict | None:
 def train(cfg: TrainConfig) -> dict:
     """Run a whole training (or resume one). Returns the final summary (also in ``<out>/summary.json``)."""
     cfg.validate()
+    reporting.check_available(cfg.report_to)
     checks.check_out_dir(cfg)
     env = setup_dist(cfg)
     try:
@@ -249,7 +250,13 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     stepper = Stepper(env, module, ddp, s.teacher, optimizer, scheduler, objective, run.autocast, cfg.clip)
     if env.main:
         _write_run_start(cfg, s, fp, step)
-    step, last_eval = _loop(run, stepper, step)
+        if cfg.report_to != "none":
+            run.reporter = reporting.Reporter(cfg, fp["pairs"], step)
+    try:
+        step, last_eval = _loop(run, stepper, step)
+    finally:
+        if run.reporter is not None:
+            run.reporter.close()
     return _finish(cfg, s, step, last_eval, run.metrics_path)
 
 
@@ -281,6 +288,7 @@ class _Run:
     scheduler: Any
     autocast: Any
     off: OffPolicy | None = None
+    reporter: reporting.Reporter | None = None  # --report-to (rank 0)
 
     @property
     def ckpt_path(self) -> str:
@@ -353,6 +361,8 @@ def _loop(run: _Run, stepper: Stepper, step: int) -> tuple[int, dict | None]:
                 if do_eval and last_eval is not None:
                     records.append({"kind": "eval", "step": step, **last_eval})
                 append_records(run.metrics_path, records)
+                if run.reporter is not None:
+                    run.reporter.log(records)
                 post = {"loss": f"{rec['loss']:.3f}"}
                 if last_eval is not None:
                     post["eval_ppl"] = f"{last_eval['eval_ppl']:.1f}"
