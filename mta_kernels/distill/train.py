@@ -1,8 +1,9 @@
 """The training loop: plain LM training of a teacher, or KD + MTA distillation of a student
 (docs/method.md#the-objective).
 
-One code path for one CPU process, one GPU, or several processes under ``torchrun`` (DDP: gloo on CPU,
-nccl on GPU, detected from ``RANK``/``WORLD_SIZE``). The pieces: :mod:`~mta_kernels.distill.prepare`
+One code path for one CPU process, one GPU, or several processes under ``torchrun`` or
+``accelerate launch --multi_gpu`` (DDP: gloo on CPU, nccl on GPU, detected from ``RANK``/``WORLD_SIZE``,
+which both launchers set; FSDP and DeepSpeed launches are refused, see docs/scaling.md). The pieces: :mod:`~mta_kernels.distill.prepare`
 (set-up), :mod:`~mta_kernels.distill.checkpoint` and :mod:`~mta_kernels.distill.metrics` (I/O),
 :mod:`~mta_kernels.distill.step` (one optimizer step); this module runs them in order.
 """
