@@ -3,9 +3,10 @@
 
 One code path for one CPU process, one GPU, or several processes under ``torchrun`` or
 ``accelerate launch --multi_gpu`` (DDP: gloo on CPU, nccl on GPU, detected from ``RANK``/``WORLD_SIZE``,
-which both launchers set; FSDP and DeepSpeed launches are refused, see docs/scaling.md). The pieces: :mod:`~mta_kernels.distill.prepare`
-(set-up), :mod:`~mta_kernels.distill.checkpoint` and :mod:`~mta_kernels.distill.metrics` (I/O),
-:mod:`~mta_kernels.distill.step` (one optimizer step); this module runs them in order.
+which both launchers set; FSDP and DeepSpeed launches are refused, see docs/scaling.md). The pieces:
+:mod:`~mta_kernels.distill.prepare` (set-up), :mod:`~mta_kernels.distill.checkpoint` and
+:mod:`~mta_kernels.distill.metrics` (I/O), :mod:`~mta_kernels.distill.step` (one optimizer step); this
+module runs them in order.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from mta_kernels.distill.checkpoint import (
 from mta_kernels.distill.collate import UnitCollator
 from mta_kernels.distill.config import DistillError, TrainConfig
 from mta_kernels.distill.data import TextDataset, epoch_batches
+from mta_kernels.distill.kd_chunked import head_params, resolve_kd_chunk
 from mta_kernels.distill.metrics import METRICS_NAME, append_records, read_metrics, summarise, trim_metrics
 from mta_kernels.distill.prepare import (
     DistEnv,
@@ -233,6 +235,13 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     module = Trainable(
         s.student, s.mta, cfg.kd, cfg.temperature, cfg.skew_alpha, s.kd_vocab, cfg.entropy_weight
     ).to(device)
+    module.kd_chunk, note = resolve_kd_chunk(
+        cfg.kd_chunk, device, s.student, s.teacher, s.kd_vocab, cfg.entropy_weight
+    )
+    if module.kd_chunk is not None:
+        module.teacher_head = head_params(s.teacher)
+    if note:
+        s.notes.append(note)
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     run = _Run(cfg, s, fp, optimizer, scheduler, _autocast(cfg, device), off)
