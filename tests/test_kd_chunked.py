@@ -14,7 +14,12 @@ from test_distill import _distill_args, _metrics, make_assets  # tests/ is on sy
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.__main__ import main
 from mta_kernels.distill.config import DistillError
-from mta_kernels.distill.kd_chunked import chunked_ce_kd_sum, resolve_kd_chunk, unsupported_reason
+from mta_kernels.distill.kd_chunked import (
+    AUTO_ELEMENTS,
+    chunked_ce_kd_sum,
+    resolve_kd_chunk,
+    unsupported_reason,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,7 +125,8 @@ def test_resolve_and_unsupported_models():
     assert resolve_kd_chunk("64", cpu, model, model, 40) == (64, None)
     assert resolve_kd_chunk("64", cpu, model, model, None) == (None, None)  # no KD term: nothing to chunk
     rows, note = resolve_kd_chunk("auto", torch.device("cuda"), model, model, 40)
-    assert rows == 1 << 20 and "chunked" in note  # 2**26 logits / 40 entries, a power of two
+    # a power of two, the largest with at most AUTO_ELEMENTS logits a chunk
+    assert rows & (rows - 1) == 0 and rows * 40 <= AUTO_ELEMENTS < 2 * rows * 40 and "chunked" in note
     model.config.final_logit_softcapping = 30.0
     assert "scales its logits" in unsupported_reason(model)
     with pytest.raises(DistillError, match="--kd-chunk off"):

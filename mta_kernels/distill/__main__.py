@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.kd_chunk,
         metavar="auto|off|N",
         help="compute the logit KD over N-row chunks from the last hidden states, never holding the "
-        "[B, T, V] logits of both models (auto: on GPU, 4096 rows; off: the plain path)",
+        "[B, T, V] logits of both models (auto: on GPU, chunks of at most 2**24 logits; off: the eager path)",
     )
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--skew-alpha", type=float, default=d.skew_alpha, help="α of the skew KLs (skew, srkl)")

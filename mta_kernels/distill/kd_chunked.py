@@ -28,7 +28,8 @@ from torch import nn
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.config import DistillError
 
-AUTO_ELEMENTS = 2**26  # auto chunk: about this many logits per [chunk, V] tensor (256 MB in fp32)
+# auto chunk: at most this many logits per [chunk, V] tensor (64 MiB in fp32; the loss holds ~8 such).
+AUTO_ELEMENTS = 2**24
 # Config attributes of models whose logits are not a plain linear map of the last hidden state.
 _NONLINEAR_HEAD = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
