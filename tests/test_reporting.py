@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import sys
@@ -95,6 +96,7 @@ def test_wandb_gets_every_term(assets, tmp_path, monkeypatch):
     """With a stand-in ``wandb`` module: init once with the config, every record logged, finish."""
     runs = []
     fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # transformers probes find_spec("wandb")
     fake.init = lambda **kw: runs.append(_FakeRun(**kw)) or runs[-1]
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = tmp_path / "run"

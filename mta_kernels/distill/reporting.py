@@ -97,7 +97,6 @@ class Reporter:
                 name=os.path.basename(os.path.normpath(cfg.out)),
                 dir=cfg.out,
                 config=cfg.to_dict(),
-                resume="allow",
             )
 
     def log(self, records: list[dict]) -> None:
