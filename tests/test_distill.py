@@ -305,13 +305,15 @@ def test_demo_quick(tmp_path, capsys):
 def test_accelerate_launch_two_processes_match_one_with_double_batch(assets, tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2`` (CPU, gloo) runs the loop as DDP: CE/KD of
     step 1 equal one process with the doubled batch. (``--cpu --num_processes 2`` starts one process
-    only; ``--multi_gpu`` is accelerate's torchrun launcher and ``--device cpu`` picks gloo.)"""
+    only; ``--multi_gpu`` is accelerate's torchrun launcher and ``--device cpu`` picks gloo.) The two
+    processes use ``--kd-chunk 8``, the one process the eager CE + KD."""
     pytest.importorskip("accelerate")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     common = ["--no-mta", "--steps", "2"]
     one = _distill_args(assets, tmp_path / "one", *common, student_tok="bpe", batch=8)
-    two = _distill_args(assets, tmp_path / "two", *common, student_tok="bpe", batch=4)
+    # the 2-process run also takes the chunked CE + KD path (forced on the CPU): same numbers under DDP
+    two = _distill_args(assets, tmp_path / "two", *common, "--kd-chunk", "8", student_tok="bpe", batch=4)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", "29519", "-m", "mta_kernels.distill"]  # fmt: skip

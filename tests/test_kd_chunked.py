@@ -158,3 +158,21 @@ def test_loop_chunked_equals_eager(assets, tmp_path, kd):
     for a, b in zip(runs["off"], runs["16"], strict=True):
         for key in ("loss", "ce", "kd", "grad_norm", *(["kd_teacher_entropy"] if kd == "skew" else [])):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a["step"])
+
+
+def test_bf16_autocast_within_the_tolerance_rule():
+    """Under bf16 autocast (as a GPU step runs) the chunk logits are bf16 matmuls as the eager logits
+    are; the backward recomputes them under the forward's autocast state. Against the float64 oracle,
+    within twice the eager bf16 error (the chunked head gradient, summed over chunks in fp32, is
+    usually the closer one)."""
+    x64 = _inputs(torch.float64, seed=2)
+    x32 = {k: (v.float() if v.is_floating_point() else v) for k, v in x64.items()}
+    oracle = _eager(x64, "srkl", 1.0, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = _eager(x32, "srkl", 1.0, 0.1)
+        got = _chunked(x32, "srkl", 1.0, 0.1, 4)
+    names = ("ce", "kd", "grad h", "grad W", "grad b")
+    for name, o, e, g in zip(names, (oracle[0], oracle[1], *oracle[2]), (eager[0], eager[1], *eager[2]),
+                             (got[0], got[1], *got[2])):  # fmt: skip
+        assert g.dtype == e.dtype == torch.float32, name
+        assert_within_rule(g, e, o, floor=1e-6 * (1 + o.abs().max().item()), what=f"bf16 {name}")
