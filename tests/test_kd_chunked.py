@@ -145,18 +145,23 @@ def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("kd_chunked"))
 
 
-@pytest.mark.parametrize("kd", ["forward", "skew"])
-def test_loop_chunked_equals_eager(assets, tmp_path, kd):
-    """The same run with --kd-chunk 16 (forced on the CPU) and --kd-chunk off: the same numbers."""
+@pytest.mark.parametrize("kd,mta", [("forward", False), ("skew", False), ("srkl", True)])
+def test_loop_chunked_equals_eager(assets, tmp_path, kd, mta):
+    """The same run with --kd-chunk 16 (forced on the CPU) and --kd-chunk off: the same numbers (with an
+    MTA term too: the hidden states it reads are the same with the logits of the last position only)."""
+    if mta:
+        pytest.importorskip("spacy")
     runs = {}
     for chunk in ("off", "16"):
         out = tmp_path / chunk
-        extra = ["--no-mta", "--kd", kd, "--kd-chunk", chunk]
+        extra = ["--pairs", "1:1:word,2:2:phrase"] if mta else ["--no-mta"]
+        extra += ["--kd", kd, "--kd-chunk", chunk]
         assert main(_distill_args(assets, out, *extra, student_tok="bpe", batch=8, steps=3)) == 0
         runs[chunk] = [r for r in _metrics(out) if r["kind"] == "train"]
         assert json.loads((out / "config.json").read_text())["kd_chunk"] == chunk
     for a, b in zip(runs["off"], runs["16"], strict=True):
-        for key in ("loss", "ce", "kd", "grad_norm", *(["kd_teacher_entropy"] if kd == "skew" else [])):
+        keys = ["loss", "ce", "kd", "grad_norm"] + (["kd_teacher_entropy"] if kd == "skew" else [])
+        for key in keys + (["mta"] if mta else []):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a["step"])
 
 
