@@ -181,3 +181,13 @@ def test_bf16_autocast_within_the_tolerance_rule():
                              (got[0], got[1], *got[2])):  # fmt: skip
         assert g.dtype == e.dtype == torch.float32, name
         assert_within_rule(g, e, o, floor=1e-6 * (1 + o.abs().max().item()), what=f"bf16 {name}")
+
+
+def test_head_check_refuses_logits_that_are_not_the_head_of_the_hidden_state():
+    from mta_kernels.distill.kd_chunked import _check_head
+
+    x = _inputs(torch.float32)
+    logits = F.linear(x["h_s"], x["w_s"], x["b_s"])
+    _check_head("student", x["h_s"], (x["w_s"], x["b_s"]), logits)  # its own logits: accepted
+    with pytest.raises(DistillError, match="not its output layer applied to its last hidden state"):
+        _check_head("student", x["h_s"], (x["w_s"], x["b_s"]), 30 * torch.tanh(logits / 30) * 1.5)
