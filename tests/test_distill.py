@@ -300,3 +300,46 @@ def test_demo_quick(tmp_path, capsys):
         assert (tmp_path / "demo" / name / "checkpoint.pt").exists()
         assert math.isfinite(runs[name]["eval_ppl"])
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 1000
+
+
+def test_accelerate_launch_two_processes_match_one_with_double_batch(assets, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` (CPU, gloo) runs the loop as DDP: CE/KD of
+    step 1 equal one process with the doubled batch. (``--cpu --num_processes 2`` starts one process
+    only; ``--multi_gpu`` is accelerate's torchrun launcher and ``--device cpu`` picks gloo.) The two
+    processes use ``--kd-chunk 8``, the one process the eager CE + KD."""
+    pytest.importorskip("accelerate")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    common = ["--no-mta", "--steps", "2"]
+    one = _distill_args(assets, tmp_path / "one", *common, student_tok="bpe", batch=8)
+    # the 2-process run also takes the chunked CE + KD path (forced on the CPU): same numbers under DDP
+    two = _distill_args(assets, tmp_path / "two", *common, "--kd-chunk", "8", student_tok="bpe", batch=4)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29519", "-m", "mta_kernels.distill"]  # fmt: skip
+    r1 = subprocess.run([sys.executable, "-m", "mta_kernels.distill", *one], env=env, capture_output=True,
+                        text=True, timeout=240)  # fmt: skip
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = subprocess.run([*launch, *two], env=env, capture_output=True, text=True, timeout=240)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    m1 = [r for r in _metrics(tmp_path / "one") if r["kind"] == "train"]
+    m2 = [r for r in _metrics(tmp_path / "two") if r["kind"] == "train"]
+    assert len(m1) == len(m2) == 2
+    assert m2[0]["target_tokens"] == m1[0]["target_tokens"]
+    for a, b in zip(m1, m2):  # no MTA term: the whole update is a global token sum, both steps agree
+        for key in ("ce", "kd", "loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a["step"])
+
+
+def test_accelerate_fsdp_or_deepspeed_launch_is_refused(assets, tmp_path, monkeypatch, capsys):
+    """The environment ``accelerate launch --use_fsdp`` / ``--use_deepspeed`` sets: one paragraph (the
+    loop shards by DDP only), nothing written; fp16 mixed precision likewise."""
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.setenv(var, "true")
+        err = _error(capsys, _distill_args(assets, tmp_path / "x", "--no-mta", steps=1))
+        assert "shards by DDP only" in err and "MTATrainer" in err
+        assert not (tmp_path / "x" / "metrics.jsonl").exists()
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert "fp16 is not supported" in _error(capsys, _distill_args(assets, tmp_path / "x", steps=1))

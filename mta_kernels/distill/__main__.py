@@ -15,16 +15,24 @@ import sys
 import textwrap
 
 from mta_kernels.constants import BACKENDS, POOLINGS, WORD_MODES
-from mta_kernels.distill.config import DATA_FORMATS, KD_KINDS, MTA_VARIANTS, DistillError, TrainConfig
+from mta_kernels.distill.config import (
+    DATA_FORMATS,
+    KD_KINDS,
+    MTA_VARIANTS,
+    REPORT_TO,
+    DistillError,
+    TrainConfig,
+)
 from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
-from mta_kernels.distill.recipe import apply_recipe, load_recipe, recipe_names
+from mta_kernels.distill.recipe import load_config_file, load_recipe, merge_layers, recipe_names
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Options of both training commands; ``required=False`` where a ``--config`` file may give them."""
     d = TrainConfig()
     g = p.add_argument_group("data")
     g.add_argument(
-        "--data", required=True, help="JSONL with 'prompt'/'output' (Dolly) or text, one example a line"
+        "--data", required=required, help="JSONL with 'prompt'/'output' (Dolly) or text, one example a line"
     )
     g.add_argument(
         "--format",
@@ -39,7 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--out",
-        required=True,
+        required=required,
         help="run directory (new, empty, or an earlier run's): checkpoint.pt, metrics.jsonl, model/",
     )
     g.add_argument(
@@ -89,6 +97,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="start again in an --out that holds a checkpoint, or write into a non-empty directory that "
         "mta-distill did not create (never into a model or tokenizer directory)",
     )
+    g.add_argument(
+        "--report-to",
+        choices=REPORT_TO,
+        default=d.report_to,
+        help="also send every logged term to TensorBoard (<out>/tensorboard) or Weights & Biases "
+        "(metrics.jsonl and the PNG are always written)",
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--no-plot", dest="plot", action="store_false")
 
@@ -113,11 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         default=None,
         help="start from a published setting (see `mta-distill recipes`; or a recipe .json path); "
-        "flags given here override its values",
+        "--config and the flags given here override its values",
     )
-    p.add_argument("--teacher", required=True, help="local HF directory (e.g. <train-teacher --out>/model)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="run configuration file (.yaml/.yml/.json, the recipe schema; it may also name --data, "
+        "--teacher, --student, --out): its values override --recipe's, flags given here override both",
+    )
+    p.add_argument("--teacher", default=None, help="local HF directory (e.g. <train-teacher --out>/model)")
     p.add_argument("--teacher-tokenizer", default=None)
-    p.add_argument("--student", required=True, help="local HF directory or builtin:gpt2|llama:LAYERS:DIM")
+    p.add_argument("--student", default=None, help="local HF directory or builtin:gpt2|llama:LAYERS:DIM")
     p.add_argument("--student-tokenizer", default=None)
     g = p.add_argument_group("objective (docs/method.md#the-objective)")
     g.add_argument("--lam", type=float, default=d.lam, help="λ: weight of the distillation terms")
@@ -128,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=KD_KINDS,
         default=d.kd,
         help="logit KD (only when the tokenizers match)",
+    )
+    g.add_argument(
+        "--kd-chunk",
+        default=d.kd_chunk,
+        metavar="auto|off|N",
+        help="compute the logit KD over N-row chunks from the last hidden states, never holding the "
+        "[B, T, V] logits of both models (auto: on GPU, chunks of at most 2**24 logits; off: the eager path)",
     )
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--skew-alpha", type=float, default=d.skew_alpha, help="α of the skew KLs (skew, srkl)")
@@ -199,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens kept for sampling; max new tokens = --max-length minus this "
         "(default: half of --max-length)",
     )
-    _common(p)
+    _common(p, required=False)
 
     p = sub.add_parser("recipes", help="list the published settings usable with distill --recipe")
     p.add_argument("--show", default=None, metavar="NAME", help="print one recipe's file")
@@ -226,12 +254,26 @@ def _explicit_args(argv: list[str]) -> dict:
 def _config(args: argparse.Namespace, argv: list[str] | None = None) -> TrainConfig:
     fields = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
-    if args.command == "distill" and args.recipe:
-        recipe = load_recipe(args.recipe)
+    if args.command == "distill" and (args.recipe or args.config):
+        # Layers, later wins: recipe < config file < the flags given on the command line.
         explicit = _explicit_args(sys.argv[1:] if argv is None else argv)
-        values = apply_recipe(recipe, {k: v for k, v in explicit.items() if k in fields})
-        for item in recipe.get("not_reproduced", []):
-            print(textwrap.fill(f"warning: recipe {recipe['name']}: {item}", width=100), file=sys.stderr)
+        layers, notes = [], []
+        if args.recipe:
+            recipe = load_recipe(args.recipe)
+            layers.append(recipe["config"])
+            notes += [f"recipe {recipe['name']}: {item}" for item in recipe.get("not_reproduced", [])]
+        if args.config:
+            doc = load_config_file(args.config)
+            layers.append(doc["config"])
+            notes += [f"{args.config}: {item}" for item in doc.get("not_reproduced", [])]
+        values = merge_layers([*layers, {k: v for k, v in explicit.items() if k in fields}])
+        values["recipe"] = recipe.get("name") if args.recipe else None
+        for item in notes:
+            print(textwrap.fill(f"warning: {item}", width=100), file=sys.stderr)
+    if args.command == "distill":
+        for key in ("data", "teacher", "student", "out"):
+            if not values.get(key):
+                raise DistillError(f"no --{key} given (on the command line or as {key!r} in --config)")
     if args.command == "train-teacher":
         values.update(
             mode="teacher", student=args.model, student_tokenizer=args.tokenizer, mta=False, kd="none"

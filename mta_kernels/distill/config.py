@@ -13,6 +13,7 @@ MODES = ("teacher", "distill")
 DATA_FORMATS = ("auto", "jsonl", "text")
 # "mta": mta_kernels.losses.MTALoss; "published-xtok": mta_kernels.variants.CrossTokenizerMTALoss.
 MTA_VARIANTS = ("mta", "published-xtok")
+REPORT_TO = ("none", "tensorboard", "wandb")  # --report-to: where the logged terms also go
 
 
 class DistillError(Exception):
@@ -92,6 +93,9 @@ class TrainConfig:
     overwrite: bool = False
     device: str | None = None
     backend: str = "auto"
+    report_to: str = "none"  # one of REPORT_TO (metrics.jsonl and the PNG are always written)
+    # Logit KD over row chunks from the last hidden states: "auto" (on GPU), "off", or rows per chunk.
+    kd_chunk: str = "auto"
     progress: bool = True
     plot: bool = True
     save_model: bool = True
@@ -165,6 +169,13 @@ class TrainConfig:
             raise DistillError(f"--words must be one of {WORD_MODES}, got {self.words!r}")
         if self.backend not in BACKENDS:
             raise DistillError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        self._validate_outputs()
+
+    def _validate_outputs(self) -> None:
+        if self.report_to not in REPORT_TO:
+            raise DistillError(f"--report-to must be one of {REPORT_TO}, got {self.report_to!r}")
+        if self.kd_chunk not in ("auto", "off") and not (self.kd_chunk.isdigit() and int(self.kd_chunk) > 0):
+            raise DistillError(f"--kd-chunk must be auto, off or a positive row count, got {self.kd_chunk!r}")
 
     def _validate_student_gen(self) -> None:
         if not self.student_gen:

@@ -16,6 +16,11 @@ import torch
 import torch.nn.functional as F
 
 
+def acc(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the accumulation dtype: float32, or float64 kept (the float64 oracle of the tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def shift_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token targets and their mask.
 
@@ -89,7 +94,22 @@ def kd_sum(
         raise ValueError(f"skew_alpha must lie in [0, 1), got {skew_alpha}")
     _, mask = shift_targets(labels)
     s = student_logits[:, :-1][mask].float()  # [M, V]
-    t = teacher_logits[:, :-1][mask].detach().float()  # [M, V]
+    t = teacher_logits[:, :-1][mask].float()  # [M, V]
+    return kd_rows_sum(s, t, kind, temperature, skew_alpha)
+
+
+def kd_rows_sum(
+    s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float = 1.0, skew_alpha: float = 0.1
+) -> torch.Tensor:
+    """:func:`kd_sum` of already selected rows (the math of every kind, shared with the chunked path).
+
+    Args:
+        s: student logits ``[M, V]`` (gradient flows here); t: teacher logits ``[M, V]`` (constant).
+    Returns:
+        scalar, the sum over the rows: float32 (float64 for float64 inputs).
+    """
+    s = acc(s)
+    t = acc(t.detach())
     if kind in ("skew", "srkl"):
         log_pt = F.log_softmax(t, dim=-1)
         log_ps = F.log_softmax(s, dim=-1)

@@ -48,8 +48,30 @@ class DistEnv:
         return t.tolist()
 
 
+def check_accelerate_env(cfg: TrainConfig) -> None:
+    """Under ``accelerate launch``: DDP only (the launcher sets torchrun's ``RANK``/``WORLD_SIZE``);
+    FSDP and DeepSpeed configurations are refused, ``--mixed_precision bf16`` turns on ``--bf16``."""
+    env = os.environ
+    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if env.get(var, "false").lower() in ("1", "true"):
+            raise DistillError(
+                f"accelerate launched this run with {what}: the reference loop shards by DDP only (every "
+                f"rank holds the whole student and teacher). Launch without {what} (plain --multi_gpu), "
+                "or use mta_kernels.integrations.MTATrainer, whose Trainer applies accelerate's "
+                "FSDP/DeepSpeed configuration (docs/scaling.md)"
+            )
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16":
+        raise DistillError(
+            "accelerate --mixed_precision fp16 is not supported by the reference loop: use bf16 or no"
+        )
+    if precision == "bf16" and cfg.bf16 is None:
+        cfg.bf16 = True
+
+
 def setup_dist(cfg: TrainConfig) -> DistEnv:
-    """Join the process group when launched by torchrun; pick the device."""
+    """Join the process group when launched by torchrun or ``accelerate launch`` (DDP); pick the device."""
+    check_accelerate_env(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -6,13 +6,19 @@ and student, for reference: the run still takes local ``--teacher``/``--student`
 (:class:`~mta_kernels.distill.config.TrainConfig` fields) and ``not_reproduced`` (what of the published
 run this loop does not do; printed as warnings when the recipe is used). ``--recipe`` also takes the
 path of such a file. Values given on the command line override the recipe's (docs/recipes.md).
+
+A run configuration file (``mta-distill distill --config run.yaml``, or ``.json``) has the same schema;
+its ``config`` may also name this run's files and models (``data``, ``teacher``, ``out``, ...). Layers,
+later wins: the recipe, then the file, then the flags given on the command line.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from importlib import resources
+from typing import Any
 
 from mta_kernels.distill.config import DistillError, TrainConfig
 
@@ -20,6 +26,9 @@ RECIPE_KEYS = ("name", "description", "source", "models", "config", "not_reprodu
 # Fields a recipe may not set: they name this run's files and models, not a published setting.
 RUN_FIELDS = ("mode", "out", "data", "eval_data", "student", "teacher", "student_tokenizer",
               "teacher_tokenizer", "resume", "overwrite", "stop_at", "device", "recipe")  # fmt: skip
+# Fields a run configuration file may not set either: the sub-command decides them.
+CONFIG_FILE_FORBIDDEN = ("mode", "recipe")
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def recipe_names() -> list[str]:
@@ -49,16 +58,122 @@ def load_recipe(name: str) -> dict:
         raise DistillError(f"recipe {path!r} is not valid JSON ({exc})") from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("config"), dict):
         raise DistillError(f"recipe {path!r} has no 'config' object")
-    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
-    if unknown:
-        raise DistillError(f"recipe {path!r}: unknown keys {unknown} (allowed: {list(RECIPE_KEYS)})")
-    fields = TrainConfig.__dataclass_fields__
-    for key in recipe["config"]:
-        if key not in fields:
-            raise DistillError(f"recipe {path!r}: {key!r} is not a training setting")
-        if key in RUN_FIELDS:
-            raise DistillError(f"recipe {path!r}: {key!r} names this run's files or models, not a setting")
+    _check_schema(recipe, f"recipe {path!r}", RUN_FIELDS)
     return recipe
+
+
+def _check_schema(doc: dict, what: str, forbidden: tuple[str, ...]) -> None:
+    """Top-level keys, then every ``config`` key: a known field, not ``forbidden``, of the right type."""
+    unknown = sorted(set(doc) - set(RECIPE_KEYS))
+    if unknown:
+        raise DistillError(f"{what}: unknown keys {unknown} (allowed: {list(RECIPE_KEYS)})")
+    fields = TrainConfig.__dataclass_fields__
+    valid = sorted(k for k in fields if k not in forbidden)
+    for key in doc["config"]:
+        if key not in fields:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DistillError(
+                f"{what}: {key!r} is not a training setting{hint}; valid keys: {', '.join(valid)}"
+            )
+        if key in forbidden:
+            why = (
+                "names this run's files or models, not a setting"
+                if key in RUN_FIELDS
+                else "is set by the command"
+            )
+            raise DistillError(f"{what}: {key!r} {why} here")
+        doc["config"][key] = _typed(doc["config"][key], str(fields[key].type), f"{what}: {key!r}")
+
+
+def _typed(value: Any, annotation: str, what: str) -> Any:
+    """``value`` checked against a field annotation (``"float"``, ``"int | None"``, ...).
+
+    Numbers written as strings are converted: YAML 1.1 reads ``1e-4`` (no dot) as a string.
+    """
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise DistillError(f"{what} may not be null (a {kinds[0]})")
+    for kind in kinds:
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "str" and isinstance(value, str):
+            return value
+    if "str" in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # e.g. kd_chunk: 4096
+    if isinstance(value, str):
+        for kind, conv in (("int", int), ("float", float)):
+            if kind in kinds:
+                try:
+                    return conv(value)
+                except ValueError:
+                    pass
+    raise DistillError(f"{what} must be {' or '.join(kinds)}, got {value!r}")
+
+
+def load_config_file(path: str) -> dict:
+    """A run configuration file (JSON, or YAML with PyYAML): the recipe schema, run fields allowed.
+
+    Returns the parsed document (``config`` values type-checked against :class:`TrainConfig`).
+    """
+    if not path.lower().endswith(CONFIG_SUFFIXES):
+        raise DistillError(f"--config {path!r}: the file name must end in {', '.join(CONFIG_SUFFIXES)}")
+    if not os.path.isfile(path):
+        raise DistillError(f"--config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.lower().endswith(".json"):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DistillError(f"--config {path!r} is not valid JSON ({exc})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise DistillError(
+                f"--config {path!r}: reading YAML needs PyYAML (pip install pyyaml, or the 'distill' "
+                "extra), or write the file as JSON"
+            ) from None
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise DistillError(f"--config {path!r} is not valid YAML ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise DistillError(
+            f"--config {path!r} has no 'config' mapping (the recipe schema: {{config: {{lr: ..., ...}}}}, "
+            "see `mta-distill recipes --show NAME`)"
+        )
+    _check_schema(doc, f"--config {path!r}", CONFIG_FILE_FORBIDDEN)
+    return doc
+
+
+def _override(values: dict, newer: dict) -> dict:
+    """``values`` updated by ``newer``; a value of another name that ``newer`` replaces is cleared:
+    ``pairs`` clears ``preset`` (and the reverse), ``steps`` clears ``epochs``."""
+    values = dict(values)
+    if "pairs" in newer:
+        values.pop("preset", None)
+    if "preset" in newer:
+        values.pop("pairs", None)
+    if "steps" in newer and "epochs" not in newer:
+        values["epochs"] = None
+    values.update(newer)
+    return values
+
+
+def merge_layers(layers: list[dict]) -> dict:
+    """Config values of several layers (recipe config, file config, explicit flags), later wins."""
+    values: dict = {}
+    for layer in layers:
+        values = _override(values, layer)
+    return values
 
 
 def apply_recipe(recipe: dict, explicit: dict) -> dict:
@@ -67,13 +182,6 @@ def apply_recipe(recipe: dict, explicit: dict) -> dict:
     A flag that replaces a recipe value of another name clears it: ``--pairs`` the recipe's ``preset``
     (and the reverse), ``--steps`` its ``epochs``.
     """
-    values = dict(recipe["config"])
-    if "pairs" in explicit:
-        values.pop("preset", None)
-    if "preset" in explicit:
-        values.pop("pairs", None)
-    if "steps" in explicit and "epochs" not in explicit:
-        values["epochs"] = None
-    values.update(explicit)
+    values = merge_layers([recipe["config"], explicit])
     values["recipe"] = recipe.get("name")
     return values

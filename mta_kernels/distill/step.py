@@ -51,27 +51,31 @@ class Trainable(nn.Module):
         self.kd_vocab = kd_vocab
         self.mta_seconds: list[Any] = []  # timers of the MTA forward (CUDA event pairs or floats)
         self.teacher_out: Any = None
+        # --kd-chunk: rows per chunk of the chunked CE + KD (None: eager), and the teacher's LM head.
+        self.kd_chunk: int | None = None
+        self.teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, batch: dict) -> dict[str, Any]:
         # The teacher's output is handed over as an attribute, not an argument: DDP re-packs forward
         # arguments (moving them to the device) and would rebuild a ModelOutput from a dict's items.
         teacher_out, self.teacher_out = self.teacher_out, None
         need_hidden = self.mta is not None
+        chunked = self.kd_chunk is not None and teacher_out is not None and self.kd_vocab is not None
         out = self.student(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            output_hidden_states=need_hidden,
+            output_hidden_states=need_hidden or chunked,
             use_cache=False,
+            **({"logits_to_keep": 1} if chunked else {}),  # no [B, T, V] logits: see kd_chunked.py
         )
-        ce_sum, n_tok = O.ce_sum(out.logits, batch["labels"])
-        result: dict[str, Any] = {
-            "ce_sum": ce_sum,
-            "n_tok": n_tok,
-            "kd_sum": None,
-            "kd_entropy_sum": None,
-            "mta": None,
-        }
-        if teacher_out is not None and self.kd_vocab is not None:
+        result: dict[str, Any] = {"kd_sum": None, "kd_entropy_sum": None, "mta": None}
+        if chunked:
+            from mta_kernels.distill.kd_chunked import chunked_forward
+
+            result.update(chunked_forward(self, out, teacher_out, batch["labels"]))
+        else:
+            result["ce_sum"], result["n_tok"] = O.ce_sum(out.logits, batch["labels"])
+        if teacher_out is not None and self.kd_vocab is not None and not chunked:
             v = self.kd_vocab
             result["kd_sum"] = O.kd_sum(
                 out.logits[..., :v],
@@ -178,11 +182,13 @@ class Stepper:
         if self.teacher is None or not (self.has_kd or self.has_mta):
             return None
         with torch.no_grad():
+            chunked = self.module.kd_chunk is not None and self.has_kd
             return self.teacher(
                 input_ids=mb["teacher_input_ids"],
                 attention_mask=mb["teacher_attention_mask"],
-                output_hidden_states=self.has_mta,
+                output_hidden_states=self.has_mta or chunked,
                 use_cache=False,
+                **({"logits_to_keep": 1} if chunked else {}),  # the chunked KD needs hidden states only
             )
 
     def step(

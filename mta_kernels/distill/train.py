@@ -1,10 +1,12 @@
 """The training loop: plain LM training of a teacher, or KD + MTA distillation of a student
 (docs/method.md#the-objective).
 
-One code path for one CPU process, one GPU, or several processes under ``torchrun`` (DDP: gloo on CPU,
-nccl on GPU, detected from ``RANK``/``WORLD_SIZE``). The pieces: :mod:`~mta_kernels.distill.prepare`
-(set-up), :mod:`~mta_kernels.distill.checkpoint` and :mod:`~mta_kernels.distill.metrics` (I/O),
-:mod:`~mta_kernels.distill.step` (one optimizer step); this module runs them in order.
+One code path for one CPU process, one GPU, or several processes under ``torchrun`` or
+``accelerate launch --multi_gpu`` (DDP: gloo on CPU, nccl on GPU, detected from ``RANK``/``WORLD_SIZE``,
+which both launchers set; FSDP and DeepSpeed launches are refused, see docs/scaling.md). The pieces:
+:mod:`~mta_kernels.distill.prepare` (set-up), :mod:`~mta_kernels.distill.checkpoint` and
+:mod:`~mta_kernels.distill.metrics` (I/O), :mod:`~mta_kernels.distill.step` (one optimizer step); this
+module runs them in order.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mta_kernels.distill import checks, faults
+from mta_kernels.distill import checks, faults, reporting
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.checkpoint import (
     CHECKPOINT_NAME,
@@ -37,6 +39,7 @@ from mta_kernels.distill.checkpoint import (
 from mta_kernels.distill.collate import UnitCollator
 from mta_kernels.distill.config import DistillError, TrainConfig
 from mta_kernels.distill.data import TextDataset, epoch_batches
+from mta_kernels.distill.kd_chunked import head_params, resolve_kd_chunk
 from mta_kernels.distill.metrics import METRICS_NAME, append_records, read_metrics, summarise, trim_metrics
 from mta_kernels.distill.prepare import (
     DistEnv,
@@ -140,6 +143,7 @@ def evaluate(s: Setup, cfg: TrainConfig, autocast: Any) -> dict | None:
 def train(cfg: TrainConfig) -> dict:
     """Run a whole training (or resume one). Returns the final summary (also in ``<out>/summary.json``)."""
     cfg.validate()
+    reporting.check_available(cfg.report_to)
     checks.check_out_dir(cfg)
     env = setup_dist(cfg)
     try:
@@ -231,6 +235,13 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     module = Trainable(
         s.student, s.mta, cfg.kd, cfg.temperature, cfg.skew_alpha, s.kd_vocab, cfg.entropy_weight
     ).to(device)
+    module.kd_chunk, note = resolve_kd_chunk(
+        cfg.kd_chunk, device, s.student, s.teacher, s.kd_vocab, cfg.entropy_weight
+    )
+    if module.kd_chunk is not None:
+        module.teacher_head = head_params(s.teacher)
+    if note:
+        s.notes.append(note)
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     run = _Run(cfg, s, fp, optimizer, scheduler, _autocast(cfg, device), off)
@@ -249,7 +260,13 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     stepper = Stepper(env, module, ddp, s.teacher, optimizer, scheduler, objective, run.autocast, cfg.clip)
     if env.main:
         _write_run_start(cfg, s, fp, step)
-    step, last_eval = _loop(run, stepper, step)
+        if cfg.report_to != "none":
+            run.reporter = reporting.Reporter(cfg, fp["pairs"], step)
+    try:
+        step, last_eval = _loop(run, stepper, step)
+    finally:
+        if run.reporter is not None:
+            run.reporter.close()
     return _finish(cfg, s, step, last_eval, run.metrics_path)
 
 
@@ -281,6 +298,7 @@ class _Run:
     scheduler: Any
     autocast: Any
     off: OffPolicy | None = None
+    reporter: reporting.Reporter | None = None  # --report-to (rank 0)
 
     @property
     def ckpt_path(self) -> str:
@@ -353,6 +371,8 @@ def _loop(run: _Run, stepper: Stepper, step: int) -> tuple[int, dict | None]:
                 if do_eval and last_eval is not None:
                     records.append({"kind": "eval", "step": step, **last_eval})
                 append_records(run.metrics_path, records)
+                if run.reporter is not None:
+                    run.reporter.log(records)
                 post = {"loss": f"{rec['loss']:.3f}"}
                 if last_eval is not None:
                     post["eval_ppl"] = f"{last_eval['eval_ppl']:.1f}"
