@@ -40,7 +40,7 @@ TARGET_PROVIDERS=eager_stacked,eager,mta_kernels
 # name|box seconds|command (run with bash -c; $RES is the results folder, $PYTHON the interpreter)
 PLAN=(
     "results|10|true"
-    "install|150|MAX_JOBS=\${MAX_JOBS:-16} \$PYTHON -m pip install --no-deps --no-build-isolation -e . >\$RES/pip_install.log 2>&1; rc=\$?; tail -5 \$RES/pip_install.log; exit \$rc"
+    "install|130|MAX_JOBS=\${MAX_JOBS:-16} \$PYTHON -m pip install --no-deps --no-build-isolation -e . >\$RES/pip_install.log 2>&1; rc=\$?; tail -5 \$RES/pip_install.log; exit \$rc"
     "device|5|nvidia-smi; \$PYTHON -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
     "kernels|110|env -u TRITON_INTERPRET \$PYTHON -m pytest $KERNEL_TESTS -q -rf -p no:cacheprovider 2>&1 | tee \$RES/pytest_kernels.log; rc=\$?; grep -E '^(FAILED|ERROR)' \$RES/pytest_kernels.log >>\$RES/failures.txt; exit \$rc"
     "ceilings|10|\$PYTHON $B/harness.py --ceilings --device cuda"
@@ -48,6 +48,7 @@ PLAN=(
     "target-autocast|30|\$PYTHON $B/bench_mta_loss.py --case target --autocast bf16 --tag autocast --providers $TARGET_PROVIDERS --device cuda"
     "saliency|30|\$PYTHON $B/bench_saliency.py --case issue --device cuda"
     "step|30|\$PYTHON $B/bench_step.py --device cuda"
+    "fsdp|27|\$PYTHON -m accelerate.commands.launch --use_fsdp --num_processes 1 --fsdp_sharding_strategy FULL_SHARD $B/fsdp_check.py --out \$RES/fsdp_check"
     "sweep:saliency|10|\$PYTHON $B/bench_saliency.py --case sweep --max-seconds 6 --device cuda"
     "sweep:structural|10|\$PYTHON $B/bench_structural.py --max-seconds 6 --device cuda"
     "sweep:span_pool|10|\$PYTHON $B/bench_span_pool.py --max-seconds 6 --device cuda"
@@ -79,7 +80,7 @@ if [ "$MODE" = cpu ]; then
     total=$(worst_case)
     echo "worst case: ${total} s (boxes + ${KILL_GRACE} s kill grace + ${EXPORT_BOX} s packing per stage), limit ${LIMIT} s"
     missing=0
-    for f in $B/harness.py $B/bench_mta_loss.py $B/bench_saliency.py $B/bench_step.py $B/bench_structural.py \
+    for f in $B/harness.py $B/bench_mta_loss.py $B/bench_saliency.py $B/bench_step.py $B/bench_structural.py $B/fsdp_check.py \
         $B/bench_span_pool.py $B/summarize.py $KERNEL_TESTS; do
         [ -f "$f" ] || { echo "missing: $f"; missing=1; }
     done

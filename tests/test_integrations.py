@@ -629,6 +629,22 @@ def test_readme_snippets_run(assets, tmp_path, index):
     assert glob.glob(str(out / "**" / "events.out.tfevents.*"), recursive=True)
 
 
+# ------------------------------------------------------------------------------------------- fsdp
+def test_fsdp_check_script_runs_without_a_launcher(tmp_path):
+    """benchmarks/fsdp_check.py (the FSDP stage of gpu_check.sh; accelerate runs FSDP on GPUs only) runs
+    here as a plain Trainer: steps, a checkpoint, a resume that restores the projectors."""
+    _needs("accelerate")
+    script = os.path.join(REPO, "benchmarks", "fsdp_check.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
+    proc = subprocess.run(
+        [sys.executable, script, "--out", str(tmp_path), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["projectors_trained"] and report["resume_matches"] and report["projector_tensors"] == 4
+
+
 # ------------------------------------------------------------------------------------- accelerate
 DDP_SCRIPT = r"""
 import json, os, sys, torch
