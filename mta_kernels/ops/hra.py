@@ -35,6 +35,13 @@ __all__ = ["fused_hra"]
 
 # Rows per chunk: at most this many elements of P (and of its gradient) at a time.
 _CHUNK_ELEMS = 1 << 22
+_ROWS_NUM_WARPS = 4
+
+
+def _row_blocks(Dt: int) -> tuple[int, int]:
+    """``(BR, BD)`` of the row kernel: 16 rows per program, Dt in chunks of at most 64 (at 128 the fp32
+    and fp64 gradient cases spill registers)."""
+    return 16, min(64, max(16, triton.next_power_of_2(Dt)))
 
 
 @triton.jit
@@ -115,7 +122,7 @@ def _rows_triton(P, teacher, weights, rows, compute_grad, acc):
     dp = P if P.dtype == acc and P.is_contiguous() else torch.empty(L, R, Dt, dtype=acc, device=P.device)
     if R == 0 or L == 0:
         return term, dp
-    BR, BD = 16, min(128, max(16, triton.next_power_of_2(Dt)))
+    BR, BD = _row_blocks(Dt)
     _hra_rows_kernel[(triton.cdiv(R, BR), L)](
         P,
         teacher,
@@ -135,7 +142,7 @@ def _rows_triton(P, teacher, weights, rows, compute_grad, acc):
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BR=BR,
         BD=BD,
-        num_warps=4,
+        num_warps=_ROWS_NUM_WARPS,
     )
     return term, dp
 
