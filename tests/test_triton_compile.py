@@ -351,6 +351,35 @@ def _structural_cases() -> list[Case]:
             num_warps=8,
         )
     )
+    # row norms and zeroed gradient: (name, student dtype, teacher dtype, grad, L, U, Ds, Dt, contiguous)
+    for name, sdt, tdt, grad, L, U, Ds, Dt, contiguous in [
+        ("bfloat16-grad", "bfloat16", "bfloat16", True, 4, 1000, 1024, 2048, True),
+        ("bfloat16-nograd", "bfloat16", "bfloat16", False, 4, 1000, 1024, 2048, True),
+        ("float32-grad", "float32", "float32", True, 2, 300, 768, 1600, True),
+        ("float16s-float32t-grad", "float16", "float32", True, 1, 300, 60, 100, True),
+        ("float64-grad", "float64", "float64", True, 2, 300, 300, 500, True),
+        ("bfloat16-grad-generic", "bfloat16", "bfloat16", True, 3, 77, 60, 100, False),
+    ]:
+        acc = "float64" if "float64" in (sdt, tdt) else "float32"
+        BR, BD_P = st._prep_blocks(max(Ds, Dt))
+        if contiguous:
+            s_strides, t_strides = _contig_strides((L, U, Ds)), _contig_strides((L, U, Dt))
+        else:  # slices of wider tensors, D not the fastest axis
+            s_strides, t_strides = [U * 61, 61, 3], [U * 101 * 2, 202, 2]
+        a = Ptr(_TL_NAME[acc])
+        cases.append(
+            Case(
+                f"structural._structural_prep_kernel-{name}",
+                "structural",
+                "_structural_prep_kernel",
+                [Ptr(_TL_NAME[sdt], contiguous), Ptr(_TL_NAME[tdt], contiguous), a, a, a, a, U, Ds, Dt]
+                + [*s_strides, *t_strides, st.NORMALIZE_EPS],
+                dict(COMPUTE_GRAD=grad, ACC=f"tl.{acc}", IS_FP64=acc == "float64", BR=BR, BD=BD_P),
+                num_warps=st._PREP_NUM_WARPS,
+                check_spills=True,
+                notes=dict(blocks=f"BR={BR} BD={BD_P}"),
+            )
+        )
     # gradient epilogue: BD_E = min(1024, next_pow2(Ds)); ACC of the forward
     for dt, Ds in [("float32", 4096), ("bfloat16", 1024), ("float16", 60), ("float64", 300), ("bfloat16", 5)]:
         acc = "float64" if dt == "float64" else "float32"
