@@ -84,6 +84,7 @@ class Counter(TorchDispatchMode):
         self.sync_sites: _Tally[str] = _Tally()
         self.launch_sites: _Tally[str] = _Tally()
         self._in_interpreter = 0
+        self._depth = 0
 
     @property
     def syncs(self) -> int:
@@ -166,15 +167,21 @@ class Counter(TorchDispatchMode):
             InterpretedFunction.run = real_run
 
     def __enter__(self):
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self._patched())
+        # Re-entered (``with self:``) around a custom op's implementation: patch only at the outermost
+        # level, so that the inner exit does not undo the patches while the outer counting goes on.
+        if self._depth == 0:
+            self._stack = contextlib.ExitStack()
+            self._stack.enter_context(self._patched())
+        self._depth += 1
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            self._stack.close()
+            self._depth -= 1
+            if self._depth == 0:
+                self._stack.close()
 
     def report(self) -> str:
         return (
