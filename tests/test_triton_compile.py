@@ -423,7 +423,7 @@ def _hra_cases() -> list[Case]:
                 # P, Y, WGT, ROWS, TERM, DP, R, Dt, P strides, Y strides, W strides, eps
                 [Ptr(_TL_NAME[pdt]), Ptr(_TL_NAME[ydt]), w_ptr, Ptr("i32"), Ptr(_TL_NAME[acc])]
                 + [Ptr(_TL_NAME[acc]), R, Dt, *_contig_strides((L, R, Dt)), *_contig_strides((L, N, Dt))]
-                + [*w_strides, 1e-8],
+                + [*w_strides, R, 1e-8],  # TERM row stride: R (a chunk's slice of the [L, R] terms)
                 dict(
                     HAS_ROWS=rows,
                     HAS_WEIGHTS=wdt is not None,
@@ -445,12 +445,37 @@ def _hra_cases() -> list[Case]:
             "hra",
             "_hra_rows_kernel",
             [Ptr("bf16"), Ptr("bf16", False), Ptr("fp32", False), Ptr("i32"), Ptr("fp32"), Ptr("fp32")]
-            + [77, 100, *_contig_strides((3, 77, 100)), 999 * 203, 203, 2, 3 * 999, 3, 1e-8],
+            + [77, 100, *_contig_strides((3, 77, 100)), 999 * 203, 203, 2, 3 * 999, 3, 1000, 1e-8],
             dict(HAS_ROWS=True, HAS_WEIGHTS=True, COMPUTE_GRAD=True, ACC="tl.float32", BR=BR, BD=BD),
             num_warps=hra._ROWS_NUM_WARPS,
             check_spills=True,
         )
     )
+    # finishing reduction: (name, ACC, weights dtype | None, weights stride_wl (0: shared), stride_wn, R, N)
+    for name, acc, wdt, stride_wl, stride_wn, R, N in [
+        ("float32-w", "float32", "float32", 8192, 1, 6000, 8192),
+        ("float32-w-strided", "float32", "bfloat16", 0, 3, 700, 1000),
+        ("float32-now", "float32", None, 0, 0, 6000, 0),
+        ("float64-w", "float64", "float64", 500, 1, 300, 500),
+    ]:
+        a = Ptr(_TL_NAME[acc])
+        w = a if wdt is None else Ptr(_TL_NAME[wdt], stride_wn <= 1)
+        cases.append(
+            Case(
+                f"hra._hra_finish_kernel-{name}",
+                "hra",
+                "_hra_finish_kernel",
+                [a, w, a, a, R, N, stride_wl, stride_wn, 1e-38],  # TERM, WGT, LOSS, DEN, R, N, strides, tiny
+                dict(
+                    HAS_WEIGHTS=wdt is not None,
+                    ACC=f"tl.{acc}",
+                    IS_FP64=acc == "float64",
+                    BLK=hra._FINISH_BLK,
+                ),
+                num_warps=hra._FINISH_NUM_WARPS,
+                check_spills=True,
+            )
+        )
     return cases
 
 
