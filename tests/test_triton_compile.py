@@ -476,6 +476,28 @@ def _hra_cases() -> list[Case]:
                 check_spills=True,
             )
         )
+    # backward scaling: (name, ACC, student / weight / bias output dtypes, grad_loss stride, N, Ds, Dt)
+    for name, acc, odts, stride_gl, N, Ds, Dt in [
+        ("float32", "float32", ("float32",) * 3, 1, 3000, 768, 1600),
+        ("bfloat16-student", "float32", ("bfloat16", "float32", "float32"), 0, 1000, 96, 100),  # expanded
+        ("float16", "float32", ("float16",) * 3, 1, 77, 10, 30),
+        ("float64", "float64", ("float64",) * 3, 1, 300, 64, 80),
+    ]:
+        a = Ptr(_TL_NAME[acc])
+        n_s, n_w, n_b = N * Ds, Dt * Ds, Dt
+        nb_s, nb_w = (-(-n // hra._SCALE_BLK) for n in (n_s, n_w))
+        cases.append(
+            Case(
+                f"hra._hra_scale_grads_kernel-{name}",
+                "hra",
+                "_hra_scale_grads_kernel",
+                # GL, DEN, DS, DW, DB, OS, OW, OB, stride_gl, n_s, n_w, n_b, nb_s, nb_w
+                [a, a, a, a, a, *(Ptr(_TL_NAME[d]) for d in odts), stride_gl, n_s, n_w, n_b, nb_s, nb_w],
+                dict(IS_FP64=acc == "float64", RTNE_S=False, RTNE_W=False, RTNE_B=False, BLK=hra._SCALE_BLK),
+                num_warps=hra._SCALE_NUM_WARPS,
+                check_spills=True,
+            )
+        )
     return cases
 
 

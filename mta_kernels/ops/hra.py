@@ -9,9 +9,10 @@ For layer l, rows i (the covered tokens, or the units), projector ``(W_l, b_l)``
 The term is the end of the graph, so its gradient is computed in the forward, chunk by chunk of rows
 (the pattern of fused linear losses such as Liger-Kernel's): a chunk's projected rows ``P`` exist only
 while the chunk is processed, never for all rows at once, and the backward only scales the gradients by
-``grad_output``. Per chunk: one gather of the student rows, one batched GEMM for ``P``, one row kernel
-(Triton, or the same math in torch) for the cosine terms and ``∂L/∂P``, and the GEMMs of ``∂L/∂x``,
-``∂L/∂W``, ``∂L/∂b``.
+``grad_output / den`` (one kernel). Per chunk: one gather of the student rows, one batched GEMM for
+``P``, one row kernel (Triton, or the same math in torch) for the cosine terms and ``∂L/∂P``, and the
+GEMMs of ``∂L/∂x``, ``∂L/∂W``, ``∂L/∂b``; after the chunks, one launch reduces the terms and the
+weights to the loss.
 
 The GEMMs run in ``mm_dtype``: the 16-bit dtype of bf16/fp16 hidden states or of autocast (tensor cores,
 fp32 accumulation), else the accumulation dtype (float32; float64 for float64 inputs). The cosine and
@@ -26,10 +27,11 @@ from __future__ import annotations
 
 import torch
 
-from mta_kernels._dispatch import use_triton
+from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
 from mta_kernels._triton import tl, triton
 from mta_kernels.constants import COSINE_EPS
+from mta_kernels.ops.span_pool import _to_output
 
 __all__ = ["fused_hra"]
 
@@ -37,6 +39,7 @@ __all__ = ["fused_hra"]
 _CHUNK_ELEMS = 1 << 22
 _ROWS_NUM_WARPS = 4
 _FINISH_BLK, _FINISH_NUM_WARPS = 1024, 4  # the finishing reduction: one program per layer
+_SCALE_BLK, _SCALE_NUM_WARPS = 1024, 4  # the backward's scaling: elements per program
 
 
 def _row_blocks(Dt: int) -> tuple[int, int]:
@@ -344,6 +347,120 @@ def _(student, teacher, weights, rows, weight, bias, mm_dtype, compute_grad):
     return loss, den, grad(L, N, Ds), grad(L, Dt, Ds), grad(L, Dt)
 
 
+@triton.jit
+def _hra_scale_grads_kernel(
+    GL,  # [L] gradient of the loss, any float dtype (stride_gl: 0 when expanded)
+    DEN,  # [L] ACC, the loss's denominator
+    DS,  # [L, n_s] ACC saved gradients of the numerator (student, weight, bias), contiguous
+    DW,  # [L, n_w]
+    DB,  # [L, n_b]
+    OS,  # [L, n_s] out, the student's dtype
+    OW,  # [L, n_w] out, the weight's dtype
+    OB,  # [L, n_b] out, the bias's dtype
+    stride_gl,
+    n_s,
+    n_w,
+    n_b,
+    nb_s,
+    nb_w,
+    IS_FP64: tl.constexpr,
+    RTNE_S: tl.constexpr,
+    RTNE_W: tl.constexpr,
+    RTNE_B: tl.constexpr,
+    BLK: tl.constexpr,
+):
+    # The three gradients scaled by grad_output / den and cast, one launch: programs [0, nb_s) take the
+    # student's, then nb_w the weight's, the rest the bias's (axis 1: the layer).
+    pid = tl.program_id(0).to(tl.int64)
+    i_l = tl.program_id(1).to(tl.int64)
+    b_den = tl.load(DEN + i_l)
+    b_g = tl.load(GL + i_l * stride_gl).to(b_den.dtype)
+    if IS_FP64:
+        b_scale = b_g / b_den
+    else:  # correctly rounded, as torch's division
+        b_scale = tl.div_rn(b_g, b_den)
+    o = tl.arange(0, BLK).to(tl.int64)
+    if pid < nb_s:
+        off = pid * BLK + o
+        m = off < n_s
+        b_x = tl.load(DS + i_l * n_s + off, mask=m, other=0.0)
+        tl.store(OS + i_l * n_s + off, _to_output(b_x * b_scale, OS.dtype.element_ty, RTNE_S), mask=m)
+    elif pid < nb_s + nb_w:
+        off = (pid - nb_s) * BLK + o
+        m = off < n_w
+        b_x = tl.load(DW + i_l * n_w + off, mask=m, other=0.0)
+        tl.store(OW + i_l * n_w + off, _to_output(b_x * b_scale, OW.dtype.element_ty, RTNE_W), mask=m)
+    else:
+        off = (pid - nb_s - nb_w) * BLK + o
+        m = off < n_b
+        b_x = tl.load(DB + i_l * n_b + off, mask=m, other=0.0)
+        tl.store(OB + i_l * n_b + off, _to_output(b_x * b_scale, OB.dtype.element_ty, RTNE_B), mask=m)
+
+
+@torch.library.custom_op("mta_kernels::fused_hra_scale_grads", mutates_args=())
+def _scale_grads_op(
+    grad_loss: torch.Tensor,
+    den: torch.Tensor,
+    d_student: torch.Tensor,
+    d_weight: torch.Tensor,
+    d_bias: torch.Tensor,
+    student_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+    bias_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`fused_hra`: the saved gradients of the numerator (``[L, N, Ds]``,
+    ``[L, Dt, Ds]``, ``[L, Dt]``, contiguous, accumulation dtype) times ``grad_loss / den`` ``[L]``, in
+    the parameters' dtypes. One Triton launch, or the torch composition."""
+    if not use_triton(d_student):
+        g = (grad_loss / den)[:, None, None]
+        return (
+            (d_student * g).to(student_dtype),
+            (d_weight * g).to(weight_dtype),
+            (d_bias * g[:, :, 0]).to(bias_dtype),
+        )
+    d_student, d_weight, d_bias = d_student.contiguous(), d_weight.contiguous(), d_bias.contiguous()
+    out_s = torch.empty_like(d_student, dtype=student_dtype)
+    out_w = torch.empty_like(d_weight, dtype=weight_dtype)
+    out_b = torch.empty_like(d_bias, dtype=bias_dtype)
+    L = den.shape[0]
+    n_s, n_w, n_b = (t[0].numel() if L else 0 for t in (d_student, d_weight, d_bias))
+    nb_s, nb_w, nb_b = (triton.cdiv(n, _SCALE_BLK) for n in (n_s, n_w, n_b))
+    if L > 0 and nb_s + nb_w + nb_b > 0:
+        rtne = triton_interpreting()
+        _hra_scale_grads_kernel[(nb_s + nb_w + nb_b, L)](
+            grad_loss,
+            den,
+            d_student,
+            d_weight,
+            d_bias,
+            out_s,
+            out_w,
+            out_b,
+            grad_loss.stride(0),
+            n_s,
+            n_w,
+            n_b,
+            nb_s,
+            nb_w,
+            IS_FP64=den.dtype == torch.float64,
+            RTNE_S=rtne and student_dtype == torch.bfloat16,
+            RTNE_W=rtne and weight_dtype == torch.bfloat16,
+            RTNE_B=rtne and bias_dtype == torch.bfloat16,
+            BLK=_SCALE_BLK,
+            num_warps=_SCALE_NUM_WARPS,
+        )
+    return out_s, out_w, out_b
+
+
+@_scale_grads_op.register_fake
+def _(grad_loss, den, d_student, d_weight, d_bias, student_dtype, weight_dtype, bias_dtype):
+    return (
+        torch.empty_like(d_student, dtype=student_dtype),
+        torch.empty_like(d_weight, dtype=weight_dtype),
+        torch.empty_like(d_bias, dtype=bias_dtype),
+    )
+
+
 def _setup_context(ctx, inputs, output):
     student, _, _, _, weight, bias, _, compute_grad = inputs
     ctx.compute_grad = compute_grad
@@ -364,17 +481,8 @@ def _backward(ctx, grad_loss, *_):
     if grad_loss is None:  # grads are not materialised: the term did not reach the output
         return (None,) * 8
     den, d_student, d_weight, d_bias = ctx.saved_tensors
-    g = (grad_loss / den)[:, None, None]  # the saved gradients are those of the numerator
-    return (
-        (d_student * g).to(ctx.dtypes[0]),
-        None,
-        None,
-        None,
-        (d_weight * g).to(ctx.dtypes[1]),
-        (d_bias * g[:, :, 0]).to(ctx.dtypes[2]),
-        None,
-        None,
-    )
+    g_s, g_w, g_b = _scale_grads_op(grad_loss, den, d_student, d_weight, d_bias, *ctx.dtypes)
+    return g_s, None, None, None, g_w, g_b, None, None
 
 
 _fused_hra_op.register_autograd(_backward, setup_context=_setup_context)
