@@ -14,8 +14,10 @@ Two implementations behind one op (``mta_kernels._dispatch.use_triton``):
 - Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``): a work list of row blocks that covers only the
   block diagonal (``mta_kernels.layout.block_diagonal_work_list``); one program per (row block, layer)
   loops over the column blocks of its sequence(s) and over D in chunks; the normalisation is fused (per-row
-  inverse norms); the loss partials go to a ``[L, W]`` buffer summed afterwards and the gradient rows are
-  owned by exactly one program: no atomics, deterministic.
+  inverse norms, computed with the zeroed gradient rows by one prologue kernel); the loss partials go to
+  a ``[L, W]`` buffer that one launch reduces with the denominator into the loss and the gradient
+  factor (``ops.glue.dsa_finish``), and the gradient rows are owned by exactly one program: no atomics,
+  deterministic. Four launches in all (prologue, main kernel, reduction, gradient epilogue).
 - torch (any device): short sequences packed into blocks of ≤ 64 units and batched; a long sequence alone,
   in row chunks (never more than ``chunk × N`` scores), or with the feature-space identity of docs/method.md#dsa-loss when
   it has more units than dimensions (cost model).
@@ -442,7 +444,7 @@ def _triton_forward(
     teacher: torch.Tensor,  # [L, U, Dt]
     cu_units: torch.Tensor,
     weights: torch.Tensor | None,  # [L or 1, U]
-    bounds: list[int],
+    bounds: list[int],  # checked by the caller; the kernels read the device offsets cu_units
     compute_grad: bool,
     acc_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
