@@ -251,6 +251,22 @@ def test_counter_catches_a_planted_sync_and_launches():
 
 
 @needs_triton_path
+def test_counter_counts_a_launch_after_a_custom_op():
+    """The counter is re-entered around a custom op's implementation: a Triton launch after the op (here
+    the weight normalisation, outside any op) still counts as one launch, not as the interpreter's
+    tensor copies."""
+    from mta_kernels.ops.glue import normalised_weights
+
+    h = torch.randn(1, 2, 8, 4)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    with mta_kernels.use_backend("triton"), Counter() as c:
+        sal = mta_kernels.token_saliency(h, mask)  # a Python custom op
+        normalised_weights(sal, torch.arange(16, dtype=torch.int32))
+    assert c.launch_sites["triton:_normalised_weights_kernel"] == 1, c.report()
+    assert "aten::copy_" not in c.launch_sites, c.report()
+
+
+@needs_triton_path
 @pytest.mark.parametrize("hra", ["token", "unit", None])
 def test_mta_loss_has_no_host_sync(hra):
     s, t, units, mask = gpt2_inputs()
