@@ -465,11 +465,12 @@ def _hra_cases() -> list[Case]:
                 f"hra._hra_finish_kernel-{name}",
                 "hra",
                 "_hra_finish_kernel",
-                [a, w, a, a, R, N, stride_wl, stride_wn, 1e-38],  # TERM, WGT, LOSS, DEN, R, N, strides, tiny
+                [a, w, a, a, R, N, stride_wl, stride_wn],  # TERM, WGT, LOSS, DEN, R, N, weight strides
                 dict(
                     HAS_WEIGHTS=wdt is not None,
                     ACC=f"tl.{acc}",
                     IS_FP64=acc == "float64",
+                    TINY=2.2250738585072014e-308 if acc == "float64" else 1.1754943508222875e-38,
                     BLK=hra._FINISH_BLK,
                 ),
                 num_warps=hra._FINISH_NUM_WARPS,

@@ -131,10 +131,10 @@ def _hra_finish_kernel(
     N,
     stride_wl,
     stride_wn,
-    tiny,
     HAS_WEIGHTS: tl.constexpr,
     ACC: tl.constexpr,
     IS_FP64: tl.constexpr,
+    TINY: tl.constexpr,  # the smallest normal number of ACC (a float argument would be fp32: 0 for fp64's)
     BLK: tl.constexpr,
 ):
     # One program per layer, fixed summation order (deterministic): one launch instead of the sums of
@@ -151,7 +151,7 @@ def _hra_finish_kernel(
         b_den = tl.zeros([BLK], dtype=ACC)
         for n0 in range(0, N, BLK):
             b_den += tl.load(WGT + i_l * stride_wl + (n0 + o) * stride_wn, mask=n0 + o < N, other=0.0).to(ACC)
-        den = tl.maximum(tl.sum(b_den, axis=0), tiny)
+        den = tl.maximum(tl.sum(b_den, axis=0), tl.full([], TINY, ACC))
     else:
         den = tl.maximum(R, 1).to(ACC)
     if IS_FP64:
@@ -301,10 +301,10 @@ def _finish(terms, num, weights, R, acc):
                 if weights is None
                 else (weights.stride(0) if weights.shape[0] > 1 else 0, weights.stride(1))
             ),
-            tiny,
             HAS_WEIGHTS=weights is not None,
             ACC=tl.float64 if acc == torch.float64 else tl.float32,
             IS_FP64=acc == torch.float64,
+            TINY=tiny,
             BLK=_FINISH_BLK,
             num_warps=_FINISH_NUM_WARPS,
         )
