@@ -2,7 +2,7 @@
 
 The op tests run the kernels under Triton's CPU interpreter, which accepts programs the real compiler
 rejects (dtype mismatches in ``tl.where`` / loop-carried values, ``tl.dot`` shapes < 16, fp64 dots, ...).
-Here every ``@triton.jit`` kernel of ``mta_kernels/ops/{saliency,span_pool,structural}.py`` goes through
+Here every ``@triton.jit`` kernel of every module of ``mta_kernels/ops/`` goes through
 the real pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) for ``GPUTarget("cuda", 90, 32)`` with
 exactly the signatures and constexprs that the host launchers pass on CUDA, derived here from the
 launcher code (block sizes come from the launchers' own helpers).
@@ -17,8 +17,9 @@ a generic case (unaligned pointers, odd strides and sizes), which are the two co
 Beyond compiling, the TTIR and PTX are checked for what the numerics rely on and the interpreter cannot
 show (docs/design/gpu-readiness.md, "What is asserted"): both saliency score passes round the score with
 a mul (no fma before the row-max subtraction), the row scale uses no approximate division or square root,
-the structural kernel has a barrier before it reloads the gradient rows it stored, and every pointer
-offset of the saliency and structural kernels is int64. Another triton: ``PYTHONPATH=<dir with it>``.
+the structural kernel has a barrier before it reloads the gradient rows it stored, every pointer
+offset of the saliency, structural, HRA and glue kernels is int64, and ptxas reports no register spills
+for the HRA and glue kernels. Another triton: ``PYTHONPATH=<dir with it>``.
 
 The compiles run in subprocesses without ``TRITON_INTERPRET`` (conftest sets it on machines without a
 GPU, and then ``triton.jit`` wraps nothing that ``triton.compile`` can lower) and an empty Triton cache.
@@ -69,6 +70,7 @@ class Case:
     num_warps: int = 4
     options: dict = field(default_factory=dict)  # other launch options (enable_fp_fusion, ...)
     dot_16bit: bool = False  # a tl.dot on 16-bit operands: expected on the tensor cores (wgmma on sm_90)
+    check_spills: bool = False  # run ptxas -v on its PTX and assert no register spills
     notes: dict = field(default_factory=dict)
 
 
@@ -349,6 +351,35 @@ def _structural_cases() -> list[Case]:
             num_warps=8,
         )
     )
+    # row norms and zeroed gradient: (name, student dtype, teacher dtype, grad, L, U, Ds, Dt, contiguous)
+    for name, sdt, tdt, grad, L, U, Ds, Dt, contiguous in [
+        ("bfloat16-grad", "bfloat16", "bfloat16", True, 4, 1000, 1024, 2048, True),
+        ("bfloat16-nograd", "bfloat16", "bfloat16", False, 4, 1000, 1024, 2048, True),
+        ("float32-grad", "float32", "float32", True, 2, 300, 768, 1600, True),
+        ("float16s-float32t-grad", "float16", "float32", True, 1, 300, 60, 100, True),
+        ("float64-grad", "float64", "float64", True, 2, 300, 300, 500, True),
+        ("bfloat16-grad-generic", "bfloat16", "bfloat16", True, 3, 77, 60, 100, False),
+    ]:
+        acc = "float64" if "float64" in (sdt, tdt) else "float32"
+        BR, BD_P = st._prep_blocks(max(Ds, Dt))
+        if contiguous:
+            s_strides, t_strides = _contig_strides((L, U, Ds)), _contig_strides((L, U, Dt))
+        else:  # slices of wider tensors, D not the fastest axis
+            s_strides, t_strides = [U * 61, 61, 3], [U * 101 * 2, 202, 2]
+        a = Ptr(_TL_NAME[acc])
+        cases.append(
+            Case(
+                f"structural._structural_prep_kernel-{name}",
+                "structural",
+                "_structural_prep_kernel",
+                [Ptr(_TL_NAME[sdt], contiguous), Ptr(_TL_NAME[tdt], contiguous), a, a, a, a, U, Ds, Dt]
+                + [*s_strides, *t_strides, st.NORMALIZE_EPS],
+                dict(COMPUTE_GRAD=grad, ACC=f"tl.{acc}", IS_FP64=acc == "float64", BR=BR, BD=BD_P),
+                num_warps=st._PREP_NUM_WARPS,
+                check_spills=True,
+                notes=dict(blocks=f"BR={BR} BD={BD_P}"),
+            )
+        )
     # gradient epilogue: BD_E = min(1024, next_pow2(Ds)); ACC of the forward
     for dt, Ds in [("float32", 4096), ("bfloat16", 1024), ("float16", 60), ("float64", 300), ("bfloat16", 5)]:
         acc = "float64" if dt == "float64" else "float32"
@@ -361,6 +392,158 @@ def _structural_cases() -> list[Case]:
                 "_structural_grad_epilogue_kernel",
                 [a, Ptr(_TL_NAME[dt]), a, a, 1000, Ds, *_contig_strides((2, 1000, Ds)), st.NORMALIZE_EPS],
                 dict(BD=bd_e, ACC=f"tl.{acc}"),
+            )
+        )
+    return cases
+
+
+def _hra_cases() -> list[Case]:
+    hra = _op_module("hra")
+
+    cases = []
+    # (name, projected-row dtype P (the GEMM's mm_dtype), teacher dtype, weights dtype | None, rows, grad,
+    #  L, R rows used, N rows, Dt): block sizes as _rows_triton chooses them
+    variants = [
+        ("bfloat16-token-w-grad", "bfloat16", "bfloat16", "float32", True, True, 3, 3000, 4096, 1024),
+        ("bfloat16-token-w-nograd", "bfloat16", "bfloat16", "float32", True, False, 3, 3000, 4096, 1024),
+        ("float32-unit-w-grad", "float32", "float32", "float32", False, True, 2, 2000, 2000, 768),
+        ("float32-token-now-grad", "float32", "float32", None, True, True, 1, 900, 1000, 96),
+        ("float16-unit-now-grad", "float16", "float16", None, False, True, 2, 500, 500, 10),
+        ("float64-token-w-grad", "float64", "float64", "float64", True, True, 2, 300, 500, 300),
+    ]
+    for name, pdt, ydt, wdt, rows, grad, L, R, N, Dt in variants:
+        acc = "float64" if "float64" in (pdt, ydt, wdt) else "float32"
+        BR, BD = hra._row_blocks(Dt)
+        w_ptr, w_strides = (Ptr(_TL_NAME[ydt]), [0, 0]) if wdt is None else (Ptr(_TL_NAME[wdt]), [N, 1])
+        cases.append(
+            Case(
+                f"hra._hra_rows_kernel-{name}",
+                "hra",
+                "_hra_rows_kernel",
+                # P, Y, WGT, ROWS, TERM, DP, R, Dt, P strides, Y strides, W strides, eps
+                [Ptr(_TL_NAME[pdt]), Ptr(_TL_NAME[ydt]), w_ptr, Ptr("i32"), Ptr(_TL_NAME[acc])]
+                + [Ptr(_TL_NAME[acc]), R, Dt, *_contig_strides((L, R, Dt)), *_contig_strides((L, N, Dt))]
+                + [*w_strides, R, 1e-8],  # TERM row stride: R (a chunk's slice of the [L, R] terms)
+                dict(
+                    HAS_ROWS=rows,
+                    HAS_WEIGHTS=wdt is not None,
+                    COMPUTE_GRAD=grad,
+                    ACC=f"tl.{acc}",
+                    BR=BR,
+                    BD=BD,
+                ),
+                num_warps=hra._ROWS_NUM_WARPS,
+                check_spills=True,
+                notes=dict(blocks=f"BR={BR} BD={BD}"),
+            )
+        )
+    # generic: an unaligned strided teacher (a slice of a wider stacked tensor), odd widths, strided weights
+    BR, BD = hra._row_blocks(100)
+    cases.append(
+        Case(
+            "hra._hra_rows_kernel-bfloat16-token-w-grad-generic",
+            "hra",
+            "_hra_rows_kernel",
+            [Ptr("bf16"), Ptr("bf16", False), Ptr("fp32", False), Ptr("i32"), Ptr("fp32"), Ptr("fp32")]
+            + [77, 100, *_contig_strides((3, 77, 100)), 999 * 203, 203, 2, 3 * 999, 3, 1000, 1e-8],
+            dict(HAS_ROWS=True, HAS_WEIGHTS=True, COMPUTE_GRAD=True, ACC="tl.float32", BR=BR, BD=BD),
+            num_warps=hra._ROWS_NUM_WARPS,
+            check_spills=True,
+        )
+    )
+    # finishing reduction: (name, ACC, weights dtype | None, weights stride_wl (0: shared), stride_wn, R, N)
+    for name, acc, wdt, stride_wl, stride_wn, R, N in [
+        ("float32-w", "float32", "float32", 8192, 1, 6000, 8192),
+        ("float32-w-strided", "float32", "bfloat16", 0, 3, 700, 1000),
+        ("float32-now", "float32", None, 0, 0, 6000, 0),
+        ("float64-w", "float64", "float64", 500, 1, 300, 500),
+    ]:
+        a = Ptr(_TL_NAME[acc])
+        w = a if wdt is None else Ptr(_TL_NAME[wdt], stride_wn <= 1)
+        cases.append(
+            Case(
+                f"hra._hra_finish_kernel-{name}",
+                "hra",
+                "_hra_finish_kernel",
+                [a, w, a, a, R, N, stride_wl, stride_wn],  # TERM, WGT, LOSS, DEN, R, N, weight strides
+                dict(
+                    HAS_WEIGHTS=wdt is not None,
+                    ACC=f"tl.{acc}",
+                    IS_FP64=acc == "float64",
+                    TINY=2.2250738585072014e-308 if acc == "float64" else 1.1754943508222875e-38,
+                    BLK=hra._FINISH_BLK,
+                ),
+                num_warps=hra._FINISH_NUM_WARPS,
+                check_spills=True,
+            )
+        )
+    # backward scaling: (name, ACC, student / weight / bias output dtypes, grad_loss stride, N, Ds, Dt)
+    for name, acc, odts, stride_gl, N, Ds, Dt in [
+        ("float32", "float32", ("float32",) * 3, 1, 3000, 768, 1600),
+        ("bfloat16-student", "float32", ("bfloat16", "float32", "float32"), 0, 1000, 96, 100),  # expanded
+        ("float16", "float32", ("float16",) * 3, 1, 77, 10, 30),
+        ("float64", "float64", ("float64",) * 3, 1, 300, 64, 80),
+    ]:
+        a = Ptr(_TL_NAME[acc])
+        n_s, n_w, n_b = N * Ds, Dt * Ds, Dt
+        nb_s, nb_w = (-(-n // hra._SCALE_BLK) for n in (n_s, n_w))
+        cases.append(
+            Case(
+                f"hra._hra_scale_grads_kernel-{name}",
+                "hra",
+                "_hra_scale_grads_kernel",
+                # GL, DEN, DS, DW, DB, OS, OW, OB, stride_gl, n_s, n_w, n_b, nb_s, nb_w
+                [a, a, a, a, a, *(Ptr(_TL_NAME[d]) for d in odts), stride_gl, n_s, n_w, n_b, nb_s, nb_w],
+                dict(IS_FP64=acc == "float64", RTNE_S=False, RTNE_W=False, RTNE_B=False, BLK=hra._SCALE_BLK),
+                num_warps=hra._SCALE_NUM_WARPS,
+                check_spills=True,
+            )
+        )
+    return cases
+
+
+def _glue_cases() -> list[Case]:
+    glue = _op_module("glue")
+
+    cases = []
+    # (name, weights dtype | None, out dtype, weights stride_wl (0: one shared row), stride_wu, B sequences,
+    #  FINISH: also the loss and the gradient scale from num_work numerator partials)
+    for name, wdt, odt, stride_wl, stride_wu, B, finish, num_work in [
+        ("float32-layers-finish", "float32", "float32", 4000, 1, 8, True, 70),
+        ("float32-shared-finish", "float32", "float32", 0, 1, 3, True, 5),
+        ("bfloat16-layers-finish", "bfloat16", "float32", 4000, 1, 8, True, 64),
+        ("float64-layers-finish", "float64", "float64", 300, 1, 5, True, 9),
+        ("none-finish", None, "float32", 0, 0, 8, True, 70),
+        ("float32-layers-den", "float32", "float32", 4000, 1, 8, False, 0),
+        ("float32-strided-den", "float32", "float32", 3, 7, 1, False, 0),  # B = 1 folded into a constant
+    ]:
+        o = Ptr(_TL_NAME[odt])
+        w = o if wdt is None else Ptr(_TL_NAME[wdt], stride_wu == 1)
+        cases.append(
+            Case(
+                f"glue._dsa_denominator_kernel-{name}",
+                "glue",
+                "_dsa_denominator_kernel",
+                # W, CU, OUT, PARTIAL, LOSS, SCALE (the last three: OUT as the dummy without FINISH)
+                [w, Ptr("i32"), o, o, o, o, B, num_work, stride_wl, stride_wu],
+                dict(HAS_WEIGHTS=wdt is not None, FINISH=finish, BU=glue._DSA_BU),
+                num_warps=glue._DSA_NUM_WARPS,
+                check_spills=True,
+            )
+        )
+    # (name, B, T): BT = min(1024, next_pow2(T)), at least 16
+    for name, B, T in [("big", 8, 2048), ("mid", 3, 500), ("tiny", 1, 9)]:
+        BT = glue._normalise_bt(T)
+        cases.append(
+            Case(
+                f"glue._normalised_weights_kernel-{name}",
+                "glue",
+                "_normalised_weights_kernel",
+                [Ptr("fp32"), Ptr("i32"), Ptr("fp32"), B, T],
+                dict(BT=BT),
+                num_warps=glue._NORMALISE_NUM_WARPS,
+                check_spills=True,
+                notes=dict(blocks=f"BT={BT}"),
             )
         )
     return cases
@@ -380,7 +563,7 @@ CONTROL = Case(
 
 
 def all_cases() -> list[Case]:
-    return _saliency_cases() + _span_pool_cases() + _structural_cases()
+    return _saliency_cases() + _span_pool_cases() + _structural_cases() + _hra_cases() + _glue_cases()
 
 
 # ------------------------------------------------------------------------------- PTX / TTIR checks
@@ -556,7 +739,7 @@ def compile_case(case: Case, target, ptxas_stats: bool = False) -> dict:
         barrier_before_g_reload=barrier_before_g_reload(ttir),
         ptx_barriers=len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)),
     )
-    if ptxas_stats:
+    if ptxas_stats or case.check_spills:
         res.update(_ptxas_stats(ptx, target.arch))
     return res
 
@@ -716,7 +899,7 @@ def test_structural_g_reload_follows_a_barrier(compiled: dict, case: Case) -> No
     assert res["ptx_barriers"] > 0, f"{case.id}: the barrier did not reach the PTX"
 
 
-OWN_CASES = [c for c in CASES if c.module in ("saliency", "structural")]
+OWN_CASES = [c for c in CASES if c.module in ("saliency", "structural", "hra", "glue")]
 
 
 @pytest.mark.parametrize("case", OWN_CASES, ids=[c.id for c in OWN_CASES])
@@ -735,13 +918,18 @@ def test_harness_rejects_what_only_the_interpreter_accepts(compiled: dict) -> No
 
 
 def test_every_kernel_is_covered() -> None:
-    """Every @triton.jit kernel of the three op modules (a function with a program id, not a helper)
-    has a compile case."""
+    """Every @triton.jit kernel of every module of ``mta_kernels/ops/`` (a function with a program id, not
+    a helper) has a compile case."""
     import importlib
     import inspect
+    import pkgutil
+
+    import mta_kernels.ops
 
     kernels = set()
-    for module in ("saliency", "span_pool", "structural"):
+    modules = [m.name for m in pkgutil.iter_modules(mta_kernels.ops.__path__)]
+    assert {"saliency", "span_pool", "structural", "hra", "glue"} <= set(modules), modules
+    for module in modules:
         mod = importlib.import_module(f"mta_kernels.ops.{module}")
         for name, obj in vars(mod).items():
             fn = getattr(obj, "fn", None)
@@ -750,6 +938,21 @@ def test_every_kernel_is_covered() -> None:
     covered = {f"{c.module}.{c.kernel}" for c in CASES}
     assert kernels, "found no kernels: the discovery is broken"
     assert kernels <= covered, f"kernels without a compile case: {sorted(kernels - covered)}"
+
+
+SPILL_CASES = [c for c in CASES if c.check_spills]
+
+
+@pytest.mark.parametrize("case", SPILL_CASES, ids=[c.id for c in SPILL_CASES])
+def test_no_register_spills(compiled: dict, case: Case) -> None:
+    """The glue and HRA row kernels are small and memory-bound: ``ptxas -v`` reports no spill stores or
+    loads (a spill would mean a block size chosen too large)."""
+    res = compiled[case.id]
+    assert res["ok"], res.get("error")
+    assert res["spill_stores"] is not None, f"{case.id}: no spill line in the ptxas -v output"
+    assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (
+        f"{case.id}: {res['spill_stores']}/{res['spill_loads']} B spill stores/loads, {res['regs']} registers"
+    )
 
 
 def test_specialisation_rule_matches_triton() -> None:

@@ -1,8 +1,10 @@
 """Small kernels of the glue between the ops: one launch where the torch composition takes many.
 
 - :func:`dsa_denominator`: ``Σ_b [n_b ≥ 2] ((Σ_{u in b} W_u)² − Σ_{u in b} W_u²)`` per layer, the
-  denominator of the weighted DSA loss (docs/method.md#dsa-loss), in float64, in one program per layer
-  that walks the sequences in order (deterministic).
+  denominator of the weighted DSA loss (docs/method.md#dsa-loss; ``Σ_b n_b (n_b − 1)`` unweighted), in
+  float64, in one program per layer that walks the sequences in order (deterministic).
+- :func:`dsa_finish`: the same launch also sums the structural kernel's numerator partials and returns
+  the loss and the gradient factor ``4 / den``.
 - :func:`normalised_weights`: ``ŵ_i = a_i / Σ_{k covered, same sequence} a_k`` on covered tokens, 0
   elsewhere (docs/method.md#span-pooling), one program per (sequence, layer).
 """
@@ -13,60 +15,121 @@ import torch
 
 from mta_kernels._triton import tl, triton
 
-__all__ = ["dsa_denominator", "normalised_weights"]
+__all__ = ["dsa_denominator", "dsa_finish", "normalised_weights"]
+
+_DSA_BU, _DSA_NUM_WARPS = 64, 1  # units per step of the sequence walk; one warp per layer
+_NORMALISE_NUM_WARPS = 4
+
+
+def _normalise_bt(T: int) -> int:
+    """Tokens per step of the normalisation kernel: next power of 2 of T, in [16, 1024]."""
+    return min(1024, max(16, triton.next_power_of_2(T)))
 
 
 @triton.jit
 def _dsa_denominator_kernel(
-    W,  # [L or 1, U] unit weights, any float dtype (stride_wl = 0 broadcasts one row)
+    W,  # [L or 1, U] unit weights, any float dtype (stride_wl = 0 broadcasts one row); unused unweighted
     CU,  # int32 [B+1]
-    OUT,  # [L] output dtype
+    OUT,  # [L] denominator, output dtype
+    PARTIAL,  # [L, num_work] numerator partials of the structural kernel; unused without FINISH
+    LOSS,  # [L] out: num / den (0 when den = 0); unused without FINISH
+    SCALE,  # [L] out: 4 / den (0 when den = 0), the gradient epilogue's factor; unused without FINISH
     B,
+    num_work,
     stride_wl,
     stride_wu,
+    HAS_WEIGHTS: tl.constexpr,
+    FINISH: tl.constexpr,
     BU: tl.constexpr,
 ):
+    # One program per layer: walks the sequences in order, then (FINISH) sums the numerator partials in
+    # float64 in a fixed order and divides: deterministic, one launch for the whole reduction.
     i_l = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BU).to(tl.int64)
     b_den = tl.zeros([BU], dtype=tl.float64)  # the total sits in slot 0
     for b in range(0, B):
-        lo = tl.load(CU + b).to(tl.int64)
-        hi = tl.load(CU + b + 1).to(tl.int64)
-        b_s1 = tl.zeros([BU], dtype=tl.float64)
-        b_s2 = tl.zeros([BU], dtype=tl.float64)
-        for u0 in range(lo, hi, BU):
-            m = u0 + o < hi
-            b_w = tl.load(W + i_l * stride_wl + (u0 + o) * stride_wu, mask=m, other=0.0).to(tl.float64)
-            b_s1 += b_w
-            b_s2 += b_w * b_w
-        s1 = tl.sum(b_s1, axis=0)
-        s2 = tl.sum(b_s2, axis=0)
-        b_den += tl.where((o == 0) & (hi - lo >= 2), s1 * s1 - s2, 0.0)
-    tl.store(OUT + i_l, tl.sum(b_den, axis=0).to(OUT.dtype.element_ty))
+        p_cu = CU + (i_l * 0 + b)  # an int64 offset (the loop index is int32)
+        lo = tl.load(p_cu).to(tl.int64)
+        hi = tl.load(p_cu + 1).to(tl.int64)
+        if HAS_WEIGHTS:
+            b_s1 = tl.zeros([BU], dtype=tl.float64)
+            b_s2 = tl.zeros([BU], dtype=tl.float64)
+            for u0 in range(lo, hi, BU):
+                m = u0 + o < hi
+                b_w = tl.load(W + i_l * stride_wl + (u0 + o) * stride_wu, mask=m, other=0.0).to(tl.float64)
+                b_s1 += b_w
+                b_s2 += b_w * b_w
+            s1 = tl.sum(b_s1, axis=0)
+            s2 = tl.sum(b_s2, axis=0)
+            b_den += tl.where((o == 0) & (hi - lo >= 2), s1 * s1 - s2, 0.0)
+        else:
+            n = (hi - lo).to(tl.float64)
+            b_den += tl.where(o == 0, n * (n - 1.0), 0.0)  # Σ_b n_b (n_b − 1): 0 for n_b ≤ 1
+    den = tl.sum(b_den, axis=0)
+    tl.store(OUT + i_l, den.to(OUT.dtype.element_ty))
+    if FINISH:
+        b_num = tl.zeros([BU], dtype=tl.float64)
+        for w0 in range(0, num_work, BU):
+            m = w0 + o < num_work
+            b_num += tl.load(PARTIAL + (i_l * num_work + w0 + o), mask=m, other=0.0).to(tl.float64)
+        num = tl.sum(b_num, axis=0)
+        safe = tl.where(den > 0, den, 1.0)
+        tl.store(LOSS + i_l, (num / safe).to(LOSS.dtype.element_ty))
+        tl.store(SCALE + i_l, tl.where(den > 0, 4.0 / safe, 0.0).to(SCALE.dtype.element_ty))
+
+
+def _launch_dsa_reduction(weights, cu_units, den, partial, loss, scale) -> None:
+    L = den.shape[0]
+    if L == 0:
+        return
+    finish = partial is not None
+    _dsa_denominator_kernel[(L,)](
+        den if weights is None else weights,
+        cu_units,
+        den,
+        partial if finish else den,
+        loss if finish else den,
+        scale if finish else den,
+        cu_units.shape[0] - 1,
+        partial.shape[1] if finish else 0,
+        weights.stride(0) if weights is not None and weights.shape[0] > 1 else 0,
+        weights.stride(1) if weights is not None else 0,
+        HAS_WEIGHTS=weights is not None,
+        FINISH=finish,
+        BU=_DSA_BU,
+        num_warps=_DSA_NUM_WARPS,
+    )
 
 
 def dsa_denominator(
-    weights: torch.Tensor, cu_units: torch.Tensor, L: int, dtype: torch.dtype
+    weights: torch.Tensor | None, cu_units: torch.Tensor, L: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """``[L]`` weighted DSA denominator (float64 sums, cast to ``dtype``) in one launch.
 
     Args:
-        weights: ``[L, U]`` or ``[1, U]`` unit weights (read in place). cu_units: int32 ``[B+1]``, valid.
+        weights: ``[L, U]`` or ``[1, U]`` unit weights (read in place), or None (every unit weighs 1:
+            ``Σ_b n_b (n_b − 1)``). cu_units: int32 ``[B+1]``, valid.
     """
-    out = torch.empty(L, dtype=dtype, device=weights.device)
-    if L == 0:
-        return out
-    _dsa_denominator_kernel[(L,)](
-        weights,
-        cu_units,
-        out,
-        cu_units.shape[0] - 1,
-        weights.stride(0) if weights.shape[0] > 1 else 0,
-        weights.stride(1),
-        BU=64,
-        num_warps=1,
-    )
+    out = torch.empty(L, dtype=dtype, device=cu_units.device)
+    _launch_dsa_reduction(weights, cu_units, out, None, None, None)
     return out
+
+
+def dsa_finish(
+    weights: torch.Tensor | None, cu_units: torch.Tensor, partial: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DSA loss ``[L]`` and the gradient factor ``4 / den`` ``[L]`` (both 0 where den = 0) from the
+    structural kernel's numerator partials, with the denominator, in one launch.
+
+    Args:
+        weights: ``[L, U]`` / ``[1, U]`` unit weights or None. cu_units: int32 ``[B+1]``, valid.
+        partial: ``[L, W]`` numerator partials (float32 or float64: the outputs' dtype).
+    """
+    L = partial.shape[0]
+    den = torch.empty(L, dtype=partial.dtype, device=partial.device)
+    loss, scale = torch.empty_like(den), torch.empty_like(den)
+    _launch_dsa_reduction(weights, cu_units, den, partial, loss, scale)
+    return loss, scale
 
 
 @triton.jit
@@ -85,15 +148,17 @@ def _normalised_weights_kernel(
     b_sum = tl.zeros([BT], dtype=tl.float32)
     for t0 in range(0, T, BT):
         m = t0 + o < T
-        cov = tl.load(T2U + i_b * T + t0 + o, mask=m, other=-1) >= 0
-        b_sum += tl.where(cov, tl.load(A + base + t0 + o, mask=m, other=0.0).to(tl.float32), 0.0)
+        cov = tl.load(T2U + (i_b * T + t0 + o), mask=m, other=-1) >= 0
+        b_sum += tl.where(cov, tl.load(A + (base + t0 + o), mask=m, other=0.0).to(tl.float32), 0.0)
     total = tl.sum(b_sum, axis=0)
-    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)  # all-zero sequence: weights 0
+    inv = tl.where(
+        total > 0, tl.div_rn(1.0, tl.where(total > 0, total, 1.0)), 0.0
+    )  # all-zero sequence: weights 0
     for t0 in range(0, T, BT):
         m = t0 + o < T
-        cov = tl.load(T2U + i_b * T + t0 + o, mask=m, other=-1) >= 0
-        b_a = tl.load(A + base + t0 + o, mask=m, other=0.0).to(tl.float32)
-        tl.store(OUT + base + t0 + o, tl.where(cov, b_a * inv, 0.0), mask=m)
+        cov = tl.load(T2U + (i_b * T + t0 + o), mask=m, other=-1) >= 0
+        b_a = tl.load(A + (base + t0 + o), mask=m, other=0.0).to(tl.float32)
+        tl.store(OUT + (base + t0 + o), tl.where(cov, b_a * inv, 0.0), mask=m)
 
 
 def normalised_weights(saliency: torch.Tensor, token_to_unit: torch.Tensor) -> torch.Tensor:
@@ -106,6 +171,7 @@ def normalised_weights(saliency: torch.Tensor, token_to_unit: torch.Tensor) -> t
     a = saliency.contiguous()
     out = torch.empty_like(a)
     if a.numel() > 0:
-        BT = min(1024, max(16, triton.next_power_of_2(T)))
-        _normalised_weights_kernel[(B, L)](a, token_to_unit, out, B, T, BT=BT, num_warps=4)
+        _normalised_weights_kernel[(B, L)](
+            a, token_to_unit, out, B, T, BT=_normalise_bt(T), num_warps=_NORMALISE_NUM_WARPS
+        )
     return out

@@ -14,8 +14,10 @@ Two implementations behind one op (``mta_kernels._dispatch.use_triton``):
 - Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``): a work list of row blocks that covers only the
   block diagonal (``mta_kernels.layout.block_diagonal_work_list``); one program per (row block, layer)
   loops over the column blocks of its sequence(s) and over D in chunks; the normalisation is fused (per-row
-  inverse norms); the loss partials go to a ``[L, W]`` buffer summed afterwards and the gradient rows are
-  owned by exactly one program: no atomics, deterministic.
+  inverse norms, computed with the zeroed gradient rows by one prologue kernel); the loss partials go to
+  a ``[L, W]`` buffer that one launch reduces with the denominator into the loss and the gradient
+  factor (``ops.glue.dsa_finish``), and the gradient rows are owned by exactly one program: no atomics,
+  deterministic. Four launches in all (prologue, main kernel, reduction, gradient epilogue).
 - torch (any device): short sequences packed into blocks of ≤ 64 units and batched; a long sequence alone,
   in row chunks (never more than ``chunk × N`` scores), or with the feature-space identity of docs/method.md#dsa-loss when
   it has more units than dimensions (cost model).
@@ -32,7 +34,7 @@ from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
 from mta_kernels._triton import tl, triton
 from mta_kernels.constants import DSA_NORM_FLOOR
-from mta_kernels.ops.glue import dsa_denominator
+from mta_kernels.ops.glue import dsa_denominator, dsa_finish
 
 __all__ = ["structural_loss"]
 
@@ -233,6 +235,68 @@ def _structural_fwd_kernel(
 
 
 @triton.jit
+def _structural_prep_kernel(
+    S,  # [L, U, Ds] student, any float dtype, explicit strides
+    T,  # [L, U, Dt] teacher
+    NORM_S,  # [L, U] ACC out: ‖S_u‖
+    INV_S,  # [L, U] ACC out: 1 / max(‖S_u‖, eps)
+    INV_T,  # [L, U] ACC out: 1 / max(‖T_u‖, eps)
+    G,  # [L, U, Ds] ACC out: zeroed (the main kernel's accumulator); unused without COMPUTE_GRAD
+    U,
+    Ds,
+    Dt,
+    stride_sl,
+    stride_su,
+    stride_sd,
+    stride_tl,
+    stride_tu,
+    stride_td,
+    eps,
+    COMPUTE_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+):
+    # BR rows of one layer per program: the row norms and inverse norms the main kernel reads, and the
+    # zeroed gradient rows, in one pass over the rows (one launch instead of a norm, clamp, reciprocal
+    # and fill per tensor).
+    pid = tl.program_id(0).to(tl.int64)
+    num_rb = tl.cdiv(U, BR)
+    i_l = pid // num_rb
+    o_r = (pid % num_rb) * BR + tl.arange(0, BR).to(tl.int64)  # [BR]
+    m_r = o_r < U
+    b_ss = tl.zeros([BR], dtype=ACC)
+    for d in range(0, Ds, BD):
+        o_d = d + tl.arange(0, BD).to(tl.int64)
+        m = m_r[:, None] & (o_d < Ds)[None, :]
+        p_s = S + i_l * stride_sl + o_r[:, None] * stride_su + o_d[None, :] * stride_sd
+        b_s = tl.load(p_s, mask=m, other=0.0).to(ACC)  # [BR, BD]
+        b_ss += tl.sum(b_s * b_s, axis=1)
+        if COMPUTE_GRAD:
+            tl.store(G + (i_l * U + o_r[:, None]) * Ds + o_d[None, :], tl.zeros([BR, BD], dtype=ACC), mask=m)
+    b_tt = tl.zeros([BR], dtype=ACC)
+    for d in range(0, Dt, BD):
+        o_d = d + tl.arange(0, BD).to(tl.int64)
+        m = m_r[:, None] & (o_d < Dt)[None, :]
+        p_t = T + i_l * stride_tl + o_r[:, None] * stride_tu + o_d[None, :] * stride_td
+        b_t = tl.load(p_t, mask=m, other=0.0).to(ACC)
+        b_tt += tl.sum(b_t * b_t, axis=1)
+    if IS_FP64:  # fp64 sqrt and division are correctly rounded by default
+        b_ns = tl.sqrt(b_ss)
+        b_inv_s = 1.0 / tl.maximum(b_ns, eps)
+        b_inv_t = 1.0 / tl.maximum(tl.sqrt(b_tt), eps)
+    else:  # as torch's norm and reciprocal: no approximate sqrt or division
+        b_ns = tl.sqrt_rn(b_ss)
+        b_inv_s = tl.div_rn(tl.full([BR], 1.0, tl.float32), tl.maximum(b_ns, eps))
+        b_inv_t = tl.div_rn(tl.full([BR], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(b_tt), eps))
+    o = i_l * U + o_r
+    tl.store(NORM_S + o, b_ns, mask=m_r)
+    tl.store(INV_S + o, b_inv_s, mask=m_r)
+    tl.store(INV_T + o, b_inv_t, mask=m_r)
+
+
+@triton.jit
 def _structural_grad_epilogue_kernel(
     G,  # [L, U, Ds] ACC, in: G_u; out (in place): ∂L/∂S_u
     S,  # [L, U, Ds] student
@@ -357,6 +421,14 @@ F32_DOT_PRECISION = "ieee"
 
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+_PREP_NUM_WARPS = 4
+
+
+def _prep_blocks(D: int) -> tuple[int, int]:
+    """``(BR, BD)`` of the norm kernel: 16 rows per program, the widths in chunks of at most 64."""
+    return 16, min(64, max(16, triton.next_power_of_2(D)))
+
+
 _GRID_AXIS0_MAX = 2**31 - 1
 
 
@@ -372,29 +444,42 @@ def _triton_forward(
     teacher: torch.Tensor,  # [L, U, Dt]
     cu_units: torch.Tensor,
     weights: torch.Tensor | None,  # [L or 1, U]
-    bounds: list[int],
+    bounds: list[int],  # checked by the caller; the kernels read the device offsets cu_units
     compute_grad: bool,
     acc_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     L, U, Ds = student.shape
     Dt = teacher.shape[-1]
     device = student.device
-    # per-row norms, O(U·D): vector_norm(dtype=) upcasts on the fly, without a float copy of the input
-    norm_s = torch.linalg.vector_norm(student, dim=-1, dtype=acc_dtype).contiguous()  # [L, U]
-    norm_t = torch.linalg.vector_norm(teacher, dim=-1, dtype=acc_dtype)
-    inv_s = 1.0 / norm_s.clamp_min(NORMALIZE_EPS)
-    inv_t = (1.0 / norm_t.clamp_min(NORMALIZE_EPS)).contiguous()
-    den = _denominator(weights, bounds, L, U, device, acc_dtype)  # [L]
-
     BM, BN, BD = _block_sizes(device, acc_dtype, student.dtype, compute_grad)
     work = layout.block_diagonal_work_list(cu_units, BM)  # [W, 4] int32, only the block diagonal
     num_work = work.shape[0]
-    grad = (
-        torch.zeros(L, U, Ds, dtype=acc_dtype, device=device)
-        if compute_grad
-        else student.new_empty(0, dtype=acc_dtype)
-    )
-    partial = torch.zeros(L, num_work, dtype=acc_dtype, device=device)
+    norm_s = torch.empty(L, U, dtype=acc_dtype, device=device)
+    inv_s, inv_t = torch.empty_like(norm_s), torch.empty_like(norm_s)
+    grad = torch.empty(L, U, Ds, dtype=acc_dtype, device=device) if compute_grad else norm_s.new_empty(0)
+    partial = torch.empty(L, num_work, dtype=acc_dtype, device=device)  # every slot written once
+    if L > 0 and U > 0:
+        BR, BD_P = _prep_blocks(max(Ds, Dt))
+        _structural_prep_kernel[_grid(triton.cdiv(U, BR), L)](
+            student,
+            teacher,
+            norm_s,
+            inv_s,
+            inv_t,
+            grad,
+            U,
+            Ds,
+            Dt,
+            *student.stride(),
+            *teacher.stride(),
+            NORMALIZE_EPS,
+            COMPUTE_GRAD=compute_grad,
+            ACC=_TL_ACC[acc_dtype],
+            IS_FP64=acc_dtype == torch.float64,
+            BR=BR,
+            BD=BD_P,
+            num_warps=_PREP_NUM_WARPS,
+        )
     if num_work > 0 and L > 0:
         seq = layout.unit_to_seq(cu_units, U)  # [U] int32
         native = device.type == "cuda" and not triton_interpreting() and acc_dtype == torch.float32
@@ -429,11 +514,10 @@ def _triton_forward(
             IS_FP64=acc_dtype == torch.float64,
             num_warps=8,
         )
-    num = partial.to(torch.float64).sum(-1)  # [L], fixed order: deterministic
-    safe_den = torch.where(den > 0, den, torch.ones_like(den))
-    loss = (num / safe_den).to(acc_dtype)
+    # denominator (from the device offsets), Σ partials in float64 (fixed order), loss and 4/den: one launch
+    w = None if weights is None else weights.detach()
+    loss, scale = dsa_finish(w, cu_units, partial)
     if compute_grad and U > 0 and L > 0 and Ds > 0:
-        scale = (4.0 / safe_den).to(acc_dtype) * (den > 0)  # [L]
         BD_E = min(1024, triton.next_power_of_2(Ds))
         _structural_grad_epilogue_kernel[_grid(U, L)](
             grad,
