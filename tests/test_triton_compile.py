@@ -875,12 +875,14 @@ def test_saliency_passes_round_the_score_alike(compiled: dict, case: Case) -> No
     )
 
 
-ROW_SCALE_CASES = [c for c in CASES if c.kernel == "_row_scale_kernel"]
+# The saliency row scale and the HRA cosine (fp32: torch's cosine is correctly rounded).
+ROW_SCALE_CASES = [c for c in CASES if c.kernel in ("_row_scale_kernel", "_hra_rows_kernel")]
 
 
 @pytest.mark.parametrize("case", ROW_SCALE_CASES, ids=[c.id for c in ROW_SCALE_CASES])
 def test_row_scale_is_correctly_rounded(compiled: dict, case: Case) -> None:
-    """The row scale r = 1 / (std + eps) uses div.rn / sqrt.rn, not div.full / sqrt.approx / rcp.approx."""
+    """The row scale r = 1 / (std + eps) and the HRA cosine use div.rn / sqrt.rn, not div.full /
+    sqrt.approx / rcp.approx."""
     res = compiled[case.id]
     assert res["ok"], res.get("error")
     assert res["approx_div_sqrt"] == 0, f"{case.id}: {res['approx_div_sqrt']} approximate div/sqrt in the PTX"

@@ -97,10 +97,18 @@ def _hra_rows_kernel(
         b_pp += tl.sum(b_p * b_p, axis=1)
         b_yy += tl.sum(b_y * b_y, axis=1)
         b_py += tl.sum(b_p * b_y, axis=1)
-    b_np = tl.sqrt(b_pp)
-    b_cp = tl.maximum(b_np, eps)
-    b_cy = tl.maximum(tl.sqrt(b_yy), eps)
-    b_cos = b_py / (b_cp * b_cy)
+    # Correctly rounded square roots and divisions (fp32 defaults to the approximate forms on the GPU),
+    # as torch computes the cosine; fp64 has only the exact forms.
+    if ACC == tl.float64:
+        b_np = tl.sqrt(b_pp)
+        b_cp = tl.maximum(b_np, eps)
+        b_cy = tl.maximum(tl.sqrt(b_yy), eps)
+        b_cos = b_py / (b_cp * b_cy)
+    else:
+        b_np = tl.sqrt_rn(b_pp)
+        b_cp = tl.maximum(b_np, eps)
+        b_cy = tl.maximum(tl.sqrt_rn(b_yy), eps)
+        b_cos = tl.div_rn(b_py, b_cp * b_cy)
     if HAS_WEIGHTS:
         b_w = tl.load(WGT + i_l * stride_wl + b_tok * stride_wn, mask=m_r, other=0.0).to(ACC)
     else:
@@ -109,9 +117,15 @@ def _hra_rows_kernel(
     tl.store(TERM + i_l * stride_terml + o_r, tl.where(m_w, b_w * (1.0 - b_cos), 0.0), mask=m_r)
     if COMPUTE_GRAD:
         # ∂/∂P of w (1 − cos) = −w ∂cos/∂P = a y + c P
-        b_a = tl.where(m_w, -b_w / (b_cp * b_cy), 0.0)
-        b_inv_np = tl.where(b_np > 0, 1.0 / tl.where(b_np > 0, b_np, 1.0), 0.0)
-        b_c = tl.where(m_w, b_w * b_py / (b_cp * b_cp * b_cy) * b_inv_np, 0.0)
+        b_safe_np = tl.where(b_np > 0, b_np, 1.0)
+        if ACC == tl.float64:
+            b_a = tl.where(m_w, -b_w / (b_cp * b_cy), 0.0)
+            b_inv_np = tl.where(b_np > 0, 1.0 / b_safe_np, 0.0)
+            b_c = tl.where(m_w, b_w * b_py / (b_cp * b_cp * b_cy) * b_inv_np, 0.0)
+        else:
+            b_a = tl.where(m_w, -tl.div_rn(b_w, b_cp * b_cy), 0.0)
+            b_inv_np = tl.where(b_np > 0, tl.div_rn(tl.full([BR], 1.0, ACC), b_safe_np), 0.0)
+            b_c = tl.where(m_w, tl.div_rn(b_w * b_py, b_cp * b_cp * b_cy) * b_inv_np, 0.0)
         p_dp = DP + (i_l * R + o_r[:, None]) * Dt  # [BR, 1], contiguous
         for d in range(0, Dt, BD):
             o_d = d + tl.arange(0, BD).to(tl.int64)
