@@ -14,8 +14,10 @@ while the chunk is processed, never for all rows at once, and the backward only 
 GEMMs of ``∂L/∂x``, ``∂L/∂W``, ``∂L/∂b``; after the chunks, one launch reduces the terms and the
 weights to the loss.
 
-The GEMMs run in ``mm_dtype``: the 16-bit dtype of bf16/fp16 hidden states or of autocast (tensor cores,
-fp32 accumulation), else the accumulation dtype (float32; float64 for float64 inputs). The cosine and
+The GEMMs run in ``mm_dtype``: the 16-bit dtype of autocast or of a 16-bit projector (tensor cores,
+fp32 accumulation), else the accumulation dtype (float32; float64 for float64 inputs). bf16 hidden
+states with an fp32 projector keep the fp32 GEMMs: rounding the projector's weights to bf16 puts the
+loss ~10² × outside the tolerance rule on LLM-like activations (the eager reference keeps them fp32). The cosine and
 the weighting are computed in the accumulation dtype.
 
 Gradient of the cosine, as torch's autograd computes it through ``cosine_similarity`` (the norm floor
@@ -526,8 +528,8 @@ def fused_hra(
     device = student.device
     if torch.is_autocast_enabled(device.type):
         mm_dtype = torch.get_autocast_dtype(device.type)
-    elif student.dtype in (torch.bfloat16, torch.float16):
-        mm_dtype = student.dtype
+    elif weight.dtype in (torch.bfloat16, torch.float16):  # a 16-bit projector, as nn.Linear would run
+        mm_dtype = weight.dtype
     else:
         mm_dtype = accumulation_dtype(student, teacher, weights, weight)
     compute_grad = torch.is_grad_enabled() and (
