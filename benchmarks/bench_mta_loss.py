@@ -22,7 +22,8 @@ Floor (per pair k with units of its granularity; e bytes per hidden element, C_k
           + DSA fwd+bwd floor                 (bench_structural.structural_floor_by_rate)
           + 6·M_k·Ds·Dt                        HRA projector fwd + bwd (dX, dW); M_k = C_k covered tokens
                                                (token level) or U_k units (unit level)
-    fp32 inputs: all FLOPs at the fp32 rate; 16-bit: tensor-core rate except the DSA gradient's fp32 part.
+    fp32 inputs: all FLOPs at the fp32 rate; 16-bit: tensor-core rate except the DSA gradient's fp32 part
+    and the projector (fp32 weights), which moves to the tensor cores only under autocast.
 """
 
 from __future__ import annotations
@@ -147,25 +148,29 @@ def make_loss_fn(provider: str, x: dict[str, Any], compiled_cache: dict[str, Any
 def mta_floor(p: dict[str, Any], x: dict[str, Any]) -> tuple[float, float, float]:
     """(bytes, FLOPs at the tensor-core rate, FLOPs at the fp32 rate) of one forward + backward.
 
-    fp32 hidden states: every FLOP at the fp32 rate. 16-bit: saliency and the projector on the tensor
-    cores, the DSA gradient's fp32 part at the fp32 rate (``structural_floor_by_rate``).
+    fp32 hidden states: every FLOP at the fp32 rate. 16-bit: saliency and the DSA Grams on the tensor
+    cores, the DSA gradient's fp32 part at the fp32 rate (``structural_floor_by_rate``); the projector
+    (fp32 weights) at the fp32 rate, on the tensor cores under autocast (``x["autocast"]``).
     """
     pre = harness.PRESETS[p["preset"]]
     B, T, Ds, Dt, e = p["B"], p["T"], pre.d_student, pre.d_teacher, x["element_size"]
+    autocast = bool(x.get("autocast", False))
     total_bytes, flops16, flops32 = 0.0, 0.0, 0.0
     for _, _, g in x["pairs"]:
         ub = x["units"][g]
         counts = (ub.cu_units[1:] - ub.cu_units[:-1]).tolist()
         covered = int((ub.student_ranges[:, 1] - ub.student_ranges[:, 0]).sum())
         m = covered if x["hra_level"] == "token" else ub.num_units
-        dense = 2.0 * B * T * T * (Ds + Dt) + 6.0 * m * Ds * Dt  # useful saliency Gram + projector
+        saliency = 2.0 * B * T * T * (Ds + Dt)  # the useful Gram H·Hᵀ of both sides
+        projector = 6.0 * m * Ds * Dt
         dsa_bytes, dsa16, dsa32 = structural_floor_by_rate("fwd+bwd", 1, counts, Ds, Dt, e)
         total_bytes += B * T * (2 * Ds + Dt) * e
         if e >= 4:
-            flops32 += dense + dsa16 + dsa32
+            flops32 += saliency + dsa16 + dsa32 + (0.0 if autocast else projector)
+            flops16 += projector if autocast else 0.0
         else:
-            flops16 += dense + dsa16
-            flops32 += dsa32
+            flops16 += saliency + dsa16 + (projector if autocast else 0.0)
+            flops32 += dsa32 + (0.0 if autocast else projector)
     return total_bytes, flops16, flops32
 
 
@@ -195,12 +200,15 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
 
         return fwd_bwd_autocast
 
-    build = functools.partial(_build, device=device, dtype=dtype, seed=args.seed)
+    autocast = args.autocast != "off"
+    build = functools.partial(_build, device=device, dtype=dtype, seed=args.seed, autocast=autocast)
     return harness.BenchSpec("mta_loss", build, make_fn, mta_floor, PROVIDERS)
 
 
-def _build(p: dict[str, Any], *, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
-    return build_inputs(p, device, dtype, seed)
+def _build(
+    p: dict[str, Any], *, device: torch.device, dtype: torch.dtype, seed: int, autocast: bool = False
+) -> dict[str, Any]:
+    return {**build_inputs(p, device, dtype, seed), "autocast": autocast}
 
 
 def print_floors(args: argparse.Namespace) -> None:
