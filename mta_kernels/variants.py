@@ -36,6 +36,7 @@ from torch import nn
 
 from mta_kernels.constants import GRANULARITIES
 from mta_kernels.layout import UnitBatch
+from mta_kernels.losses import _unit_sums
 from mta_kernels.ops import span_pool, structural_loss, token_saliency
 
 __all__ = ["CrossTokenizerMTALoss", "CrossTokenizerMTAOutput", "teacher_confidence"]
@@ -155,9 +156,9 @@ class CrossTokenizerMTALoss(nn.Module):
             weights = None
             if self.weighted:
                 weights = (
-                    _range_sums(a_t.reshape(-1), ub.teacher_ranges)
+                    _range_sums(a_t, ub.teacher_ranges)
                     if teacher_confidence is None
-                    else _range_means(teacher_confidence.reshape(-1), ub.teacher_ranges)
+                    else _range_means(teacher_confidence, ub.teacher_ranges)
                 ).to(teacher_units.dtype)
             projected = proj(student_units.to(proj.weight.dtype))
             terms.append(structural_loss(projected, teacher_units, ub.cu_units, weights))
@@ -166,10 +167,9 @@ class CrossTokenizerMTALoss(nn.Module):
 
 
 def _range_sums(values: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
-    """``Σ values[start:end]`` per range, ``[N]``, ``[U, 2]`` -> ``[U]`` (float64 prefix sums)."""
-    prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), values.detach().double().cumsum(0)])
-    r = ranges.long()
-    return prefix[r[:, 1]] - prefix[r[:, 0]]
+    """``Σ values[start:end]`` per unit, ``[B, T]``, flat ``[U, 2]`` -> float64 ``[U]`` (the loss's
+    per-sequence prefix sums)."""
+    return _unit_sums(values.detach().double().unsqueeze(0), ranges)[0]
 
 
 def _range_means(values: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
