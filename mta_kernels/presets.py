@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["MTAPreset", "PRESETS", "auto_pairs"]
+__all__ = ["MTAPreset", "PRESETS", "auto_pairs", "pair_label"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +93,9 @@ def auto_pairs(
             f"a layer (student {student}, teacher {teacher}): use fewer pairs or a lower start_fraction"
         )
     return [(s, t, "word" if k < n_word else "phrase") for k, (s, t) in enumerate(zip(student, teacher))]
+
+
+def pair_label(k: int, pair: tuple[int, int, str]) -> str:
+    """The name of layer pair ``k`` in logs and metrics: ``pair{k}_s{student}_t{teacher}_{granularity}``."""
+    s, t, g = pair
+    return f"pair{k}_s{s}_t{t}_{g}"

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from mta_kernels.distill.config import DistillError, TrainConfig
+from mta_kernels.presets import pair_label
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -57,10 +58,7 @@ def flatten(record: dict, pairs: list | None) -> dict[str, float]:
                 add(f"{name}/{k}", v)
         elif isinstance(value, (list, tuple)):
             for k, v in enumerate(value):
-                label = f"pair{k}"
-                if pairs is not None and k < len(pairs):
-                    s, t, g = pairs[k]
-                    label += f"_s{s}_t{t}_{g}"
+                label = pair_label(k, pairs[k]) if pairs is not None and k < len(pairs) else f"pair{k}"
                 add(f"{name}/{label}", v)
 
     for key, value in record.items():

@@ -13,6 +13,7 @@ from torch import nn
 from mta_kernels.constants import GRANULARITIES
 from mta_kernels.layout import UnitBatch
 from mta_kernels.losses import MTALoss
+from mta_kernels.presets import pair_label
 
 # The attribute of the student under which the MTA loss (and its projectors) lives: it makes the
 # projectors parameters of the model the Trainer optimizes, wraps (DDP/FSDP) and checkpoints.
@@ -150,8 +151,8 @@ class TermLog:
         for name, vec in (("dsa", out.dsa), ("hra", out.hra)):
             if vec is None:
                 continue
-            for k, (v, (ls, lt, g)) in enumerate(zip(vec.tolist(), pairs)):
-                self.add(f"{name}/pair{k}_s{ls}_t{lt}_{g}", v)
+            for k, (v, pair) in enumerate(zip(vec.tolist(), pairs)):
+                self.add(f"{name}/{pair_label(k, pair)}", v)
 
     def pop_means(self, accelerator: Any, prefix: str = "") -> dict[str, float]:
         if not self.values:
