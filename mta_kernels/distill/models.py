@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
@@ -81,21 +82,40 @@ def build_model(spec: str, tokenizer, max_length: int) -> nn.Module:
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def num_layers(model: nn.Module) -> int:
-    """Transformer blocks: Hugging Face ``hidden_states`` has ``num_layers + 1`` entries (0 = embeddings)."""
-    cfg = model.config
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # config names of the depth, by family
+WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")  # and of the hidden size
+
+
+def text_config(model: nn.Module) -> Any:
+    """The model's (text) config: the language model's part of a multimodal config."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise TypeError(f"{type(model).__name__} has no .config: pass a Hugging Face PreTrainedModel")
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def config_value(model: nn.Module, names: tuple[str, ...]) -> int | None:
+    """The first of ``names`` set in the model's text config (``None`` when none is)."""
+    cfg = text_config(model)
+    for name in names:
         if getattr(cfg, name, None) is not None:
             return int(getattr(cfg, name))
-    raise DistillError(f"cannot tell how many layers the model {type(model).__name__} has")
+    return None
+
+
+def num_layers(model: nn.Module) -> int:
+    """Transformer blocks: Hugging Face ``hidden_states`` has ``num_layers + 1`` entries (0 = embeddings)."""
+    layers = config_value(model, LAYER_KEYS)
+    if layers is None:
+        raise DistillError(f"cannot tell how many layers the model {type(model).__name__} has")
+    return layers
 
 
 def hidden_size(model: nn.Module) -> int:
-    cfg = model.config
-    for name in ("hidden_size", "n_embd", "d_model"):
-        if getattr(cfg, name, None) is not None:
-            return int(getattr(cfg, name))
-    raise DistillError(f"cannot tell the hidden size of the model {type(model).__name__}")
+    width = config_value(model, WIDTH_KEYS)
+    if width is None:
+        raise DistillError(f"cannot tell the hidden size of the model {type(model).__name__}")
+    return width
 
 
 def load_tokenizer(path: str | None, model_spec: str):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mta_kernels.constants import GRANULARITIES
+from mta_kernels.distill import models as M
 from mta_kernels.layout import UnitBatch
 from mta_kernels.losses import MTALoss
 from mta_kernels.presets import pair_label
@@ -20,27 +21,15 @@ from mta_kernels.presets import pair_label
 MTA_ATTR = "mta_loss"
 
 
-def text_config(model: nn.Module) -> Any:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        raise TypeError(f"{type(model).__name__} has no .config: pass a Hugging Face PreTrainedModel")
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
 def hidden_size(model: nn.Module) -> int:
-    cfg = text_config(model)
-    for name in ("hidden_size", "n_embd", "d_model"):
-        if getattr(cfg, name, None) is not None:
-            return int(getattr(cfg, name))
-    raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: build the MTALoss yourself")
+    width = M.config_value(model, M.WIDTH_KEYS)
+    if width is None:
+        raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: build the MTALoss yourself")
+    return width
 
 
 def num_layers(model: nn.Module) -> int | None:
-    cfg = text_config(model)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(cfg, name, None) is not None:
-            return int(getattr(cfg, name))
-    return None
+    return M.config_value(model, M.LAYER_KEYS)
 
 
 def resolve_mta(mta: MTALoss | str | None, student: nn.Module, teacher: nn.Module) -> MTALoss | None:
