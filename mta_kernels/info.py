@@ -175,10 +175,12 @@ def _state_phrase(ext: dict[str, Any]) -> str:
         return f"error: {ext.get('error')}"
     if state == "torch":
         return "pure-torch fallback"
-    where = ext.get("path") or "not compiled yet"
-    loaded = "loaded" if ext.get("loaded") else "not loaded yet"
     label = "prebuilt" if state == "prebuilt" else "compiled on first use"
-    return f"{label}, {loaded} ({where})"
+    if ext.get("loaded"):
+        return f"{label}, loaded ({ext.get('path')})"
+    if ext.get("path") is None:
+        return f"{label}: not compiled yet, compiles at the first layout op"
+    return f"{label}, loads at the first layout op ({ext.get('path')})"
 
 
 def summary(facts: dict[str, Any] | None = None) -> str:
@@ -233,7 +235,7 @@ def format_report(f: dict[str, Any]) -> str:
         lines.append(f"nvcc         {f['nvcc'] or 'NOT FOUND (the CUDA kernels need it: set CUDA_HOME)'}")
     lines.append(f"cache        {f['cache']} (MTA_KERNELS_CACHE, else XDG_CACHE_HOME/mta_kernels)")
     if ext.get("state") == "torch" and ext.get("mode") != "torch":
-        lines.append(f"hint         {_extension.INSTALL_HINT}")
+        lines.append(f"hint         {_extension.INSTALL_HINT.split(';')[0]}")
     return "\n".join(lines)
 
 
