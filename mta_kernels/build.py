@@ -23,6 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cache:
         os.environ["MTA_KERNELS_CACHE"] = os.path.abspath(args.cache)
+    loaded = _extension.state()
+    if loaded is not None and loaded.path is not None:  # a second library of the same ops aborts torch
+        print(
+            f"mta_kernels: an extension is loaded in this process already ({loaded.path}); run "
+            "`python -m mta_kernels.build` in a new process",
+            file=sys.stderr,
+        )
+        return 1
     try:
         built = _jit.build(verbose=args.verbose, force=args.force)
     except _jit.BuildUnavailable as exc:
