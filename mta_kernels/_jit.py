@@ -104,10 +104,14 @@ class Lock:
 
 @contextlib.contextmanager
 def build_lock(path: Path, poll_s: float = 0.2) -> Iterator[Lock]:
-    """Exclusive cross-process lock on ``path`` (flock): waits while another process builds."""
-    import fcntl
-
+    """Exclusive cross-process lock on ``path`` (flock): waits while another process builds. Where
+    there is no flock (Windows) the build is not locked."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield Lock(path, None)
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         told = False
@@ -265,8 +269,19 @@ def build(reason: str = "", verbose: bool = False, force: bool = False) -> Built
         with _Progress(dest, files):
             _compile(dest, with_cuda, verbose)
 
-    built = ensure_built(folder, compile_fn, lambda: spec.build_record(with_cuda), announce)
+    try:
+        built = ensure_built(folder, compile_fn, lambda: spec.build_record(with_cuda), announce)
+    except OSError as exc:  # a read-only or full cache folder
+        raise BuildUnavailable(
+            f"the cache folder {cache_root()} is not usable ({exc}); set MTA_KERNELS_CACHE"
+        ) from exc
     if built.seconds is None and reason:
         say(f"{reason}using the build for this torch in {folder}")
-    torch.ops.load_library(str(built.library))
+    try:
+        torch.ops.load_library(str(built.library))
+    except OSError as exc:
+        raise BuildUnavailable(
+            f"the cached build {built.library} could not be loaded ({str(exc).splitlines()[0][:200]}); "
+            "`python -m mta_kernels.build --force` compiles it again"
+        ) from exc
     return built

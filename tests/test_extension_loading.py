@@ -258,6 +258,26 @@ def test_cache_key_changes_with_torch_cuda_flags_and_sources(monkeypatch):
     assert _build_spec.cache_key(with_cuda=True) != key
 
 
+def test_an_unusable_cache_or_cached_build_is_one_line(monkeypatch, tmp_path):
+    """A cache folder that cannot be created, a cached library that cannot be loaded: BuildUnavailable
+    (the fallback in auto mode), with what to do."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("MTA_KERNELS_CACHE", str(not_a_folder))
+    monkeypatch.setattr(_jit, "toolchain_problem", lambda: None)
+    with pytest.raises(
+        _jit.BuildUnavailable, match="the cache folder .* is not usable .*set MTA_KERNELS_CACHE"
+    ):
+        _jit.build()
+    monkeypatch.setenv("MTA_KERNELS_CACHE", str(tmp_path / "cache"))
+    folder = _jit.build_folder(_build_spec.want_cuda())
+    folder.mkdir(parents=True)
+    (folder / _jit.LIBRARY).write_bytes(b"not a library")
+    _build_spec.write_record(folder / _jit.RECORD, {"torch": torch.__version__})
+    with pytest.raises(_jit.BuildUnavailable, match=r"could not be loaded .*mta_kernels.build --force"):
+        _jit.build()
+
+
 # ------------------------------------------------------------------------------------------- lock
 BUILDER = """
 import os, sys, time

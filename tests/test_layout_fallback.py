@@ -290,8 +290,9 @@ def run_the_fallback(request):
         yield
 
 
-# The whole suite of the layout ops, collected here again: with the fixture above it checks the fallback.
-globals().update({name: fn for name, fn in vars(base).items() if name.startswith("test_") and callable(fn)})
+# The whole suite of the layout ops (its tests, and the fixtures and helpers they use), collected here
+# again: with the fixture above it checks the fallback.
+globals().update({k: v for k, v in vars(base).items() if not k.startswith("__") and k not in globals()})
 
 
 def test_the_layout_module_routes_to_the_fallback_here():
