@@ -123,8 +123,9 @@ def format_prompt(instruction: str, context: str = "") -> str:
 def record_fields(obj: object, where: str) -> tuple[str, list[str]]:
     """``(prompt, references)`` of one JSONL record (module docstring); :class:`DistillError` otherwise.
 
-    ``prompt`` + ``output``: the prompt as written; ``instruction`` [+ ``context``/``input``] + ``response``/``output``: :func:`format_prompt`. The
-    references are the response, or the list ``output``/``response`` holds (non-empty, strings).
+    ``prompt`` + ``output``: the prompt as written; ``instruction`` [+ ``context``/``input``] +
+    ``response``/``output``: :func:`format_prompt`. The references are the response, or the list
+    ``output``/``response`` holds (non-empty, strings).
     """
     if not isinstance(obj, dict):
         raise DistillError(
