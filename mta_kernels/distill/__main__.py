@@ -17,6 +17,7 @@ from typing import Any
 
 from mta_kernels.constants import BACKENDS, POOLINGS, WORD_MODES
 from mta_kernels.distill.config import (
+    ACCUM_MEANS,
     DATA_FORMATS,
     KD_KINDS,
     MTA_VARIANTS,
@@ -55,6 +56,14 @@ def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
         "--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch and process"
     )
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument(
+        "--grad-accum-mean",
+        dest="accum_mean",
+        choices=ACCUM_MEANS,
+        default=d.accum_mean,
+        help="tokens: CE/KD over the target tokens of the whole global batch (one process holding it); "
+        "micro-batches: the mean of per-micro-batch token means, as DeepSpeed and the published runs",
+    )
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     g.add_argument(
         "--epochs",
@@ -78,8 +87,33 @@ def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--no-bf16", dest="bf16", action="store_false")
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    g = p.add_argument_group("LoRA (peft; the MTA projectors train in full, the saved model is merged)")
+    g.add_argument("--lora", action="store_true", default=d.lora, help="train LoRA adapters of the student")
+    g.add_argument("--no-lora", dest="lora", action="store_false", help="train all the student's weights")
+    g.add_argument("--lora-r", type=int, default=d.lora_r, help="adapter rank")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="adapter scale numerator (α/r)")
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    g.add_argument(
+        "--lora-targets",
+        default=d.lora_targets,
+        metavar="NAME,...",
+        help="module names to adapt (default: peft's choice for the architecture, e.g. q_proj,v_proj)",
+    )
     g = p.add_argument_group("book-keeping")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps (-1: once an epoch)")
+    g.add_argument(
+        "--eval-gen",
+        action="store_true",
+        default=d.eval_gen,
+        help="also score held-out ROUGE-L of sampled answers at each evaluation (one seed) and keep the "
+        "best model in <out>/best (the published selection)",
+    )
+    g.add_argument(
+        "--eval-gen-limit",
+        type=int,
+        default=d.eval_gen_limit,
+        help="held-out examples --eval-gen answers (the first N)",
+    )
     g.add_argument("--save-every", type=int, default=d.save_every, help="steps (-1: once an epoch)")
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument(
@@ -199,14 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--projector-lr", type=float, default=d.projector_lr, help="learning rate of the MTA projectors"
-    )
-    g.add_argument(
-        "--no-lora",
-        dest="lora",
-        action="store_const",
-        const=None,
-        default=d.lora,
-        help="run a LoRA recipe with full fine-tuning (LoRA itself is not supported)",
     )
     g = p.add_argument_group("student generation (DistiLLM's adaptive off-policy schedule)")
     g.add_argument(

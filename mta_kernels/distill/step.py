@@ -4,7 +4,10 @@ update, and the step's metrics record.
 Losses over tokens are sums divided by the number of target tokens of the whole global batch (all
 ranks, all micro-batches), so gradient accumulation and DDP give the gradient of one process holding the
 whole batch. The MTA term is a per-micro-batch loss (its DSA denominator is per batch,
-docs/method.md#dsa-loss): it is averaged over micro-batches and ranks.
+docs/method.md#dsa-loss): it is averaged over micro-batches and ranks. ``accum_mean="micro-batches"``
+(``--grad-accum-mean``) takes the published runs' mean instead: each micro-batch's token sums divided by
+its own target tokens, averaged over micro-batches and ranks. The logged CE and KD are per-token means
+over the whole step in both cases.
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ class Stepper:
         objective: how the terms combine (the one place, :class:`~mta_kernels.distill.objective.Objective`).
         autocast: a no-argument context factory (bf16 autocast or a null context).
         clip: gradient-norm clipping (0: off).
+        accum_mean: ``"tokens"`` or ``"micro-batches"`` (module docstring).
     """
 
     def __init__(
@@ -171,7 +175,9 @@ class Stepper:
         objective: O.Objective,
         autocast: Callable[[], Any],
         clip: float,
+        accum_mean: str = "tokens",
     ) -> None:
+        self.accum_mean = accum_mean
         self.env, self.module, self.ddp, self.teacher = env, module, ddp, teacher
         self.optimizer, self.scheduler = optimizer, scheduler
         self.objective, self.autocast, self.clip = objective, autocast, clip
@@ -216,6 +222,8 @@ class Stepper:
                 module.teacher_out = self._teacher_forward(mb)
                 r = self.ddp(mb)
                 scale = env.world / n_tok
+                if self.accum_mean == "micro-batches":  # DDP averages the ranks
+                    scale = 1.0 / (max(r["n_tok"], 1) * len(micro))
                 ce = r["ce_sum"] * scale
                 kd = None if r["kd_sum"] is None else r["kd_sum"] * scale
                 mta = None if r["mta"] is None else r["mta"] / len(micro)
