@@ -7,8 +7,11 @@
    from the corpus by :func:`make_dolly`);
 3. distils a smaller Llama-style student with the OTHER tokenizer twice, with and without MTA (the logit
    KD term is off: the vocabularies differ), everything else equal;
-4. prints held-out loss / perplexity, step time and the MTA share of the step time, and draws
-   ``<out>/curves.png``.
+4. scores the three models' sampled answers to the held-out prompts with ROUGE-L (one fixed seed,
+   the protocol of ``mta-distill evaluate`` with the demo's lengths: :data:`EVAL_PROTOCOL`), writing
+   ``<out>/<run>/eval/``;
+5. prints held-out loss / perplexity, ROUGE-L, step time and the MTA share of the step time, draws
+   ``<out>/curves.png``, and prints the commands that do the same with one's own models.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import time
 import torch
 
 from mta_kernels.distill.config import TrainConfig
+from mta_kernels.distill.data import load_examples, split_examples
+from mta_kernels.distill.evaluation import Protocol
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 CORPUS = os.path.join(DATA_DIR, "corpus.txt")
@@ -38,6 +43,11 @@ INSTRUCTIONS = (
 TEACHER = "builtin:gpt2:4:128"
 STUDENT = "builtin:llama:2:64"
 TEACHER_VOCAB, STUDENT_VOCAB = 1200, 600
+EVAL_SEED = 10  # the first of the published seeds
+MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 64  # training window; evaluation: 64 prompt + 64 new tokens
+
+
+EVAL_PROTOCOL = Protocol(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
 
 
 def split_sentences(paragraph: str) -> list[str]:
@@ -75,7 +85,7 @@ def _config(**kw) -> TrainConfig:
     base = dict(
         data=DOLLY,
         eval_fraction=0.1,
-        max_length=128,
+        max_length=MAX_LENGTH,
         batch_size=8,
         seed=0,
         eval_every=50,
@@ -91,6 +101,7 @@ def run_demo(
     out: str = "runs/demo", quick: bool = False, progress: bool = True, backend: str = "auto"
 ) -> dict:
     """Run the demo into ``out``; returns the table's numbers (``backend`` forces the ops' path)."""
+    from mta_kernels.distill.evaluation import run_evaluate
     from mta_kernels.distill.models import train_tokenizer
     from mta_kernels.distill.plot import plot_runs
     from mta_kernels.distill.train import train
@@ -160,20 +171,30 @@ def run_demo(
         summary["wall_s"] = time.perf_counter() - t0
         runs[name] = summary
     png = plot_runs({n: os.path.join(out, n, "metrics.jsonl") for n in runs}, os.path.join(out, "curves.png"))
+    heldout = write_heldout(os.path.join(out, "heldout.jsonl"))
+    rouge = {}
+    for name in ("teacher", *runs):
+        t0 = time.perf_counter()
+        scores = run_evaluate(
+            os.path.join(out, name, "model"), [heldout], os.path.join(out, name, "eval"), seeds=[EVAL_SEED],
+            protocol=EVAL_PROTOCOL, overwrite=True, progress=progress, show=False,
+        )  # fmt: skip
+        rouge[name] = next(iter(scores.values()))["rougeL"]["mean"]
+        print(f"[demo] ROUGE-L of {name} on the {heldout} prompts: {time.perf_counter() - t0:.0f} s")
 
     with open(os.path.join(teacher_out, "summary.json")) as f:
         teacher_summary = json.load(f)
-    rows = [("teacher (BPE)", teacher_summary, t_teacher)] + [(n, s, s["wall_s"]) for n, s in runs.items()]
+    rows = [("teacher", teacher_summary, t_teacher)] + [(n, s, s["wall_s"]) for n, s in runs.items()]
     print()
     print(
-        f"{'run':<18} {'held-out loss':>13} {'perplexity':>10} {'step (ms)':>9} {'MTA share':>9} "
-        f"{'wall (s)':>8}"
+        f"{'run':<18} {'held-out loss':>13} {'perplexity':>10} {'ROUGE-L':>7} {'step (ms)':>9} "
+        f"{'MTA share':>9} {'wall (s)':>8}"
     )
     for name, s, wall in rows:
         share = "-" if s.get("mta_share") is None else f"{100 * s['mta_share']:.0f}%"
         print(
             f"{name:<18} {s.get('eval_loss', float('nan')):>13.3f} {s.get('eval_ppl', float('nan')):>10.2f} "
-            f"{1000 * s['step_time_s']:>9.0f} {share:>9} {wall:>8.0f}"
+            f"{rouge[name]:>7.2f} {1000 * s['step_time_s']:>9.0f} {share:>9} {wall:>8.0f}"
         )
     print()
     print(
@@ -184,6 +205,40 @@ def run_demo(
         "not with the teacher. The logit KD term is off (different vocabularies); MTA is the only "
         "teacher signal."
     )
+    print(
+        f"ROUGE-L: sampled answers to the {heldout} prompts (seed {EVAL_SEED}) against the held-out "
+        "responses, x 100;"
+    )
+    print(
+        f"it compares across tokenizers. {len(load_examples(heldout))} examples and one seed: a few points "
+        "are noise (evaluate's default is 5 seeds)."
+    )
+    print("Answers and scores: <run>/eval/predictions.jsonl, scores.json.")
     print(f"metrics: {out}/<run>/metrics.jsonl   checkpoints: {out}/<run>/checkpoint.pt   plot: {png}")
+    print()
+    print("The same with your own models (README, 'Evaluate like the paper'):")
+    for line in USER_COMMANDS:
+        print(f"  {line}")
     print(f"total demo time: {time.perf_counter() - t_start:.0f} s")
+    for name, summary in (("teacher", teacher_summary), *runs.items()):
+        summary["rougeL"] = rouge[name]
     return {"teacher": teacher_summary, **runs}
+
+
+USER_COMMANDS = (
+    "mta-distill distill --recipe mta-gpt2 --teacher TEACHER_DIR --student STUDENT_DIR \\",
+    "    --data data/dolly/train.jsonl --eval-data data/dolly/valid.jsonl --out runs/mine",
+    "    # the recipe scores validation ROUGE-L at each epoch (--eval-gen) and keeps runs/mine/best",
+    "mta-distill evaluate --model runs/mine/best --out runs/mine/eval --data data/dolly/test.jsonl \\",
+    "    data/self-inst/valid.jsonl data/vicuna/valid.jsonl data/sinst/11_/valid.jsonl data/uinst/11_/valid.jsonl",
+    "    # 5 sampling seeds (10..50), ROUGE-L mean and std per file: runs/mine/eval/table.md",
+)
+
+
+def write_heldout(path: str) -> str:
+    """The held-out part of the bundled JSONL the demo's runs leave out (their split), as JSONL."""
+    train, held = split_examples(load_examples(DOLLY), None, 0.1, 0)
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in held:
+            f.write(json.dumps({"prompt": ex.prompt, "output": ex.output}) + "\n")
+    return path

@@ -258,12 +258,17 @@ def load_model_for_eval(
     return model.to(torch.device(want)).eval(), tokenizer
 
 
-def _names(paths: Sequence[str]) -> list[str]:
-    names = [os.path.splitext(os.path.basename(os.path.normpath(p)))[0] for p in paths]
+def data_names(paths: Sequence[str]) -> list[str]:
+    """Result-folder names of data files: the file names without suffix, or, when two share one (as
+    DistiLLM's ``dolly/valid.jsonl``, ``vicuna/valid.jsonl``), their paths below the common folder
+    with ``/`` written ``-`` (``dolly-valid``, ``vicuna-valid``)."""
+    stems = [os.path.splitext(os.path.abspath(p))[0] for p in paths]
+    names = [os.path.basename(s) for s in stems]
     if len(set(names)) != len(names):
-        raise DistillError(
-            f"the data files {list(paths)} share a file name: their result folders would collide"
-        )
+        root = os.path.commonpath(stems)
+        names = [os.path.relpath(s, root).replace(os.sep, "-") for s in stems]
+    if len(set(names)) != len(names):
+        raise DistillError(f"--data names the same file twice: {list(paths)}")
     return names
 
 
@@ -326,11 +331,12 @@ def run_evaluate(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    show: bool = True,
 ) -> dict[str, dict]:
     """Evaluate the model in directory ``model`` on each data file; the function behind the CLI.
 
     Writes ``out/predictions.jsonl`` and ``out/scores.json`` (one data file) or the same in
-    ``out/<file name>/`` for each of several, and ``out/table.md``; prints the table. Returns
+    ``out/<file name>/`` for each of several, and ``out/table.md``; prints the table (``show``). Returns
     ``{data name: scores}``.
     """
     protocol = protocol or Protocol()
@@ -341,7 +347,7 @@ def run_evaluate(
         raise DistillError(f"--limit must be at least 1, got {limit}")
     if not data:
         raise DistillError("no --data file given")
-    names = _names(data)
+    names = data_names(data)
     several = len(data) > 1
     check_eval_out(out, names, several, overwrite)
     records = {n: load_eval_records(p, limit) for n, p in zip(names, data)}  # every file checked first
@@ -374,5 +380,6 @@ def run_evaluate(
         results[name] = scores
     table = format_table(results)
     atomic_write_bytes(os.path.join(out, TABLE_NAME), lambda f: f.write(table.encode()))
-    sys.stdout.write(table)
+    if show:
+        sys.stdout.write(table)
     return results
