@@ -227,11 +227,12 @@ def run_demo(
 
 USER_COMMANDS = (
     "mta-distill distill --recipe mta-gpt2 --teacher TEACHER_DIR --student STUDENT_DIR \\",
-    "    --data data/dolly/train.jsonl --eval-data data/dolly/valid.jsonl --out runs/mine",
-    "    # the recipe scores validation ROUGE-L at each epoch (--eval-gen) and keeps runs/mine/best",
-    "mta-distill evaluate --model runs/mine/best --out runs/mine/eval --data data/dolly/test.jsonl \\",
-    "    data/self-inst/valid.jsonl data/vicuna/valid.jsonl data/sinst/11_/valid.jsonl data/uinst/11_/valid.jsonl",
-    "    # 5 sampling seeds (10..50), ROUGE-L mean and std per file: runs/mine/eval/table.md",
+    "    --data train.jsonl --eval-data dev.jsonl --out runs/mine",
+    "    # the recipe scores validation ROUGE-L each epoch (--eval-gen) and keeps the best in runs/mine/best",
+    "mta-distill evaluate --model runs/mine/best --out runs/mine/eval --data data/dolly/valid.jsonl \\",
+    "    data/self-inst/valid.jsonl data/vicuna/valid.jsonl data/sinst/11_/valid.jsonl \\",
+    "    data/uinst/11_/valid.jsonl",
+    "    # 5 sampling seeds (10..50); ROUGE-L mean and std per file in runs/mine/eval/table.md",
 )
 
 
