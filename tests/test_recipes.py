@@ -66,7 +66,9 @@ def test_shipped_recipes_are_complete():
         assert cfg["eval_gen"] and cfg["eval_gen_limit"] == 1000 and cfg["accum_mean"] == "micro-batches"
         assert not any("Evaluation with generation" in item for item in r["not_reproduced"])
         if not same_tokenizer:  # the missing DSKD logit term is named, with its reason
-            assert any(item.startswith("DSKD logit term") and "because" in item for item in r["not_reproduced"])
+            assert any(
+                item.startswith("DSKD logit term") and "because" in item for item in r["not_reproduced"]
+            )
         TrainConfig(**{**cfg, "data": "x", "teacher": "t"}).validate()
 
 

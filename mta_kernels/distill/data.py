@@ -138,7 +138,7 @@ def record_fields(obj: object, where: str) -> tuple[str, list[str]]:
         context_key = "context" if "context" in obj else "input"
         context = _string(obj, context_key, where) if obj.get(context_key) is not None else ""
         prompt = format_prompt(_string(obj, "instruction", where), context)
-        answer_key = "response" if "response" in obj else "output"
+        answer_key = "output" if "output" in obj and "response" not in obj else "response"
     else:
         raise DistillError(
             f"{where}: a record needs 'prompt' and 'output', or Dolly's 'instruction' and 'response' "
@@ -154,7 +154,12 @@ def record_fields(obj: object, where: str) -> tuple[str, list[str]]:
         found = "an empty list" if not answer else "a list holding non-strings"
     raise DistillError(
         f"{where}: field {answer_key!r} must be a string (or a non-empty list of strings) but is {found} "
-        f"(keys present: {sorted(obj)}); the Dolly format has 'prompt' and 'output'"
+        f"(keys present: {sorted(obj)}); "
+        + (
+            "Dolly records have 'instruction', 'context' and 'response'"
+            if "prompt" not in obj
+            else "the Dolly format has 'prompt' and 'output'"
+        )
     )
 
 
