@@ -107,13 +107,20 @@ def cut_at_stop(text: str, stop: str) -> str:
 
 
 class _StopString:
-    """Stopping criterion: a row is done once its new tokens hold ``stop`` (checked on their text)."""
+    """Stopping criterion: a row is done once its new tokens hold ``stop``.
+
+    Only the last :attr:`window` new tokens are decoded at each step (a row whose text held ``stop``
+    earlier was already done then): a string this short cannot start further back unless tokens decode
+    to nothing, and a missed stop costs only time, as the answer is cut at ``stop`` afterwards.
+    """
 
     def __init__(self, tokenizer: Any, stop: str, prompt_width: int) -> None:
         self.tokenizer, self.stop, self.prompt_width = tokenizer, stop, prompt_width
+        self.window = 16 + 4 * len(stop)
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        start = max(self.prompt_width, input_ids.shape[1] - self.window)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
         return torch.tensor([self.stop in t for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
