@@ -57,20 +57,25 @@ def detect_format(path: str, lines: Sequence[str]) -> str:
     return "jsonl" if path.endswith((".jsonl", ".json")) else "text"
 
 
-def load_examples(path: str, data_format: str = "auto") -> list[Example]:
-    """Read a data file; any problem is a :class:`DistillError` naming the file and line."""
-    if data_format not in DATA_FORMATS:
-        raise DistillError(f"--format must be one of {DATA_FORMATS}, got {data_format!r}")
+def read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 data file; a missing file or another encoding is a :class:`DistillError`."""
     if not os.path.isfile(path):
         raise DistillError(f"data file {path!r} does not exist (or is not a file)")
-    examples: list[Example] = []
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+            return f.readlines()
     except UnicodeDecodeError as exc:
         raise DistillError(
             f"data file {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
+
+
+def load_examples(path: str, data_format: str = "auto") -> list[Example]:
+    """Read a data file; any problem is a :class:`DistillError` naming the file and line."""
+    if data_format not in DATA_FORMATS:
+        raise DistillError(f"--format must be one of {DATA_FORMATS}, got {data_format!r}")
+    lines = read_lines(path)
+    examples: list[Example] = []
     jsonl = (detect_format(path, lines) if data_format == "auto" else data_format) == "jsonl"
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -185,16 +190,8 @@ def load_eval_records(path: str, limit: int | None = None) -> list[EvalRecord]:
 
     Records as :func:`record_fields` reads them; ``<n>`` in a prompt is a newline (DistiLLM's exports).
     """
-    if not os.path.isfile(path):
-        raise DistillError(f"data file {path!r} does not exist (or is not a file)")
+    lines = read_lines(path)
     records: list[EvalRecord] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except UnicodeDecodeError as exc:
-        raise DistillError(
-            f"data file {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
     for lineno, line in enumerate(lines, start=1):
         if limit is not None and len(records) >= limit:
             break
