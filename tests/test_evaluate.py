@@ -327,3 +327,37 @@ def test_lora_options_are_checked(assets, tmp_path, capsys):
         assert main([*base, *extra]) == 2
         assert message in " ".join(capsys.readouterr().err.split())
     assert not os.path.exists(tmp_path / "x" / "checkpoint.pt")
+
+
+def test_lora_run_resumes_exactly(assets, tmp_path):
+    """A LoRA run (adapter dropout 0.1) stopped after step 1 and resumed equals the uninterrupted run."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    def args(out, *extra):
+        return ["distill", "--data", str(assets / "data.jsonl"), "--eval-fraction", "0",
+                "--teacher", TEACHER, "--teacher-tokenizer", str(assets / "bpe"), "--student", STUDENT,
+                "--student-tokenizer", str(assets / "bpe"), "--max-length", "96", "--batch-size", "4",
+                "--steps", "3", "--lr", "1e-2", "--no-mta", "--lora", "--lora-dropout", "0.1",
+                "--backend", "torch", "--device", "cpu", "--out", str(out), "--no-progress", "--no-plot",
+                *extra]  # fmt: skip
+
+    assert main(args(tmp_path / "whole")) == 0
+    assert main(args(tmp_path / "cut", "--stop-at", "1")) == 0
+    assert main(args(tmp_path / "cut", "--resume")) == 0
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chunked_kd_accepts_a_lora_student(assets):
+    """peft hands ``logits_to_keep`` to the base model: --kd-chunk works with --lora."""
+    pytest.importorskip("peft")
+    from mta_kernels.distill import models as M
+    from mta_kernels.distill.config import TrainConfig
+    from mta_kernels.distill.kd_chunked import unsupported_reason
+    from mta_kernels.distill.lora import apply_lora, is_lora
+
+    tok = M.load_tokenizer(str(assets / "bpe"), STUDENT)
+    wrapped = apply_lora(M.build_model(STUDENT, tok, 96), TrainConfig(lora=True, lora_r=2))
+    assert is_lora(wrapped) and unsupported_reason(wrapped) is None

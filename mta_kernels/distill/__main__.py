@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-prompt-length",
         type=int,
         default=d.max_prompt_length,
-        help="prompt tokens kept for sampling; max new tokens = --max-length minus this "
-        "(default: half of --max-length)",
+        help="prompt tokens kept for sampling (--student-gen, --eval-gen); max new tokens = --max-length "
+        "minus this (default: half of --max-length)",
     )
     _common(p, required=False)
 

@@ -22,6 +22,7 @@ sampling) gives outputs that do not depend on the batch size, and runs the first
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -301,16 +302,12 @@ def check_eval_out(out: str, names: Sequence[str], several: bool, overwrite: boo
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
-    import json
-
     atomic_write_bytes(
         path, lambda f: f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
     )
 
 
 def _write_json(path: str, obj: dict) -> None:
-    import json
-
     atomic_write_bytes(
         path, lambda f: f.write((json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
     )

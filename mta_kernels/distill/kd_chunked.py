@@ -44,8 +44,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
         value = getattr(config, attr, None)
         if value not in (None, 1, 1.0):
             return f"{type(model).__name__} scales its logits ({attr}={value})"
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        return f"{type(model).__name__}.forward takes no logits_to_keep"
+    # A peft-wrapped student (--lora) hands its keyword arguments to the base model's forward.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward takes no logits_to_keep"
     return None
 
 
