@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any
 
 from torch import nn
@@ -39,7 +40,9 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         target_modules=targets,
     )
     try:
-        wrapped = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft asks transformers >= 5 for a renamed attribute (a notice)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = get_peft_model(model, config)
     except ValueError as exc:  # no default targets for this architecture, or a name that matches nothing
         raise DistillError(f"--lora: {exc} (name the modules with --lora-targets)") from None
     if cfg.grad_checkpointing:
