@@ -50,7 +50,7 @@ def results_dir(device: torch.device, out: str | None = None) -> Path:
 
 
 def backend_label(device: torch.device) -> str:
-    """Which implementation the fused ops run on this device (mta_kernels._dispatch rule)."""
+    """Which implementation the fused ops run on this device (mta_kernels.ops._dispatch rule)."""
     if device.type == "cuda":
         return "triton"
     return "triton-interpreter" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "torch"

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mta_kernels import layout
-from mta_kernels._dispatch import use_triton
 from mta_kernels.constants import GRANULARITIES, HRA_LEVELS, POOLINGS
 from mta_kernels.layout import UnitBatch
+from mta_kernels.ops._dispatch import use_triton
 from mta_kernels.ops.glue import normalised_weights
 from mta_kernels.ops.hra import fused_hra
 from mta_kernels.ops.saliency import token_saliency

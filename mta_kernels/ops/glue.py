@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from mta_kernels._triton import tl, triton
+from mta_kernels.ops._common import pow2_block
+from mta_kernels.ops._triton import tl, triton
 
 __all__ = ["dsa_denominator", "dsa_finish", "normalised_weights"]
 
@@ -23,7 +24,7 @@ _NORMALISE_NUM_WARPS = 4
 
 def _normalise_bt(T: int) -> int:
     """Tokens per step of the normalisation kernel: next power of 2 of T, in [16, 1024]."""
-    return min(1024, max(16, triton.next_power_of_2(T)))
+    return pow2_block(T, 16, 1024)
 
 
 @triton.jit

@@ -45,8 +45,9 @@ import weakref
 
 import torch
 
-from mta_kernels._dispatch import triton_interpreting, use_triton
-from mta_kernels._triton import tl, triton
+from mta_kernels.ops._common import grid_1d, pow2_block
+from mta_kernels.ops._dispatch import triton_interpreting, use_triton
+from mta_kernels.ops._triton import tl, triton
 
 __all__ = ["token_saliency"]
 
@@ -342,8 +343,8 @@ def _block_sizes(T: int, D: int, fp32_operands: bool) -> tuple[int, int, int]:
 
     fp32 (and fp64) operands take BD <= 32: at BD = 64 ptxas spilled 24–72 B per thread for sm_90 and the
     tiles used 64 KB of shared memory (AOT compile, docs/design/gpu-readiness.md)."""
-    bt = min(64, max(16, triton.next_power_of_2(T)))
-    bd = min(32 if fp32_operands else 64, max(16, triton.next_power_of_2(D)))
+    bt = pow2_block(T, 16, 64)
+    bd = pow2_block(D, 16, 32 if fp32_operands else 64)
     return bt, bt, bd
 
 
@@ -354,22 +355,16 @@ def _block_sizes(T: int, D: int, fp32_operands: bool) -> tuple[int, int, int]:
 # channels). tests/test_triton_compile.py checks the PTX.
 SCORE_LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
 _ROW_SCALE_BR = 16
-_GRID_AXIS0_MAX = 2**31 - 1
 
 
 def _row_scale_bd(D: int) -> int:
     """D chunk of the row-scale kernel."""
-    return min(128, max(16, triton.next_power_of_2(D)))
+    return pow2_block(D, 16, 128)
 
 
 def _grid(T: int, block: int, B: int, L: int) -> tuple[int]:
     """One-axis grid of ``cdiv(T, block) · B · L`` programs (see ``_program_coords``)."""
-    programs = triton.cdiv(T, block) * B * L
-    if programs > _GRID_AXIS0_MAX:
-        raise ValueError(
-            f"token_saliency: {programs} programs (T={T}, B={B}, L={L}) exceed the grid limit 2**31 - 1"
-        )
-    return (programs,)
+    return grid_1d(triton.cdiv(T, block) * B * L, f"token_saliency (T={T}, B={B}, L={L})")
 
 
 def _saliency_triton(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:

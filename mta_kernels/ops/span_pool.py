@@ -17,26 +17,15 @@ from __future__ import annotations
 import torch
 
 from mta_kernels import layout
-from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
-from mta_kernels._triton import tl, triton
+from mta_kernels.ops._common import bf16_rtne_by_hand, pow2_block, tl_acc, to_output
+from mta_kernels.ops._dispatch import use_triton
+from mta_kernels.ops._triton import tl, triton
 
 __all__ = ["span_pool"]
 
 
 # ----------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _to_output(x, dtype: tl.constexpr, BF16_RTNE_BY_HAND: tl.constexpr):
-    """Cast an fp32/fp64 block to the output dtype, rounding to nearest even. Triton's CPU interpreter
-    truncates fp32 -> bf16 (the GPU rounds): under the interpreter that cast is done with integer ops."""
-    if BF16_RTNE_BY_HAND:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
 @triton.jit
 def _span_pool_fwd_kernel(
     h_ptr,  # [L, N, D] any strides
@@ -106,7 +95,7 @@ def _span_pool_fwd_kernel(
     p_out = out_ptr + pid_l * stride_ol + o_u[:, None] * stride_ou + o_d[None, :] * stride_od
     tl.store(
         p_out,
-        _to_output(b_out, out_ptr.dtype.element_ty, BF16_RTNE_BY_HAND),
+        to_output(b_out, out_ptr.dtype.element_ty, BF16_RTNE_BY_HAND),
         mask=m_u[:, None] & m_d[None, :],
     )
     # 1 / den for the backward; every D block computes it, the first one stores it.
@@ -160,7 +149,7 @@ def _span_pool_bwd_kernel(
     b_gh = b_go * b_scale[:, None]  # [BT, BD], 0 for uncovered tokens
     p_gh = gh_ptr + (pid_l * N + o_t[:, None]) * D + o_d[None, :]
     tl.store(
-        p_gh, _to_output(b_gh, gh_ptr.dtype.element_ty, BF16_RTNE_BY_HAND), mask=m_t[:, None] & m_d[None, :]
+        p_gh, to_output(b_gh, gh_ptr.dtype.element_ty, BF16_RTNE_BY_HAND), mask=m_t[:, None] & m_d[None, :]
     )
 
 
@@ -215,7 +204,7 @@ def _check_planned_tokens(hidden: torch.Tensor, side: layout.SidePlan) -> None:
 def _fwd_blocks(mean_len: float, width: int) -> tuple[int, int, int]:
     """(BU, BT, BD): BT ≈ the mean span length (≤ 8), BU·BT = 32 token rows per step, BD ≤ 128."""
     bt = min(8, triton.next_power_of_2(max(1, round(mean_len))))
-    bd = min(128, max(16, triton.next_power_of_2(width)))
+    bd = pow2_block(width, 16, 128)
     return 32 // bt, bt, bd
 
 
@@ -298,11 +287,11 @@ def _span_pool_op(
                 *ranges.stride(),
                 *out.stride(),
                 HAS_WEIGHTS=w2 is not None,
-                ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+                ACC_DTYPE=tl_acc(acc),
                 BU=BU,
                 BT=BT,
                 BD=BD,
-                BF16_RTNE_BY_HAND=triton_interpreting() and hidden.dtype == torch.bfloat16,
+                BF16_RTNE_BY_HAND=bf16_rtne_by_hand(hidden.dtype),
                 num_warps=4,
             )
     if hidden.dim() == 2:
@@ -345,7 +334,7 @@ def _span_pool_backward_op(
         if U == 0:  # no unit: nothing to gather
             grad_hidden.zero_()
         elif grad_hidden.numel() > 0:
-            BT, BD = 32, min(128, max(16, triton.next_power_of_2(D)))
+            BT, BD = 32, pow2_block(D, 16, 128)
             grid = (triton.cdiv(N, BT), triton.cdiv(D, BD), L)
             _span_pool_bwd_kernel[grid](
                 g3,
@@ -359,10 +348,10 @@ def _span_pool_backward_op(
                 *g3.stride(),
                 *((0, 0) if w2 is None else w2.stride()),
                 HAS_WEIGHTS=w2 is not None,
-                ACC_DTYPE=tl.float64 if inv3.dtype == torch.float64 else tl.float32,
+                ACC_DTYPE=tl_acc(inv3.dtype),
                 BT=BT,
                 BD=BD,
-                BF16_RTNE_BY_HAND=triton_interpreting() and grad_out.dtype == torch.bfloat16,
+                BF16_RTNE_BY_HAND=bf16_rtne_by_hand(grad_out.dtype),
                 num_warps=4,
             )
     return grad_hidden if grad_out.dim() == 3 else grad_hidden[0]

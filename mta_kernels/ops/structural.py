@@ -9,7 +9,7 @@ Public entry: :func:`structural_loss`. It is the custom op ``mta_kernels::struct
 the graph, so the student's gradient is computed during the forward (when it is needed) and the backward
 only scales it by ``grad_output``: the N² similarity tiles are computed once, not twice.
 
-Two implementations behind one op (``mta_kernels._dispatch.use_triton``):
+Two implementations behind one op (``mta_kernels.ops._dispatch.use_triton``):
 
 - Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``): a work list of row blocks that covers only the
   block diagonal (``mta_kernels.layout.block_diagonal_work_list``); one program per (row block, layer)
@@ -30,10 +30,11 @@ from __future__ import annotations
 import torch
 
 from mta_kernels import layout
-from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
-from mta_kernels._triton import tl, triton
 from mta_kernels.constants import DSA_NORM_FLOOR
+from mta_kernels.ops._common import check_gradient_in_forward, grid_1d, pow2_block, tl_acc
+from mta_kernels.ops._dispatch import triton_interpreting, use_triton
+from mta_kernels.ops._triton import tl, triton
 from mta_kernels.ops.glue import dsa_denominator, dsa_finish
 
 __all__ = ["structural_loss"]
@@ -420,23 +421,17 @@ def _block_sizes(
 F32_DOT_PRECISION = "ieee"
 
 
-_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 _PREP_NUM_WARPS = 4
 
 
 def _prep_blocks(D: int) -> tuple[int, int]:
     """``(BR, BD)`` of the norm kernel: 16 rows per program, the widths in chunks of at most 64."""
-    return 16, min(64, max(16, triton.next_power_of_2(D)))
-
-
-_GRID_AXIS0_MAX = 2**31 - 1
+    return 16, pow2_block(D, 16, 64)
 
 
 def _grid(rows: int, L: int) -> tuple[int]:
     """One-axis grid of ``rows · L`` programs (the kernels split the program id themselves)."""
-    if rows * L > _GRID_AXIS0_MAX:
-        raise ValueError(f"structural_loss: {rows} × {L} programs exceed the grid limit 2**31 - 1")
-    return (rows * L,)
+    return grid_1d(rows * L, f"structural_loss ({rows} × {L})")
 
 
 def _triton_forward(
@@ -474,7 +469,7 @@ def _triton_forward(
             *teacher.stride(),
             NORMALIZE_EPS,
             COMPUTE_GRAD=compute_grad,
-            ACC=_TL_ACC[acc_dtype],
+            ACC=tl_acc(acc_dtype),
             IS_FP64=acc_dtype == torch.float64,
             BR=BR,
             BD=BD_P,
@@ -510,7 +505,7 @@ def _triton_forward(
             NATIVE_S=native and student.dtype in (torch.float16, torch.bfloat16),
             NATIVE_T=native and teacher.dtype in (torch.float16, torch.bfloat16),
             F32_PREC=F32_DOT_PRECISION,
-            ACC=_TL_ACC[acc_dtype],
+            ACC=tl_acc(acc_dtype),
             IS_FP64=acc_dtype == torch.float64,
             num_warps=8,
         )
@@ -518,7 +513,7 @@ def _triton_forward(
     w = None if weights is None else weights.detach()
     loss, scale = dsa_finish(w, cu_units, partial)
     if compute_grad and U > 0 and L > 0 and Ds > 0:
-        BD_E = min(1024, triton.next_power_of_2(Ds))
+        BD_E = pow2_block(Ds, 1, 1024)
         _structural_grad_epilogue_kernel[_grid(U, L)](
             grad,
             student,
@@ -529,7 +524,7 @@ def _triton_forward(
             *student.stride(),
             NORMALIZE_EPS,
             BD=BD_E,
-            ACC=_TL_ACC[acc_dtype],
+            ACC=tl_acc(acc_dtype),
         )
     return loss, grad
 
@@ -753,15 +748,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_grad):
-    if not ctx.compute_grad:
-        raise RuntimeError("mta_kernels::structural_loss: called with compute_grad=False, it has no gradient")
-    if torch.is_grad_enabled():
-        # create_graph=True: the saved gradient is a constant, so a second derivative through it would be
-        # silently 0. Refuse rather than return a wrong Hessian term.
-        raise RuntimeError(
-            "mta_kernels::structural_loss does not support double backward (create_graph=True): its "
-            "gradient is computed in the forward pass and has no derivative of its own"
-        )
+    check_gradient_in_forward("structural_loss", ctx.compute_grad)
     if grad_loss is None:  # grads are not materialised: the loss did not reach the output
         return None, None, None, None, None
     (grad,) = ctx.saved_tensors
