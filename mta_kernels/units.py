@@ -272,25 +272,6 @@ class UnitExtractor:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _char_spans_to_token_ranges(
-    texts: Sequence[str],
-    offsets: torch.Tensor,
-    spans: Sequence[Sequence[Span]],
-    packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The extension's char-span -> token-range op (docs/method.md#mapping-units-to-tokens), ``[K, 2]``.
-
-    ``packed`` = (codepoints, cu_chars, spans [K, 2], cu_spans) already in the op's tensor form (what
-    :func:`mta_kernels.layout.char_spans_to_token_ranges` builds from ``texts`` and ``spans``): given, the
-    registered op is called directly, and the texts and spans are converted once per batch, not per side.
-    """
-    if packed is None:
-        return layout.char_spans_to_token_ranges(texts, offsets, spans)
-    return torch.ops.mta_kernels.char_spans_to_token_ranges(
-        packed[0], packed[1], offsets, packed[2], packed[3]
-    )
-
-
 def _as_numpy(value: Any) -> np.ndarray:
     """A tensor, array or (nested) list as a NumPy array (no copy for CPU tensors)."""
     if isinstance(value, torch.Tensor):
@@ -415,18 +396,11 @@ def align_units(
     batch = len(texts)
     counts = np.fromiter(map(len, spans), dtype=np.int64, count=batch)
     # The op's inputs, built once for both sides: UTF-32 code points and CSR offsets of texts and spans.
-    encoded = "".join(texts).encode("utf-32-le", "surrogatepass")
-    flat_spans = [tu.span_array(granularity) for tu in text_units]
-    packed = (
-        torch.from_numpy(np.frombuffer(encoded, dtype=np.int32).copy()),
-        torch.from_numpy(np.cumsum([0, *map(len, texts)], dtype=np.int64)),
-        torch.from_numpy(np.concatenate(flat_spans, dtype=np.int64) if batch else np.zeros((0, 2), np.int64)),
-        torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)),
-    )
+    packed = layout.pack_char_spans(texts, [tu.span_array(granularity) for tu in text_units])
 
     def local_ranges(encoding: Any, name: str) -> tuple[np.ndarray, int]:
         offsets = _token_offsets(encoding, texts, name)
-        local = _char_spans_to_token_ranges(texts, torch.from_numpy(offsets), spans, packed)  # [K, 2]
+        local = layout.char_spans_to_token_ranges(texts, torch.from_numpy(offsets), spans, packed)  # [K, 2]
         return local.numpy(), int(offsets.shape[1])
 
     local_s, seq_len_s = local_ranges(student_encoding, "student_encoding")

@@ -7,8 +7,9 @@ places behind it for the tree at ROOT (default: this checkout).
   module of the package) where ``_name`` is a private name of another module (not a submodule);
 - backend choices outside ``mta_kernels/ops/``: a call of ``use_triton``, ``triton_interpreting`` or a
   wrapper of them, ``torch.compiler.is_compiling()``, a read of ``HAS_TRITON``, an import of Triton or of
-  the ops' backend modules, or a call of an extension op ``torch.ops.mta_kernels.*`` (except in
-  ``layout.py``, the face of the extension);
+  the ops' backend modules, or a call of an extension op ``torch.ops.mta_kernels.*``; ``layout.py``, the
+  face of the extension, may call its ops and skip the layout plan's host-side check while
+  torch.compile traces (``is_compiling``: no backend is chosen there);
 - pointer-keyed registries: module-level containers filled at run time in a module that reads tensors'
   ``data_ptr()``;
 - functions longer than 80 lines, Triton kernels (``@triton.jit``) excepted.
@@ -54,6 +55,8 @@ def modules(root: Path = ROOT) -> list[Module]:
 
 
 def _is_submodule(root: Path, dotted: str) -> bool:
+    if dotted == f"{PACKAGE}._C":  # the compiled extension (built from csrc/, maybe not built here)
+        return True
     base = root / Path(*dotted.split("."))
     if base.with_suffix(".py").exists() or (base / "__init__.py").exists():
         return True
@@ -123,7 +126,7 @@ def backend_choices_outside_ops(root: Path = ROOT) -> list[str]:
             what = None
             if isinstance(node, ast.Call):
                 name = _dotted(node.func)
-                if name.split(".")[-1] in _CHOICE_CALLS:
+                if name.split(".")[-1] in _CHOICE_CALLS and not (is_layout and name.endswith("is_compiling")):
                     what = f"calls {name}"
                 elif name.startswith("torch.ops.mta_kernels.") and not is_layout:
                     what = f"calls {name}"

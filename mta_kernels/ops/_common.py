@@ -58,3 +58,16 @@ def check_gradient_in_forward(op: str, compute_grad: bool) -> None:
             f"mta_kernels::{op} does not support double backward (create_graph=True): its gradient is "
             "computed in the forward pass and has no derivative of its own"
         )
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are one tensor: the same object, or views of the same memory with the same layout."""
+    if a is b:
+        return True
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
