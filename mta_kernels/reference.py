@@ -159,6 +159,24 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor, cu_units: torch.Te
         raise ValueError(f"cu_units ends at {int(cu_units[-1])} but there are {student.shape[-2]} units")
 
 
+def _per_layer(
+    loss_fn: Any,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    cu_units: torch.Tensor,
+    unit_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """``[L]``: a DSA formulation applied to each of L stacked layer pairs (``[U]`` weights are shared)."""
+    if unit_weights is not None and unit_weights.dim() == 1:
+        unit_weights = unit_weights.expand(student.shape[0], -1)
+    return torch.stack(
+        [
+            loss_fn(s, t, cu_units, None if unit_weights is None else unit_weights[i])
+            for i, (s, t) in enumerate(zip(student, teacher))
+        ]
+    )
+
+
 def structural_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -179,14 +197,7 @@ def structural_loss(
     """
     _check_pair(student, teacher, cu_units)
     if student.dim() == 3:
-        if unit_weights is not None and unit_weights.dim() == 1:
-            unit_weights = unit_weights.expand(student.shape[0], -1)
-        return torch.stack(
-            [
-                structural_loss(s, t, cu_units, None if unit_weights is None else unit_weights[i])
-                for i, (s, t) in enumerate(zip(student, teacher))
-            ]
-        )
+        return _per_layer(structural_loss, student, teacher, cu_units, unit_weights)
     dtype = accumulation_dtype(student, teacher, unit_weights)
     # the DSA norm floor bounds the gradient of a (near-)zero unit (mta_kernels.constants.DSA_NORM_FLOOR)
     s_hat = F.normalize(student.to(dtype), dim=-1, eps=DSA_NORM_FLOOR)
@@ -224,14 +235,7 @@ def structural_loss_stacked(
     """
     _check_pair(student, teacher, cu_units)
     if student.dim() == 3:
-        if unit_weights is not None and unit_weights.dim() == 1:
-            unit_weights = unit_weights.expand(student.shape[0], -1)
-        return torch.stack(
-            [
-                structural_loss_stacked(s, t, cu_units, None if unit_weights is None else unit_weights[i])
-                for i, (s, t) in enumerate(zip(student, teacher))
-            ]
-        )
+        return _per_layer(structural_loss_stacked, student, teacher, cu_units, unit_weights)
     dtype = accumulation_dtype(student, teacher, unit_weights)
     U = student.shape[0]
     seq = torch.repeat_interleave(

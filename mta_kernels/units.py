@@ -194,12 +194,7 @@ class UnitExtractor:
     # -- extraction --------------------------------------------------------------------------------
     def __call__(self, texts: Sequence[str]) -> list[TextUnits]:
         """Units of each text. ``texts``: a list of strings (any content, empty included)."""
-        if isinstance(texts, str):
-            raise TypeError("UnitExtractor takes a list of strings, got one string: wrap it in a list")
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        texts = _checked_texts(texts, "UnitExtractor takes")
         packed: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(texts)
         missing: dict[str, list[int]] = {}
         for i, text in enumerate(texts):
@@ -270,6 +265,17 @@ class UnitExtractor:
 # ---------------------------------------------------------------------------------------------------
 # Characters -> tokens
 # ---------------------------------------------------------------------------------------------------
+
+
+def _checked_texts(texts: Sequence[str], what: str) -> list[str]:
+    """``texts`` as a list of strings; ``what`` starts the message for a lone string."""
+    if isinstance(texts, str):
+        raise TypeError(f"{what} a list of strings, got one string: wrap it in a list")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+    return texts
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -384,12 +390,7 @@ def align_units(
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}: use one of {GRANULARITIES}")
-    if isinstance(texts, str):
-        raise TypeError("texts must be a list of strings, got one string: wrap it in a list")
-    texts = list(texts)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+    texts = _checked_texts(texts, "texts must be")
     if len(text_units) != len(texts):
         raise ValueError(f"{len(text_units)} TextUnits for {len(texts)} texts: pass one per text")
     spans = [tu.spans(granularity) for tu in text_units]
