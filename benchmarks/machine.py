@@ -34,6 +34,18 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
@@ -81,6 +93,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         commit, dirty = None, None
     info: dict[str, Any] = {
         "device": device_name(device),
+        "machine": device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_model()} ({os.cpu_count()} cores)",
         "device_type": device.type,
         "fused_backend": backend_label(device),
         "torch": torch.__version__,
