@@ -1,6 +1,7 @@
 """What the op files share: the grid limit, block-size clamps, the accumulation dtype as a Triton type,
-the output cast (with the interpreter's bf16 rounding by hand) and the autograd guards of the ops whose
-gradient is computed in the forward."""
+the output cast (with the interpreter's bf16 rounding by hand), the autograd guard of the ops whose
+gradient is computed in the forward, and the check that a layout plan is the plan of the tensor an op
+was given."""
 
 from __future__ import annotations
 

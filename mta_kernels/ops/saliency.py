@@ -455,12 +455,7 @@ def _token_saliency_op(
 
 
 @_token_saliency_op.register_fake
-def _token_saliency_fake(
-    hidden: torch.Tensor,
-    attention_mask: torch.Tensor,
-    valid_count: torch.Tensor | None = None,
-    valid_span: torch.Tensor | None = None,
-) -> torch.Tensor:
+def _token_saliency_fake(hidden, attention_mask, valid_count=None, valid_span=None):  # the op's arguments
     return hidden.new_empty(hidden.shape[:-1], dtype=torch.float32)
 
 
