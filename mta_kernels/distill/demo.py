@@ -91,9 +91,7 @@ def run_demo(
     out: str = "runs/demo", quick: bool = False, progress: bool = True, backend: str = "auto"
 ) -> dict:
     """Run the demo into ``out``; returns the table's numbers (``backend`` forces the ops' path)."""
-    from mta_kernels.distill.models import train_tokenizer
     from mta_kernels.distill.plot import plot_runs
-    from mta_kernels.distill.train import train
 
     t_start = time.perf_counter()
     if "OMP_NUM_THREADS" not in os.environ:
@@ -101,35 +99,22 @@ def run_demo(
         # machine with any other load two spinning threads made the demo 8x slower (measured).
         torch.set_num_threads(1)
     os.makedirs(out, exist_ok=True)
-    with open(CORPUS, encoding="utf-8") as f:
-        corpus = [ln.strip() for ln in f if ln.strip()]
-    tok_dir = os.path.join(out, "tokenizers")
-    train_tokenizer("bpe", corpus, TEACHER_VOCAB, os.path.join(tok_dir, "teacher-bpe"))
-    train_tokenizer("bpe", corpus, STUDENT_VOCAB, os.path.join(tok_dir, "student-bpe"))
-    print(
-        f"[demo] tokenizers trained on {len(corpus)} paragraphs of {CORPUS}: "
-        f"byte-level BPE ({TEACHER_VOCAB}) for the teacher, byte-level BPE ({STUDENT_VOCAB}) for the student"
-    )
+    tok_dir = _train_tokenizers(out)
 
     teacher_steps, student_steps = (6, 6) if quick else (600, 400)
     teacher_out = os.path.join(out, "teacher")
     t0 = time.perf_counter()
     print(f"[demo] 1/3 training the teacher {TEACHER} for {teacher_steps} steps")
-    train(
-        _config(
-            mode="teacher",
-            out=teacher_out,
-            student=TEACHER,
-            student_tokenizer=os.path.join(tok_dir, "teacher-bpe"),
-            steps=teacher_steps,
-            lr=2e-3,
-            warmup_steps=max(1, teacher_steps // 20),
-            mta=False,
-            kd="none",
-            progress=progress,
-            backend=backend,
-            plot=False,
-        )
+    _stage(
+        teacher_steps,
+        progress,
+        backend,
+        mode="teacher",
+        out=teacher_out,
+        student=TEACHER,
+        student_tokenizer=os.path.join(tok_dir, "teacher-bpe"),
+        mta=False,
+        kd="none",
     )
     t_teacher = time.perf_counter() - t0
 
@@ -140,22 +125,17 @@ def run_demo(
             f"[demo] {i}/3 distilling into {STUDENT} ({'with' if mta else 'without'} MTA) "
             f"for {student_steps} steps"
         )
-        summary = train(
-            _config(
-                mode="distill",
-                out=os.path.join(out, name),
-                student=STUDENT,
-                student_tokenizer=os.path.join(tok_dir, "student-bpe"),
-                teacher=os.path.join(teacher_out, "model"),
-                steps=student_steps,
-                lr=2e-3,
-                warmup_steps=max(1, student_steps // 20),
-                mta=mta,
-                kd="forward",
-                progress=progress,
-                backend=backend,
-                plot=False,
-            )
+        summary = _stage(
+            student_steps,
+            progress,
+            backend,
+            mode="distill",
+            out=os.path.join(out, name),
+            student=STUDENT,
+            student_tokenizer=os.path.join(tok_dir, "student-bpe"),
+            teacher=os.path.join(teacher_out, "model"),
+            mta=mta,
+            kd="forward",
         )
         summary["wall_s"] = time.perf_counter() - t0
         runs[name] = summary
@@ -164,6 +144,47 @@ def run_demo(
     with open(os.path.join(teacher_out, "summary.json")) as f:
         teacher_summary = json.load(f)
     rows = [("teacher (BPE)", teacher_summary, t_teacher)] + [(n, s, s["wall_s"]) for n, s in runs.items()]
+    _print_table(rows)
+    print(f"metrics: {out}/<run>/metrics.jsonl   checkpoints: {out}/<run>/checkpoint.pt   plot: {png}")
+    print(f"total demo time: {time.perf_counter() - t_start:.0f} s")
+    return {"teacher": teacher_summary, **runs}
+
+
+def _train_tokenizers(out: str) -> str:
+    """The teacher's and the student's byte-level BPE, trained on the corpus, under ``<out>/tokenizers``."""
+    from mta_kernels.distill.models import train_tokenizer
+
+    with open(CORPUS, encoding="utf-8") as f:
+        corpus = [ln.strip() for ln in f if ln.strip()]
+    tok_dir = os.path.join(out, "tokenizers")
+    train_tokenizer("bpe", corpus, TEACHER_VOCAB, os.path.join(tok_dir, "teacher-bpe"))
+    train_tokenizer("bpe", corpus, STUDENT_VOCAB, os.path.join(tok_dir, "student-bpe"))
+    print(
+        f"[demo] tokenizers trained on {len(corpus)} paragraphs of {CORPUS}: "
+        f"byte-level BPE ({TEACHER_VOCAB}) for the teacher, byte-level BPE ({STUDENT_VOCAB}) for the student"
+    )
+    return tok_dir
+
+
+def _stage(steps: int, progress: bool, backend: str, **kw) -> dict:
+    """One training run of the demo: the settings every stage shares, and the stage's own ``kw``."""
+    from mta_kernels.distill.train import train
+
+    return train(
+        _config(
+            steps=steps,
+            lr=2e-3,
+            warmup_steps=max(1, steps // 20),
+            progress=progress,
+            backend=backend,
+            plot=False,
+            **kw,
+        )
+    )
+
+
+def _print_table(rows: list[tuple[str, dict, float]]) -> None:
+    """The demo's table: held-out loss, perplexity, step time, MTA share and wall time of each run."""
     print()
     print(
         f"{'run':<18} {'held-out loss':>13} {'perplexity':>10} {'step (ms)':>9} {'MTA share':>9} "
@@ -184,6 +205,3 @@ def run_demo(
         "not with the teacher. The logit KD term is off (different vocabularies); MTA is the only "
         "teacher signal."
     )
-    print(f"metrics: {out}/<run>/metrics.jsonl   checkpoints: {out}/<run>/checkpoint.pt   plot: {png}")
-    print(f"total demo time: {time.perf_counter() - t_start:.0f} s")
-    return {"teacher": teacher_summary, **runs}
