@@ -190,3 +190,25 @@ def test_kd_is_finite_with_minus_inf_logits_and_masks_them_as_distillm(kind):
         assert float(got) == pytest.approx(float(want), rel=1e-5)
     # the teacher entropy logged next to the skew KL is finite too
     assert torch.isfinite(O.teacher_entropy_rows_sum(t))
+
+
+def test_kd_term_slices_the_shared_vocabulary_and_checks_it():
+    """The one KD term of the loop and MTATrainer: over the tokenizer's first V logits of each model (the
+    output layers may be wider), the skew kind's teacher entropy on request, and a clear error when an
+    output layer is narrower than the tokenizer."""
+    from mta_kernels.distill.kd import KDTerm
+
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, 12, generator=gen), torch.randn(2, 5, 10, generator=gen)
+    labels = torch.tensor([[-100, 1, 2, 3, -100], [-100, -100, 4, 5, 6]])
+    for kind in ("forward", "skew"):
+        kd, entropy = KDTerm(kind, 2.0, 0.1, vocab=9)(s, t, labels, with_teacher_entropy=True)
+        torch.testing.assert_close(kd, O.kd_sum(s[..., :9], t[..., :9], labels, kind, 2.0, 0.1))
+        if kind == "skew":
+            torch.testing.assert_close(entropy, O.teacher_entropy_sum(t[..., :9], labels))
+        else:
+            assert entropy is None
+    with pytest.raises(
+        ValueError, match="tokenizer has 11 tokens but the student/teacher output layers have 12/10"
+    ):
+        KDTerm("forward", 1.0, 0.1, vocab=11)(s, t, labels)

@@ -101,10 +101,7 @@ def run_demo(
     out: str = "runs/demo", quick: bool = False, progress: bool = True, backend: str = "auto"
 ) -> dict:
     """Run the demo into ``out``; returns the table's numbers (``backend`` forces the ops' path)."""
-    from mta_kernels.distill.evaluation import run_evaluate
-    from mta_kernels.distill.models import train_tokenizer
     from mta_kernels.distill.plot import plot_runs
-    from mta_kernels.distill.train import train
 
     t_start = time.perf_counter()
     if "OMP_NUM_THREADS" not in os.environ:
@@ -112,36 +109,17 @@ def run_demo(
         # machine with any other load two spinning threads made the demo 8x slower (measured).
         torch.set_num_threads(1)
     os.makedirs(out, exist_ok=True)
-    with open(CORPUS, encoding="utf-8") as f:
-        corpus = [ln.strip() for ln in f if ln.strip()]
-    tok_dir = os.path.join(out, "tokenizers")
-    train_tokenizer("bpe", corpus, TEACHER_VOCAB, os.path.join(tok_dir, "teacher-bpe"))
-    train_tokenizer("bpe", corpus, STUDENT_VOCAB, os.path.join(tok_dir, "student-bpe"))
-    print(
-        f"[demo] tokenizers trained on {len(corpus)} paragraphs of {CORPUS}: "
-        f"byte-level BPE ({TEACHER_VOCAB}) for the teacher, byte-level BPE ({STUDENT_VOCAB}) for the student"
-    )
+    tok_dir = _train_tokenizers(out)
 
     teacher_steps, student_steps = (6, 6) if quick else (600, 400)
     teacher_out = os.path.join(out, "teacher")
     t0 = time.perf_counter()
     print(f"[demo] 1/3 training the teacher {TEACHER} for {teacher_steps} steps")
-    train(
-        _config(
-            mode="teacher",
-            out=teacher_out,
-            student=TEACHER,
-            student_tokenizer=os.path.join(tok_dir, "teacher-bpe"),
-            steps=teacher_steps,
-            lr=2e-3,
-            warmup_steps=max(1, teacher_steps // 20),
-            mta=False,
-            kd="none",
-            progress=progress,
-            backend=backend,
-            plot=False,
-        )
-    )
+    _stage(
+        teacher_steps, progress, backend,
+        mode="teacher", out=teacher_out, student=TEACHER,
+        student_tokenizer=os.path.join(tok_dir, "teacher-bpe"), mta=False, kd="none",
+    )  # fmt: skip
     t_teacher = time.perf_counter() - t0
 
     runs = {}
@@ -151,29 +129,68 @@ def run_demo(
             f"[demo] {i}/3 distilling into {STUDENT} ({'with' if mta else 'without'} MTA) "
             f"for {student_steps} steps"
         )
-        summary = train(
-            _config(
-                mode="distill",
-                out=os.path.join(out, name),
-                student=STUDENT,
-                student_tokenizer=os.path.join(tok_dir, "student-bpe"),
-                teacher=os.path.join(teacher_out, "model"),
-                steps=student_steps,
-                lr=2e-3,
-                warmup_steps=max(1, student_steps // 20),
-                mta=mta,
-                kd="forward",
-                progress=progress,
-                backend=backend,
-                plot=False,
-            )
-        )
+        summary = _stage(
+            student_steps, progress, backend,
+            mode="distill", out=os.path.join(out, name), student=STUDENT,
+            student_tokenizer=os.path.join(tok_dir, "student-bpe"),
+            teacher=os.path.join(teacher_out, "model"), mta=mta, kd="forward",
+        )  # fmt: skip
         summary["wall_s"] = time.perf_counter() - t0
         runs[name] = summary
     png = plot_runs({n: os.path.join(out, n, "metrics.jsonl") for n in runs}, os.path.join(out, "curves.png"))
     heldout = write_heldout(os.path.join(out, "heldout.jsonl"))
+    rouge = _score_rouge(out, ("teacher", *runs), heldout, progress)
+
+    with open(os.path.join(teacher_out, "summary.json")) as f:
+        teacher_summary = json.load(f)
+    rows = [("teacher", teacher_summary, t_teacher)] + [(n, s, s["wall_s"]) for n, s in runs.items()]
+    _print_table(rows, rouge)
+    _print_notes(out, heldout, png)
+    print(f"total demo time: {time.perf_counter() - t_start:.0f} s")
+    for name, summary in (("teacher", teacher_summary), *runs.items()):
+        summary["rougeL"] = rouge[name]
+    return {"teacher": teacher_summary, **runs}
+
+
+def _train_tokenizers(out: str) -> str:
+    """The teacher's and the student's byte-level BPE, trained on the corpus, under ``<out>/tokenizers``."""
+    from mta_kernels.distill.models import train_tokenizer
+
+    with open(CORPUS, encoding="utf-8") as f:
+        corpus = [ln.strip() for ln in f if ln.strip()]
+    tok_dir = os.path.join(out, "tokenizers")
+    train_tokenizer("bpe", corpus, TEACHER_VOCAB, os.path.join(tok_dir, "teacher-bpe"))
+    train_tokenizer("bpe", corpus, STUDENT_VOCAB, os.path.join(tok_dir, "student-bpe"))
+    print(
+        f"[demo] tokenizers trained on {len(corpus)} paragraphs of {CORPUS}: "
+        f"byte-level BPE ({TEACHER_VOCAB}) for the teacher, byte-level BPE ({STUDENT_VOCAB}) for the student"
+    )
+    return tok_dir
+
+
+def _stage(steps: int, progress: bool, backend: str, **kw) -> dict:
+    """One training run of the demo: the settings every stage shares, and the stage's own ``kw``."""
+    from mta_kernels.distill.train import train
+
+    return train(
+        _config(
+            steps=steps,
+            lr=2e-3,
+            warmup_steps=max(1, steps // 20),
+            progress=progress,
+            backend=backend,
+            plot=False,
+            **kw,
+        )
+    )
+
+
+def _score_rouge(out: str, names: tuple[str, ...], heldout: str, progress: bool) -> dict[str, float]:
+    """ROUGE-L of each run's saved model on the held-out prompts (one seed), written to ``<run>/eval``."""
+    from mta_kernels.distill.evaluation import run_evaluate
+
     rouge = {}
-    for name in ("teacher", *runs):
+    for name in names:
         t0 = time.perf_counter()
         scores = run_evaluate(
             os.path.join(out, name, "model"), [heldout], os.path.join(out, name, "eval"), seeds=[EVAL_SEED],
@@ -181,10 +198,11 @@ def run_demo(
         )  # fmt: skip
         rouge[name] = next(iter(scores.values()))["rougeL"]["mean"]
         print(f"[demo] ROUGE-L of {name} on the {heldout} prompts: {time.perf_counter() - t0:.0f} s")
+    return rouge
 
-    with open(os.path.join(teacher_out, "summary.json")) as f:
-        teacher_summary = json.load(f)
-    rows = [("teacher", teacher_summary, t_teacher)] + [(n, s, s["wall_s"]) for n, s in runs.items()]
+
+def _print_table(rows: list[tuple[str, dict, float]], rouge: dict[str, float]) -> None:
+    """The demo's table: held-out loss, perplexity, ROUGE-L, step time, MTA share, wall time per run."""
     print()
     print(
         f"{'run':<18} {'held-out loss':>13} {'perplexity':>10} {'ROUGE-L':>7} {'step (ms)':>9} "
@@ -196,6 +214,10 @@ def run_demo(
             f"{name:<18} {s.get('eval_loss', float('nan')):>13.3f} {s.get('eval_ppl', float('nan')):>10.2f} "
             f"{rouge[name]:>7.2f} {1000 * s['step_time_s']:>9.0f} {share:>9} {wall:>8.0f}"
         )
+
+
+def _print_notes(out: str, heldout: str, png: str) -> None:
+    """How to read the table, where the files are, and the same commands for the user's own models."""
     print()
     print(
         "held-out numbers are per token of each model's own tokenizer: compare the two students with "
@@ -219,10 +241,6 @@ def run_demo(
     print("The same with your own models (README, 'Evaluate like the paper'):")
     for line in USER_COMMANDS:
         print(f"  {line}")
-    print(f"total demo time: {time.perf_counter() - t_start:.0f} s")
-    for name, summary in (("teacher", teacher_summary), *runs.items()):
-        summary["rougeL"] = rouge[name]
-    return {"teacher": teacher_summary, **runs}
 
 
 USER_COMMANDS = (
