@@ -33,38 +33,11 @@ import functools
 from typing import Any
 
 import harness
+import registry
 import torch
 from bench_structural import structural_floor_by_rate
 
-PROVIDERS = ("eager_stacked", "eager", "mta_kernels", "compile")  # compile last (see bench_saliency)
-
-
-# ------------------------------------------------------------------------------------- cases
-def cases(which: str, quick: bool) -> list[dict[str, Any]]:
-    if quick:
-        return [dict(case="quick", preset="tiny", B=2, T=t) for t in (32, 64)]
-    if which == "target":
-        return [dict(case="target", preset="gpt2", B=16, T=512)]
-    out = [dict(case="sweep", preset="gpt2", B=16, T=T) for T in (2048, 1024, 256)]
-    out += [dict(case="sweep", preset="gpt2", B=8, T=T) for T in (512, 2048)]
-    out += [dict(case="sweep", preset="qwen", B=8, T=T) for T in (512, 2048)]
-    out += [dict(case="sweep", preset="mistral", B=8, T=T) for T in (512, 2048)]
-    return out
-
-
-def complete(p: dict[str, Any]) -> dict[str, Any]:
-    pre = harness.PRESETS[p["preset"]]
-    return {**p, "K": pre.num_pairs, "Ds": pre.d_student, "Dt": pre.d_teacher}
-
-
-def compile_only_at_selected(provider: str, p: dict[str, Any]) -> str | None:
-    """torch.compile of the whole composition costs minutes of compilation per new shape (the per-
-    sequence loops are unrolled and specialised): on the GPU it runs at the target and one sweep shape."""
-    if provider != "compile" or p["case"] in ("quick", "target"):
-        return None
-    if p["preset"] == "gpt2" and p["B"] == 16 and p["T"] == 2048:
-        return None
-    return "compile measured at selected shapes only (GPU time budget)"
+BENCH = registry.get("mta_loss")  # the cases and providers
 
 
 def layout_inputs(p: dict[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
@@ -202,7 +175,7 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
 
     autocast = args.autocast != "off"
     build = functools.partial(_build, device=device, dtype=dtype, seed=args.seed, autocast=autocast)
-    return harness.BenchSpec("mta_loss", build, make_fn, mta_floor, PROVIDERS)
+    return harness.BenchSpec("mta_loss", build, make_fn, mta_floor, BENCH.providers)
 
 
 def _build(
@@ -221,8 +194,7 @@ def print_floors(args: argparse.Namespace) -> None:
     print("| case | preset | B | T | K | bytes (MB) | GFLOP bf16 | GFLOP fp32 | floor at H100 rates (µs) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for which in ("target", "sweep"):
-        for p in cases(which, args.quick):
-            p = complete(p)
+        for p in BENCH.cases(which, args.quick):
             x = {**layout_inputs(p, torch.device("cpu"), args.seed), "element_size": e}
             b, f16, f32 = mta_floor(p, x)
             rec: dict[str, Any] = {}
@@ -233,10 +205,8 @@ def print_floors(args: argparse.Namespace) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    harness.add_common_args(parser)
-    parser.add_argument("--case", default="sweep", choices=["sweep", "target"])
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """This bench's own options (``harness.bench_args`` adds them)."""
     parser.add_argument(
         "--autocast",
         default="off",
@@ -244,14 +214,14 @@ def main(argv: list[str] | None = None) -> None:
         help="run every provider under torch.autocast(bf16), as in a bf16 training step (use with --tag)",
     )
     parser.add_argument("--print-floors", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = harness.bench_args(BENCH, __doc__.splitlines()[0], argv)
     if args.print_floors:
         print_floors(args)
         return
-    if args.tag is None:
-        args.tag = args.case
-    todo = [complete(p) for p in cases(args.case, args.quick)]
-    harness.run_bench(make_spec(args), todo, args, skip=compile_only_at_selected)
+    harness.run_registered(BENCH, args)
 
 
 if __name__ == "__main__":

@@ -21,32 +21,10 @@ import argparse
 from typing import Any
 
 import harness
+import registry
 import torch
 
-# compile last: a stage timeout during compilation then loses the least.
-PROVIDERS = ("eager", "mta_kernels", "compile")
-
-
-def cases(which: str, quick: bool) -> list[dict[str, Any]]:
-    if quick:
-        return [dict(case="quick", L=2, B=2, T=t, D=64) for t in (32, 64)]
-    if which == "issue":
-        # The saliency issue's case: peak memory of six stacked layers at T=4096.
-        return [dict(case="issue", L=6, B=8, T=4096, D=2048)]
-    out = []
-    for D, B in ((768, 16), (1600, 16)):  # GPT-2 student / GPT-2-XL teacher widths
-        out += [dict(case="sweep", L=1, B=B, T=T, D=D) for T in (256, 512, 1024, 2048)]
-    for D, B in ((2048, 8), (4096, 8)):  # TinyLlama / Mistral widths
-        out += [dict(case="sweep", L=1, B=B, T=T, D=D) for T in (512, 2048)]
-    # Most informative first (a time-budget cut keeps them): T = 512 and 2048 of every series.
-    return sorted(out, key=lambda p: p["T"] not in (512, 2048))
-
-
-def compile_only_at_selected(provider: str, p: dict[str, Any]) -> str | None:
-    """torch.compile recompiles per shape: in the sweep it is measured at the teacher width only."""
-    if provider != "compile" or p["case"] != "sweep" or p["D"] == 1600:
-        return None
-    return "compile measured at selected shapes only (GPU time budget)"
+BENCH = registry.get("saliency")  # the cases and providers
 
 
 def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
@@ -71,17 +49,11 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
         bytes_ = L * B * T * D * e + 4 * L * B * T + B * T
         return (bytes_, flops, 0.0) if e == 2 else (bytes_, 0.0, flops)
 
-    return harness.BenchSpec("saliency", build, make_fn, floor, PROVIDERS)
+    return harness.BenchSpec("saliency", build, make_fn, floor, BENCH.providers)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    harness.add_common_args(parser)
-    parser.add_argument("--case", default="sweep", choices=["sweep", "issue"])
-    args = parser.parse_args(argv)
-    if args.tag is None:
-        args.tag = args.case
-    harness.run_bench(make_spec(args), cases(args.case, args.quick), args, skip=compile_only_at_selected)
+    harness.run_registered(BENCH, harness.bench_args(BENCH, __doc__.splitlines()[0], argv))
 
 
 if __name__ == "__main__":

@@ -16,37 +16,10 @@ import argparse
 from typing import Any
 
 import harness
+import registry
 import torch
 
-# compile last: a stage timeout during compilation then loses the least.
-PROVIDERS = ("eager", "mta_kernels", "compile")
-
-
-TS = (256, 512, 1024, 2048)
-
-
-def cases(quick: bool) -> list[dict[str, Any]]:
-    modes = ("fwd", "fwd+bwd")
-    if quick:
-        return [dict(case="quick", mode=m, gran="word", L=2, B=2, T=t, D=64) for m in modes for t in (32, 64)]
-    out = []
-    for m in modes:
-        for D in (768, 1600):
-            out += [dict(case="sweep", mode=m, gran="word", L=1, B=16, T=T, D=D) for T in TS]
-        out += [dict(case="sweep", mode=m, gran="phrase", L=1, B=16, T=T, D=1600) for T in (512, 2048)]
-        out += [dict(case="sweep", mode=m, gran="word", L=1, B=8, T=T, D=4096) for T in (512, 2048)]
-    # Most informative first (a time-budget cut keeps them): T = 512 and 2048 of every series.
-    return sorted(out, key=lambda p: p["T"] not in (512, 2048))
-
-
-def compile_only_at_selected(provider: str, p: dict[str, Any]) -> str | None:
-    """torch.compile recompiles per shape (data-dependent sizes in the reference's gathers): in the
-    sweep it is measured at D = 1600, T = 512 and 2048 only."""
-    if provider != "compile" or p["case"] != "sweep":
-        return None
-    if p["D"] == 1600 and p["gran"] == "word" and p["T"] in (512, 2048):
-        return None
-    return "compile measured at selected shapes only (GPU time budget)"
+BENCH = registry.get("span_pool")  # the cases and providers
 
 
 def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
@@ -65,6 +38,7 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
         grad_out = torch.randn(L, U, D, device=device, generator=gen).to(dtype) if train else None
         covered = int((ranges[:, 1] - ranges[:, 0]).sum())
         x = {"hidden": hidden, "ranges": ranges, "weights": weights, "grad_out": grad_out, "covered": covered}
+        x["plan"] = units.live_plan().student  # the fused op's layout plan: nothing read back from the device
         x["grad_leaves"] = [hidden] if train else []
         return x
 
@@ -72,9 +46,10 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
 
     def make_fn(provider: str, p: dict[str, Any], x: dict[str, Any]):
         f = provider_fn(provider)
+        kwargs = {"plan": x["plan"]} if provider == "mta_kernels" else {}
         return harness.forward_or_train(
             p["mode"],
-            lambda: f(x["hidden"], x["ranges"], x["weights"]),
+            lambda: f(x["hidden"], x["ranges"], x["weights"], **kwargs),
             lambda out: out.backward(x["grad_out"]),
         )
 
@@ -86,16 +61,11 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
             return fwd_bytes, 2.0 * L * C * D
         return fwd_bytes + L * (U * D * e + N * D * e + 4 * C), 4.0 * L * C * D
 
-    return harness.BenchSpec("span_pool", build, make_fn, floor, PROVIDERS)
+    return harness.BenchSpec("span_pool", build, make_fn, floor, BENCH.providers)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    harness.add_common_args(parser)
-    args = parser.parse_args(argv)
-    if args.tag is None:
-        args.tag = "sweep"
-    harness.run_bench(make_spec(args), cases(args.quick), args, skip=compile_only_at_selected)
+    harness.run_registered(BENCH, harness.bench_args(BENCH, __doc__.splitlines()[0], argv))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,11 @@ import argparse
 from typing import Any
 
 import harness
+import registry
 import torch
 import torch.nn.functional as F
 
-PROVIDERS = ("no_mta", "eager_stacked", "eager", "mta_kernels")
+BENCH = registry.get("step")  # the cases and providers
 LAM, BETA = 0.5, 2.0
 
 # (student, teacher) GPT2Config keyword arguments.
@@ -38,12 +39,6 @@ MODELS = {
         dict(n_layer=6, n_embd=80, n_head=4, vocab_size=256, n_positions=128, bos_token_id=0, eos_token_id=0),
     ),
 }
-
-
-def cases(quick: bool) -> list[dict[str, Any]]:
-    if quick:
-        return [dict(case="quick", preset="tiny", B=2, T=32)]
-    return [dict(case="step", preset="gpt2", B=16, T=512)]
 
 
 def _build_model(kwargs: dict[str, Any], device: torch.device, dtype: torch.dtype):
@@ -100,7 +95,7 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
         }
 
     def make_fn(provider: str, p: dict[str, Any], x: dict[str, Any]):
-        if provider not in PROVIDERS:
+        if provider not in BENCH.providers:
             raise ValueError(provider)
         from mta_kernels import reference
 
@@ -151,10 +146,10 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
         return float(weight_bytes), flops
 
     # no float64 oracle: a training step of whole models is compared by its loss only (rel_err_vs_ref)
-    return harness.BenchSpec("step", build, make_fn, floor, PROVIDERS, oracle_provider=None)
+    return harness.BenchSpec("step", build, make_fn, floor, BENCH.providers, oracle_provider=None)
 
 
-def add_share(records: list[dict[str, Any]]) -> None:
+def post_process(records: list[dict[str, Any]]) -> None:
     """Share of the step spent in the MTA loss: (t − t_no_mta) / t, per provider."""
     base = next((r.get("ms_p50") for r in records if r["provider"] == "no_mta"), None)
     for r in records:
@@ -166,14 +161,14 @@ def add_share(records: list[dict[str, Any]]) -> None:
             r["mta_share"] = (r["ms_p50"] - base) / r["ms_p50"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    harness.add_common_args(parser)
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """A step takes long: longer timing budgets by default (``harness.bench_args`` adds them)."""
     parser.set_defaults(rep_ms=1000.0, warmup_ms=200.0)
-    args = parser.parse_args(argv)
-    if args.tag is None:
-        args.tag = "gpt2"
-    harness.run_bench(make_spec(args), cases(args.quick), args, post=add_share)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = harness.bench_args(BENCH, __doc__.splitlines()[0], argv)
+    harness.run_registered(BENCH, args)
     # Print the share last: it is what this benchmark is for.
     folder = harness.results_dir(harness.pick_device(args.device), args.out)
     data = harness.load_results(folder / f"step{'_' + args.tag if args.tag else ''}.json")

@@ -21,41 +21,10 @@ import argparse
 from typing import Any
 
 import harness
+import registry
 import torch
 
-PROVIDERS = ("eager_stacked", "eager", "mta_kernels", "compile")  # compile last (see bench_saliency)
-
-
-TS = (256, 512, 1024, 2048)
-
-
-def cases(quick: bool) -> list[dict[str, Any]]:
-    if quick:
-        return [
-            dict(case="quick", mode=m, preset="tiny", gran="word", L=2, B=3, T=t, Ds=48, Dt=80)
-            for m in ("fwd", "fwd+bwd")
-            for t in (32, 64)
-        ]
-    out = []
-    gpt2 = dict(preset="gpt2", Ds=768, Dt=1600)
-    for B in (16, 8):
-        out += [dict(case="sweep", mode="fwd+bwd", gran="word", L=1, B=B, T=T, **gpt2) for T in TS]
-    out += [dict(case="sweep", mode="fwd", gran="word", L=1, B=16, T=T, **gpt2) for T in TS]
-    out += [dict(case="sweep", mode="fwd+bwd", gran="phrase", L=2, B=16, T=T, **gpt2) for T in (512, 2048)]
-    mistral = dict(preset="mistral", Ds=2048, Dt=4096)
-    out += [dict(case="sweep", mode="fwd+bwd", gran="word", L=1, B=8, T=T, **mistral) for T in (512, 2048)]
-    # Most informative first (a time-budget cut keeps them): T = 512 and 2048 of every series.
-    return sorted(out, key=lambda p: p["T"] not in (512, 2048))
-
-
-def compile_only_at_selected(provider: str, p: dict[str, Any]) -> str | None:
-    """torch.compile of the per-sequence loop recompiles for every new cu_units (its values are
-    specialised): on the GPU run it is measured at a few shapes only, to fit the time budget."""
-    if provider != "compile" or p["case"] == "quick":
-        return None
-    if p["preset"] == "gpt2" and p["B"] == 16 and p["gran"] == "word" and p["T"] in (512, 2048):
-        return None
-    return "compile measured at selected shapes only (GPU time budget)"
+BENCH = registry.get("structural")  # the cases and providers
 
 
 def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
@@ -97,7 +66,7 @@ def make_spec(args: argparse.Namespace) -> harness.BenchSpec:
         e = x["student"].element_size()
         return structural_floor_by_rate(p["mode"], p["L"], x["counts"], p["Ds"], p["Dt"], e)
 
-    return harness.BenchSpec("structural", build, make_fn, floor, PROVIDERS)
+    return harness.BenchSpec("structural", build, make_fn, floor, BENCH.providers)
 
 
 def structural_floor(mode: str, L: int, counts: list[int], Ds: int, Dt: int, e: int) -> tuple[float, float]:
@@ -136,12 +105,7 @@ def structural_floor_by_rate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    harness.add_common_args(parser)
-    args = parser.parse_args(argv)
-    if args.tag is None:
-        args.tag = "sweep"
-    harness.run_bench(make_spec(args), cases(args.quick), args, skip=compile_only_at_selected)
+    harness.run_registered(BENCH, harness.bench_args(BENCH, __doc__.splitlines()[0], argv))
 
 
 if __name__ == "__main__":

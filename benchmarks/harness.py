@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, when imported from elsewhere
 
+import registry  # noqa: E402
 from machine import (  # noqa: E402
     BENCH_DIR,
     REPO_ROOT,
@@ -82,6 +83,7 @@ __all__ = [
     "BenchSpec",
     "Preset",
     "add_common_args",
+    "bench_args",
     "backend_label",
     "case_label",
     "ceilings_for",
@@ -99,6 +101,7 @@ __all__ = [
     "random_hidden",
     "results_dir",
     "run_bench",
+    "run_registered",
     "slug",
     "synchronize",
     "synth_ranges",
@@ -109,7 +112,7 @@ __all__ = [
     "write_results",
 ]
 
-PROVIDERS = ("eager_stacked", "eager", "mta_kernels", "compile")  # every provider a bench may have
+PROVIDERS = tuple(registry.PROVIDERS)  # every provider a bench may have
 
 
 @dataclasses.dataclass
@@ -184,6 +187,40 @@ def forward_or_train(
         return out
 
     return fwd_bwd
+
+
+def bench_args(
+    bench: registry.Bench,
+    description: str,
+    argv: Sequence[str] | None = None,
+    add: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The command line of a registered bench: the common options, ``--case`` (its case sets) and the
+    script's own (its ``add_args(parser)``, when it has one); ``--tag`` defaults to the case set."""
+    parser = argparse.ArgumentParser(description=description)
+    add_common_args(parser)
+    parser.add_argument("--case", default=bench.default_set, choices=list(bench.case_sets))
+    add = add or getattr(bench.module(), "add_args", None)
+    if add is not None:
+        add(parser)
+    args = parser.parse_args(argv)
+    if args.tag is None:
+        args.tag = args.case
+    return args
+
+
+def run_registered(
+    bench: registry.Bench,
+    args: argparse.Namespace,
+    post: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> Path:
+    """Run a registered bench's case set (``args.case``) with its script's spec (and its script's
+    ``post_process(case_records)``, when it has one, as ``post``)."""
+    module = bench.module()
+    post = post or getattr(module, "post_process", None)
+    return run_bench(
+        module.make_spec(args), bench.cases(args.case, args.quick), args, skip=bench.skip, post=post
+    )
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

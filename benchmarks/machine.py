@@ -34,6 +34,18 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
@@ -50,7 +62,7 @@ def results_dir(device: torch.device, out: str | None = None) -> Path:
 
 
 def backend_label(device: torch.device) -> str:
-    """Which implementation the fused ops run on this device (mta_kernels._dispatch rule)."""
+    """Which implementation the fused ops run on this device (mta_kernels.ops._dispatch rule)."""
     if device.type == "cuda":
         return "triton"
     return "triton-interpreter" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "torch"
@@ -81,6 +93,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         commit, dirty = None, None
     info: dict[str, Any] = {
         "device": device_name(device),
+        "machine": device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_model()} ({os.cpu_count()} cores)",
         "device_type": device.type,
         "fused_backend": backend_label(device),
         "torch": torch.__version__,

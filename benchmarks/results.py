@@ -1,5 +1,7 @@
-"""Result files of a benchmark: ``<name>.json`` / ``<name>.csv`` (rewritten after every case) and the
-``<name>_time.png`` / ``<name>_memory.png`` plots."""
+"""Result files of a benchmark: ``<name>.json`` / ``<name>.csv`` (rewritten after every case), the
+``<name>_time.png`` / ``<name>_memory.png`` plots, and the long CSV of all benchmarks of all machines
+(:func:`append_to_table`, ``benchmarks/data/all_benchmark_data.csv``: one row per case, provider and
+metric, with the machine and the versions that measured it)."""
 
 from __future__ import annotations
 
@@ -103,3 +105,128 @@ def plot_results(json_path: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+# ------------------------------------------------------------------------------- the long CSV table
+TABLE_COLUMNS = (
+    "bench",
+    "provider",
+    "mode",
+    "metric",
+    "unit",
+    "x_name",
+    "x_value",
+    "y_p50",
+    "y_p20",
+    "y_p80",
+    "case",
+    "status",
+    "within_rule",
+    "pct_of_floor",
+    "dtype",
+    "quick",
+    "device",
+    "machine",
+    "device_type",
+    "fused_backend",
+    "cpu_threads",
+    "torch",
+    "cuda",
+    "triton",
+    "python",
+    "mta_kernels_commit",
+    "utc",
+)
+"""Columns of the table (Liger-Kernel's layout: one measured value per row, its percentiles, the case
+as JSON, and who measured it)."""
+
+_METRICS = (
+    ("time", "ms", ("ms_p50", "ms_p20", "ms_p80"), 1.0),
+    ("memory", "MiB", ("peak_mem_bytes",) * 3, 2**-20),
+)
+
+
+def table_rows(data: dict[str, Any], x: str = "T") -> list[dict[str, Any]]:
+    """The rows of one result file (``load_results``): per record, one row per metric it has (a record
+    that did not run gives one ``time`` row with its status and no value)."""
+    meta, env = data["meta"], data["meta"]["env"]
+    who = {
+        "dtype": meta.get("dtype"),
+        "quick": meta.get("quick"),
+        "device": env.get("device"),
+        "machine": env.get("machine"),
+        "device_type": env.get("device_type"),
+        "fused_backend": env.get("fused_backend"),
+        "cpu_threads": meta.get("timing", {}).get("cpu_threads"),
+        "torch": env.get("torch"),
+        "cuda": env.get("cuda"),
+        "triton": env.get("triton"),
+        "python": env.get("python"),
+        "mta_kernels_commit": (env.get("git_commit") or "") + ("+dirty" if env.get("git_dirty") else ""),
+        "utc": env.get("utc"),
+    }
+    rows = []
+    for r in data["records"]:
+        case = {k: r[k] for k in CASE_KEYS if k in r and k not in (x, "mode")}
+        base = {
+            "bench": meta["bench"],
+            "provider": r["provider"],
+            "mode": r.get("mode", "fwd+bwd" if meta["bench"] in ("mta_loss", "step") else "fwd"),
+            "x_name": x,
+            "x_value": r.get(x),
+            "case": json.dumps(case, sort_keys=True),
+            "status": r["status"],
+            "within_rule": r.get("within_rule"),
+            "pct_of_floor": r.get("pct_of_floor"),
+            **who,
+        }
+        for metric, unit, keys, scale in _METRICS:
+            values = [r.get(k) for k in keys]
+            if not all(isinstance(v, (int, float)) for v in values):
+                if metric == "time" and r["status"] != "ok":
+                    rows.append({**base, "metric": metric, "unit": unit})
+                continue
+            p50, p20, p80 = (v * scale for v in values)
+            rows.append({**base, "metric": metric, "unit": unit, "y_p50": p50, "y_p20": p20, "y_p80": p80})
+    return rows
+
+
+_KEY_COLUMNS = ("bench", "provider", "mode", "metric", "x_value", "case", "dtype", "quick", "device")
+_KEY_COLUMNS += ("fused_backend",)
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    """What one row measures, on which machine (a newer measurement of it replaces the row)."""
+    return tuple(str(row.get(k)) for k in _KEY_COLUMNS)
+
+
+def append_to_table(csv_path: Path, rows: list[dict[str, Any]]) -> int:
+    """Add ``rows`` to the table at ``csv_path`` (created if missing); a row for the same case, provider,
+    metric and machine replaces the older one. Returns the number of rows in the table."""
+    csv_path = Path(csv_path)
+    kept: dict[tuple, dict[str, Any]] = {}
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            for row in csv.DictReader(f):
+                kept[_row_key(row)] = row
+    for row in rows:
+        kept[_row_key(row)] = {k: _json_safe(row.get(k)) for k in TABLE_COLUMNS}
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+        w.writeheader()
+        for row in kept.values():
+            w.writerow({k: row.get(k) for k in TABLE_COLUMNS})
+    tmp.replace(csv_path)
+    return len(kept)
+
+
+def read_table(csv_path: Path) -> list[dict[str, Any]]:
+    """The table's rows, with the numbers as floats (empty cells as None)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for k in ("x_value", "y_p50", "y_p20", "y_p80", "pct_of_floor"):
+            row[k] = float(row[k]) if row.get(k) not in (None, "") else None
+    return rows

@@ -16,6 +16,7 @@ import json
 
 import harness
 import pytest
+import registry
 import torch
 
 requires_cuda = pytest.mark.skipif(
@@ -59,7 +60,7 @@ def small_loss_inputs():
     """GPT-2-XL -> GPT-2 widths and pairs at B=2, T=128 (bf16 inputs, CPU)."""
     import bench_mta_loss
 
-    p = bench_mta_loss.complete(dict(case="cpu", preset="gpt2", B=2, T=128))
+    p = registry.complete_loss_case(dict(case="cpu", preset="gpt2", B=2, T=128))
     return bench_mta_loss.build_inputs(p, CPU, torch.bfloat16, seed=0)
 
 
@@ -94,12 +95,9 @@ def _run_quick(module_name: str, tmp_path, extra=()):
     module.main(argv)
 
 
-SCRIPTS = {  # script: (result file stem, providers run here)
-    "bench_saliency": ("saliency_sweep", ["eager", "mta_kernels"]),
-    "bench_span_pool": ("span_pool_sweep", ["eager", "mta_kernels"]),
-    "bench_structural": ("structural_sweep", ["eager_stacked", "eager", "mta_kernels"]),
-    "bench_mta_loss": ("mta_loss_sweep", ["eager_stacked", "eager", "mta_kernels"]),
-    "bench_step": ("step_gpt2", ["no_mta", "eager_stacked", "eager", "mta_kernels"]),
+SCRIPTS = {  # script: (result file stem, providers run here: the registry's, torch.compile left out)
+    b.script: (f"{b.name}_{b.default_set}", [p for p in b.providers if p != "compile"])
+    for b in registry.BENCHES.values()
 }
 
 
@@ -132,6 +130,47 @@ def test_script_quick_cpu(benchmark, tmp_path, script):
         assert "#### mta_loss_sweep" in md and "| mta_kernels |" in md
     if script == "bench_step":
         assert all(isinstance(r.get("mta_share"), float) for r in recs if r["provider"] != "no_mta")
+
+
+def test_run_adds_every_bench_to_one_table_and_plot_draws_it(benchmark, tmp_path):
+    """run.py: every registered bench in one call, its rows added to the table with the machine and the
+    versions (a second run replaces them, it does not add); plot.py: one figure per bench and metric."""
+    import csv
+
+    import plot
+    import run
+
+    table = tmp_path / "all.csv"
+    argv = ["--bench", "saliency,span_pool", "--table", str(table), "--quick", "--device", "cpu"]
+    argv += ["--out", str(tmp_path), "--rep-ms", "5", "--warmup-ms", "1", "--no-plots", "--no-check"]
+    argv += ["--providers", "eager,mta_kernels"]
+    benchmark.pedantic(run.main, args=(argv,), rounds=1, iterations=1)
+    rows = list(csv.DictReader(open(table)))
+    assert {r["bench"] for r in rows} == {"saliency", "span_pool"}
+    assert {r["provider"] for r in rows} == {"eager", "mta_kernels"}
+    for r in rows:
+        assert r["status"] == "ok" and float(r["y_p50"]) > 0 and r["metric"] == "time"
+        assert r["machine"] and r["torch"] == torch.__version__ and r["device"] == "cpu" and r["utc"]
+    run.main(argv)
+    assert len(list(csv.DictReader(open(table)))) == len(rows)
+    written = plot.main(["--table", str(table), "--out", str(tmp_path / "plots")])
+    assert {p.name for p in written} == {"saliency_time_cpu.png", "span_pool_time_cpu.png"}
+    assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_committed_table_has_this_trees_cpu_results(benchmark):
+    """benchmarks/data/all_benchmark_data.csv holds a CPU run of every registered bench and provider
+    (torch.compile aside), each within the tolerance rule."""
+    import csv
+
+    import run
+
+    rows = benchmark(lambda: list(csv.DictReader(open(run.TABLE))))
+    cpu = [r for r in rows if r["device_type"] == "cpu" and r["metric"] == "time"]
+    for b in registry.BENCHES.values():
+        mine = [r for r in cpu if r["bench"] == b.name]
+        assert {r["provider"] for r in mine} == {p for p in b.providers if p != "compile"}, b.name
+        assert all(r["status"] == "ok" and r["within_rule"] != "False" for r in mine), b.name
 
 
 def test_tolerance_rule_flags_what_it_should(benchmark):
@@ -188,7 +227,7 @@ def test_mta_loss_target_gpu(benchmark, provider):
     import bench_mta_loss
 
     device = torch.device("cuda")
-    p = bench_mta_loss.complete(dict(case="target", preset="gpt2", B=16, T=512))
+    p = registry.complete_loss_case(dict(case="target", preset="gpt2", B=16, T=512))
     x = bench_mta_loss.build_inputs(p, device, torch.bfloat16, seed=0)
     loss_fn = bench_mta_loss.make_loss_fn(provider, x)
 

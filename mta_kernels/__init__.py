@@ -9,10 +9,9 @@ first layout op does, see docs/design/layout.md).
 """
 
 from mta_kernels import layout, reference
-from mta_kernels._dispatch import use_backend
 from mta_kernels.layout import UnitBatch
 from mta_kernels.losses import DSALoss, HRALoss, MTALoss
-from mta_kernels.ops import span_pool, structural_loss, token_saliency
+from mta_kernels.ops import span_pool, structural_loss, token_saliency, use_backend
 
 __version__ = "0.1.0"
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import itertools
 import math
-import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -62,12 +63,8 @@ def token_to_unit(ranges: torch.Tensor, num_tokens: int) -> torch.Tensor:
     Returns:
         int32 ``[N]`` on ``ranges``' device: ``u`` for the tokens of unit ``u``, ``-1`` for uncovered
         tokens. On the CPU an out-of-bounds range is a ValueError; the CUDA kernel clamps to ``[0, N)``.
-        For ``ranges`` of a :class:`LayoutPlan` this is the plan's tensor (computed on the host; do not
-        modify it).
+        A :class:`LayoutPlan` carries this map for its ranges (``SidePlan.token_to_unit``).
     """
-    side = _planned_side(ranges)
-    if side is not None and side.num_tokens == num_tokens:
-        return side.token_to_unit
     return torch.ops.mta_kernels.token_to_unit(ranges, int(num_tokens))
 
 
@@ -80,11 +77,8 @@ def unit_to_seq(cu_units: torch.Tensor, num_units: int | None = None) -> torch.T
             device-to-host read of ``cu_units[-1]`` on CUDA (on the CPU it is checked).
 
     Returns:
-        int32 ``[U]`` on ``cu_units``' device (the plan's tensor for the ``cu_units`` of a plan).
+        int32 ``[U]`` on ``cu_units``' device (a :class:`LayoutPlan` carries it: ``unit_to_seq``).
     """
-    plan = _planned_batch(cu_units)
-    if plan is not None and (num_units is None or num_units == plan.num_units):
-        return plan.unit_to_seq
     return torch.ops.mta_kernels.unit_to_seq(cu_units, None if num_units is None else int(num_units))
 
 
@@ -119,17 +113,53 @@ def block_diagonal_work_list(cu_units: torch.Tensor, block_m: int) -> torch.Tens
     Returns:
         int32 ``[W, 4]`` on ``cu_units``' device, rows ``(row_start, row_end, col_start, col_end)`` in
         global unit indices; ``[col_start, col_end)`` is the units of the block's sequences. Computed
-        on the host (CUDA: ``cu_units`` is copied to the host and the result back), except for the
-        ``cu_units`` of a :class:`LayoutPlan`, which carries the lists of :data:`WORK_LIST_BLOCKS`.
+        on the host (CUDA: ``cu_units`` is copied to the host and the result back); a :class:`LayoutPlan`
+        carries the lists of :data:`WORK_LIST_BLOCKS` (``work_lists``).
     """
-    plan = _planned_batch(cu_units)
-    if plan is not None and block_m in plan.work_lists:
-        return plan.work_lists[block_m]
     return torch.ops.mta_kernels.block_diagonal_work_list(cu_units, int(block_m))
 
 
+class PackedCharSpans(NamedTuple):
+    """The texts and character spans of a batch in the tensor form of ``char_spans_to_token_ranges``
+    (built once by :func:`pack_char_spans`, then reused for both tokenizations of the batch).
+
+    Attributes:
+        codepoints: int32 ``[C]``, the texts' code points, concatenated (UTF-32).
+        cu_chars: int64 ``[B+1]`` offsets of each text in ``codepoints``.
+        spans: int64 ``[K, 2]``, the ``(start, end)`` character spans of all texts.
+        cu_spans: int64 ``[B+1]`` offsets of each text's spans in ``spans``.
+    """
+
+    codepoints: torch.Tensor
+    cu_chars: torch.Tensor
+    spans: torch.Tensor
+    cu_spans: torch.Tensor
+
+
+def pack_char_spans(
+    texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]] | Sequence[np.ndarray]
+) -> PackedCharSpans:
+    """The ``B`` texts and their character spans (lists of ``(start, end)`` pairs, or integer arrays or
+    tensors ``[K_b, 2]``: the faster path) as :class:`PackedCharSpans`, on the CPU."""
+    # One UTF-32 encode of all texts; "surrogatepass" keeps lone surrogates as one code point each.
+    encoded = "".join(texts).encode("utf-32-le", "surrogatepass")
+    codepoints = torch.from_numpy(np.frombuffer(encoded, dtype=np.int32).copy())
+    cu_chars = torch.from_numpy(np.cumsum([0, *map(len, texts)], dtype=np.int64))
+    cu_spans = torch.from_numpy(np.cumsum([0, *map(len, spans)], dtype=np.int64))
+    num_spans = int(cu_spans[-1])
+    if spans and all(isinstance(s, (np.ndarray, torch.Tensor)) for s in spans):
+        flat = np.concatenate([np.asarray(s, dtype=np.int64).reshape(-1) for s in spans])
+    else:  # lists of (start, end) pairs: one pass over the flattened ints, no per-span Python call
+        flat_ints = itertools.chain.from_iterable(itertools.chain.from_iterable(spans))
+        flat = np.fromiter(flat_ints, dtype=np.int64, count=2 * num_spans)
+    return PackedCharSpans(codepoints, cu_chars, torch.from_numpy(flat).view(num_spans, 2), cu_spans)
+
+
 def char_spans_to_token_ranges(
-    texts: list[str], offsets: torch.Tensor, spans: list[list[tuple[int, int]]] | list[np.ndarray]
+    texts: list[str],
+    offsets: torch.Tensor,
+    spans: list[list[tuple[int, int]]] | list[np.ndarray],
+    packed: PackedCharSpans | None = None,
 ) -> torch.Tensor:
     """Token range of every character span (docs/method.md#mapping-units-to-tokens), on the CPU.
 
@@ -142,6 +172,8 @@ def char_spans_to_token_ranges(
             each text; special and padding tokens have an empty range). Moved to the CPU.
         spans: ``B`` lists of sorted, non-overlapping ``(start, end)`` character spans (``K`` in all),
             or ``B`` integer arrays/tensors ``[K_b, 2]`` (the faster path).
+        packed: ``pack_char_spans(texts, spans)`` when the caller already built it (one batch, two
+            tokenizations): then ``texts`` and ``spans`` are not converted again.
 
     Returns:
         int64 ``[K, 2]`` (CPU): ``[first token, last token + 1)`` of each span as positions local to its
@@ -156,23 +188,14 @@ def char_spans_to_token_ranges(
             f"texts ({len(texts)}), spans ({len(spans)}) and offsets ({offsets.shape[0]}) "
             "must have B entries each"
         )
-    # One UTF-32 encode of all texts; "surrogatepass" keeps lone surrogates as one code point each.
-    encoded = "".join(texts).encode("utf-32-le", "surrogatepass")
-    codepoints = torch.from_numpy(np.frombuffer(encoded, dtype=np.int32).copy())
-    cu_chars = torch.from_numpy(np.cumsum([0, *map(len, texts)], dtype=np.int64))
-    cu_spans = torch.from_numpy(np.cumsum([0, *map(len, spans)], dtype=np.int64))
-    num_spans = int(cu_spans[-1])
-    if spans and all(isinstance(s, (np.ndarray, torch.Tensor)) for s in spans):
-        flat = np.concatenate([np.asarray(s, dtype=np.int64).reshape(-1) for s in spans])
-    else:  # lists of (start, end) pairs: one pass over the flattened ints, no per-span Python call
-        flat_ints = itertools.chain.from_iterable(itertools.chain.from_iterable(spans))
-        flat = np.fromiter(flat_ints, dtype=np.int64, count=2 * num_spans)
+    if packed is None:
+        packed = pack_char_spans(texts, spans)
     return torch.ops.mta_kernels.char_spans_to_token_ranges(
-        codepoints,
-        cu_chars,
+        packed.codepoints,
+        packed.cu_chars,
         offsets.to("cpu", torch.int64).contiguous(),
-        torch.from_numpy(flat).view(num_spans, 2),
-        cu_spans,
+        packed.spans,
+        packed.cu_spans,
     )
 
 
@@ -230,6 +253,8 @@ class SidePlan:
         covered_tokens: int32 ``[C]``, the flat indices of the covered tokens, ascending.
         seq_len: ``T``; num_tokens: ``N = B * T``.
         max_span: the longest unit in tokens (0 without units); num_covered: ``C``.
+        buffer, version: the plan's buffer (every tensor above is a view of it) and its version counter
+            when the plan was made (see :meth:`is_current`).
     """
 
     ranges: torch.Tensor
@@ -239,6 +264,12 @@ class SidePlan:
     num_tokens: int
     max_span: int
     num_covered: int
+    buffer: torch.Tensor = field(repr=False)
+    version: int = field(repr=False)
+
+    def is_current(self) -> bool:
+        """No tensor of the plan was modified in place since it was made (its facts still hold)."""
+        return self.buffer._version == self.version
 
 
 @dataclass(frozen=True, eq=False)
@@ -247,8 +278,9 @@ class LayoutPlan:
 
     Built by :func:`plan_layout` where the batch is built (the collator, in the DataLoader worker),
     validated there once, and moved to the device with one copy: all its tensors are views of a single
-    int32 buffer. The ops find the plan through the tensors they are given (``ranges``, ``cu_units``),
-    so with a plan nothing in the forward or the backward reads device data on the host.
+    int32 buffer. The plan is handed to the ops with the tensors it describes (``span_pool(...,
+    plan=plan.student)``, ``structural_loss(..., plan=plan)``), so with a plan nothing in the forward or
+    the backward reads device data on the host.
 
     Attributes:
         student, teacher: :class:`SidePlan` of each tokenization; the same object when both share one
@@ -258,6 +290,8 @@ class LayoutPlan:
             ``block_m`` in :data:`WORK_LIST_BLOCKS`.
         bounds: ``cu_units`` on the host (a tuple of B+1 ints); host_cu_units: the same as a CPU tensor.
         same_tokenization: the student's and the teacher's units are the same token ranges with the same T.
+        buffer, version: the int32 buffer every tensor above except ``host_cu_units`` views, and its
+            version counter when the plan was made (see :meth:`is_current`).
     """
 
     student: SidePlan
@@ -268,7 +302,8 @@ class LayoutPlan:
     bounds: tuple[int, ...]
     host_cu_units: torch.Tensor
     same_tokenization: bool
-    buffer: torch.Tensor  # int32 [S]: every tensor above except host_cu_units is a view of it
+    buffer: torch.Tensor
+    version: int
     slots: tuple[tuple[str, int, tuple[int, ...]], ...]  # (name, offset, shape) of each view
 
     @property
@@ -279,47 +314,76 @@ class LayoutPlan:
     def device(self) -> torch.device:
         return self.buffer.device
 
+    def is_current(self) -> bool:
+        """No tensor of the plan was modified in place since it was made (views share one version
+        counter): a plan whose tensors were edited no longer describes them, and the ops must not use it."""
+        return self.buffer._version == self.version
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> LayoutPlan:
         """The plan on ``device``: one copy of the buffer, the views rebuilt on it (sharing kept)."""
         device = torch.device(device)
         if device == self.buffer.device:
             return self
-        return _plan_from_buffer(self, self.buffer.to(device, non_blocking=non_blocking))
+        return _plan_from_buffer(self._template(), self.buffer.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> LayoutPlan:
         """The plan in pinned host memory (a later ``to(device, non_blocking=True)`` overlaps)."""
         if self.buffer.device.type != "cpu" or self.buffer.is_pinned():
             return self
-        return _plan_from_buffer(self, self.buffer.pin_memory())
+        return _plan_from_buffer(self._template(), self.buffer.pin_memory())
+
+    def __reduce__(self) -> tuple:
+        # Pickled as its buffer and host facts: the views are rebuilt on the unpickled buffer, so they
+        # share it again (a pickled view is a copy of its own), with the plan's state (current or not).
+        return _plan_from_buffer, (self._template(), self.buffer, self.is_current())
+
+    def _template(self) -> _PlanTemplate:
+        def meta(p: SidePlan) -> tuple[int, int, int, int]:
+            return p.seq_len, p.num_tokens, p.max_span, p.num_covered
+
+        teacher = None if self.teacher is self.student else meta(self.teacher)
+        blocks = tuple(self.work_lists)
+        host = (self.bounds, self.host_cu_units, self.same_tokenization)
+        return _PlanTemplate(meta(self.student), teacher, blocks, *host, self.slots)
 
 
-def _plan_from_buffer(plan: LayoutPlan, buffer: torch.Tensor) -> LayoutPlan:
-    views = {name: buffer[off : off + math.prod(shape)].view(shape) for name, off, shape in plan.slots}
+class _PlanTemplate(NamedTuple):
+    """What a :class:`LayoutPlan` holds besides its buffer: each side's ``(seq_len, num_tokens,
+    max_span, num_covered)`` (teacher None: shared with the student), the work-list block sizes, the host
+    offsets, and the buffer's slots."""
 
-    def side(p: SidePlan, key: str) -> SidePlan:
-        return SidePlan(
-            views[f"{key}.ranges"],
-            views[f"{key}.token_to_unit"],
-            views[f"{key}.covered_tokens"],
-            p.seq_len,
-            p.num_tokens,
-            p.max_span,
-            p.num_covered,
-        )
+    student: tuple[int, int, int, int]
+    teacher: tuple[int, int, int, int] | None
+    work_blocks: tuple[int, ...]
+    bounds: tuple[int, ...]
+    host_cu_units: torch.Tensor
+    same_tokenization: bool
+    slots: tuple[tuple[str, int, tuple[int, ...]], ...]
 
-    student = side(plan.student, "student")
-    teacher = student if plan.teacher is plan.student else side(plan.teacher, "teacher")
+
+def _plan_from_buffer(template: _PlanTemplate, buffer: torch.Tensor, current: bool = True) -> LayoutPlan:
+    """The plan whose tensors are views of ``buffer`` (``current=False``: a plan that no longer holds)."""
+    views = {name: buffer[off : off + math.prod(shape)].view(shape) for name, off, shape in template.slots}
+    version = buffer._version if current else -1
+
+    def side(key: str, meta: tuple[int, int, int, int]) -> SidePlan:
+        names = (f"{key}.ranges", f"{key}.token_to_unit", f"{key}.covered_tokens")
+        return SidePlan(*(views[n] for n in names), *meta, buffer, version)
+
+    student = side("student", template.student)
+    teacher = student if template.teacher is None else side("teacher", template.teacher)
     return LayoutPlan(
         student=student,
         teacher=teacher,
         cu_units=views["cu_units"],
         unit_to_seq=views["unit_to_seq"],
-        work_lists={bm: views[f"work{bm}"] for bm in plan.work_lists},
-        bounds=plan.bounds,
-        host_cu_units=plan.host_cu_units,
-        same_tokenization=plan.same_tokenization,
+        work_lists={bm: views[f"work{bm}"] for bm in template.work_blocks},
+        bounds=template.bounds,
+        host_cu_units=template.host_cu_units,
+        same_tokenization=template.same_tokenization,
         buffer=buffer,
-        slots=plan.slots,
+        version=version,
+        slots=template.slots,
     )
 
 
@@ -369,7 +433,7 @@ def plan_layout(
     U = bounds[-1]
     parts: list[tuple[str, torch.Tensor]] = []
 
-    def side_plan(key: str, ranges: torch.Tensor, T: int) -> SidePlan:
+    def side_plan(key: str, ranges: torch.Tensor, T: int) -> tuple[int, int, int, int]:
         N = B * T
         t2u = token_to_unit(ranges, N)
         covered = torch.nonzero(t2u >= 0).reshape(-1).to(torch.int32)
@@ -377,10 +441,10 @@ def plan_layout(
         parts.extend(
             [(f"{key}.ranges", ranges), (f"{key}.token_to_unit", t2u), (f"{key}.covered_tokens", covered)]
         )
-        return SidePlan(ranges, t2u, covered, T, N, int(lengths.max()) if U else 0, int(covered.shape[0]))
+        return T, N, int(lengths.max()) if U else 0, int(covered.shape[0])
 
     student = side_plan("student", sr.contiguous(), int(seq_len_student))
-    teacher = student if shared else side_plan("teacher", tr.contiguous(), int(seq_len_teacher))
+    teacher = None if shared else side_plan("teacher", tr.contiguous(), int(seq_len_teacher))
     parts.append(("cu_units", cu))
     parts.append(("unit_to_seq", unit_to_seq(cu, U)))
     for bm in WORK_LIST_BLOCKS:
@@ -390,57 +454,8 @@ def plan_layout(
         slots.append((name, offset, tuple(t.shape)))
         offset += t.numel()
     buffer = torch.cat([t.reshape(-1).to(torch.int32) for _, t in parts]) if parts else cu.new_empty(0)
-    proto = LayoutPlan(
-        student=student,
-        teacher=teacher,
-        cu_units=cu,
-        unit_to_seq=cu,
-        work_lists=dict.fromkeys(WORK_LIST_BLOCKS),  # type: ignore[arg-type]
-        bounds=bounds,
-        host_cu_units=cu.clone(),
-        same_tokenization=shared,
-        buffer=buffer,
-        slots=tuple(slots),
-    )
-    return _plan_from_buffer(proto, buffer)
-
-
-# The ops find a plan through the tensors they are given (the same memory, whatever Python object or
-# alias carries it: torch.compile hands the ops aliases of their inputs). A registry maps a tensor's
-# (data pointer, shape, device) to the plan, with the tensor's version counter at planning time (shared
-# by its aliases): a tensor modified in place afterwards is no longer trusted and the ops fall back to
-# their own checks. The plan holds its buffer, so no other tensor can take that memory while the plan
-# lives; an entry goes when its plan is collected.
-_REGISTRY: dict[tuple, tuple[weakref.ref, int]] = {}
-
-
-def _key(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), tuple(t.shape), t.dtype, t.device)
-
-
-def _register(t: torch.Tensor, target: SidePlan | LayoutPlan, plan: LayoutPlan) -> None:
-    if t.numel() == 0:  # empty tensors may share a pointer with anything; there is nothing to plan
-        return
-    key = _key(t)
-    _REGISTRY[key] = (weakref.ref(target), t._version)
-    weakref.finalize(plan, _REGISTRY.pop, key, None)
-
-
-def _attach(plan: LayoutPlan) -> None:
-    for side in (plan.student, plan.teacher):
-        _register(side.ranges, side, plan)
-    _register(plan.cu_units, plan, plan)
-
-
-def planned(t: torch.Tensor) -> SidePlan | LayoutPlan | None:
-    """The plan of ``t`` (a plan's ``ranges`` -> :class:`SidePlan`, its ``cu_units`` -> :class:`LayoutPlan`),
-    or None when ``t`` is not a plan's tensor or was modified in place since planning."""
-    if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
-        return None
-    entry = _REGISTRY.get(_key(t))
-    if entry is None or entry[1] != t._version:
-        return None
-    return entry[0]()
+    template = _PlanTemplate(student, teacher, WORK_LIST_BLOCKS, bounds, cu.clone(), shared, tuple(slots))
+    return _plan_from_buffer(template, buffer)
 
 
 @dataclass(eq=False)
@@ -489,15 +504,25 @@ class UnitBatch:
             device = getattr(self.student_ranges, "device", plan.device)
             self.plan = plan.to(device)
         if self.plan is not None:
-            self.student_ranges = self.plan.student.ranges
-            self.teacher_ranges = self.plan.teacher.ranges
-            self.cu_units = self.plan.cu_units
-            _attach(self.plan)
+            self._take_plan_views()
 
-    def __setstate__(self, state: dict) -> None:  # unpickled in the main process: re-attach the plan
+    def _take_plan_views(self) -> None:
+        self.student_ranges = self.plan.student.ranges
+        self.teacher_ranges = self.plan.teacher.ranges
+        self.cu_units = self.plan.cu_units
+
+    def __getstate__(self) -> dict:
+        # A batch with a live plan is pickled as its plan (the fields are views of the plan's buffer, and
+        # come back as views of the unpickled buffer); any other batch field by field.
+        state = dict(self.__dict__)
+        if self.live_plan() is not None:
+            del state["student_ranges"], state["teacher_ranges"], state["cu_units"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if self.plan is not None:
-            _attach(self.plan)
+        if "cu_units" not in state:
+            self._take_plan_views()
 
     @property
     def num_units(self) -> int:
@@ -518,11 +543,8 @@ class UnitBatch:
             or self.cu_units is not plan.cu_units
         ):
             return None
-        if torch.compiler.is_compiling():
-            return plan
-        if planned(plan.student.ranges) is None or planned(plan.teacher.ranges) is None:
-            return None
-        return plan if planned(plan.cu_units) is not None else None
+        # torch.compile cannot trace a version counter: a traced graph trusts the plan it was given.
+        return plan if torch.compiler.is_compiling() or plan.is_current() else None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> UnitBatch:
         """A copy with every tensor on ``device`` (one copy of the plan's buffer; sharing kept)."""
@@ -563,17 +585,3 @@ class UnitBatch:
             self.seq_len_teacher,
             plan=pinned,
         )
-
-
-def _planned_side(ranges: torch.Tensor) -> SidePlan | None:
-    if torch.compiler.is_compiling():
-        return None
-    p = planned(ranges)
-    return p if isinstance(p, SidePlan) else None
-
-
-def _planned_batch(cu_units: torch.Tensor) -> LayoutPlan | None:
-    if torch.compiler.is_compiling():
-        return None
-    p = planned(cu_units)
-    return p if isinstance(p, LayoutPlan) else None

@@ -159,6 +159,24 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor, cu_units: torch.Te
         raise ValueError(f"cu_units ends at {int(cu_units[-1])} but there are {student.shape[-2]} units")
 
 
+def _per_layer(
+    loss_fn: Any,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    cu_units: torch.Tensor,
+    unit_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """``[L]``: a DSA formulation applied to each of L stacked layer pairs (``[U]`` weights are shared)."""
+    if unit_weights is not None and unit_weights.dim() == 1:
+        unit_weights = unit_weights.expand(student.shape[0], -1)
+    return torch.stack(
+        [
+            loss_fn(s, t, cu_units, None if unit_weights is None else unit_weights[i])
+            for i, (s, t) in enumerate(zip(student, teacher))
+        ]
+    )
+
+
 def structural_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -179,14 +197,7 @@ def structural_loss(
     """
     _check_pair(student, teacher, cu_units)
     if student.dim() == 3:
-        if unit_weights is not None and unit_weights.dim() == 1:
-            unit_weights = unit_weights.expand(student.shape[0], -1)
-        return torch.stack(
-            [
-                structural_loss(s, t, cu_units, None if unit_weights is None else unit_weights[i])
-                for i, (s, t) in enumerate(zip(student, teacher))
-            ]
-        )
+        return _per_layer(structural_loss, student, teacher, cu_units, unit_weights)
     dtype = accumulation_dtype(student, teacher, unit_weights)
     # the DSA norm floor bounds the gradient of a (near-)zero unit (mta_kernels.constants.DSA_NORM_FLOOR)
     s_hat = F.normalize(student.to(dtype), dim=-1, eps=DSA_NORM_FLOOR)
@@ -224,14 +235,7 @@ def structural_loss_stacked(
     """
     _check_pair(student, teacher, cu_units)
     if student.dim() == 3:
-        if unit_weights is not None and unit_weights.dim() == 1:
-            unit_weights = unit_weights.expand(student.shape[0], -1)
-        return torch.stack(
-            [
-                structural_loss_stacked(s, t, cu_units, None if unit_weights is None else unit_weights[i])
-                for i, (s, t) in enumerate(zip(student, teacher))
-            ]
-        )
+        return _per_layer(structural_loss_stacked, student, teacher, cu_units, unit_weights)
     dtype = accumulation_dtype(student, teacher, unit_weights)
     U = student.shape[0]
     seq = torch.repeat_interleave(
@@ -361,6 +365,40 @@ def mta_loss(
     Returns:
         :class:`MTATerms` ``(loss, dsa [K], hra [K] or None)``, float32 (float64 for float64 inputs).
     """
+    _check_mta_args(pairs, projectors, pooling, weighted, hra, teacher_confidence)
+    dsa_terms, hra_terms = [], []
+    for k, pair in enumerate(pairs):
+        dsa_k, hra_k = _pair_terms(
+            k,
+            pair,
+            student_hidden_states,
+            teacher_hidden_states,
+            units,
+            (student_mask, teacher_mask),
+            None if hra is None else projectors[k],
+            pooling=pooling,
+            weighted=weighted,
+            hra=hra,
+            dsa_fn=structural_loss_stacked if stacked else structural_loss,
+            teacher_confidence=teacher_confidence,
+        )
+        dsa_terms.append(dsa_k)
+        hra_terms.append(hra_k)
+    dsa = torch.stack(dsa_terms)
+    if hra is None:
+        return MTATerms(dsa.mean(), dsa, None)
+    hra_vec = torch.stack(hra_terms)
+    return MTATerms((dsa + gamma * hra_vec).mean(), dsa, hra_vec)
+
+
+def _check_mta_args(
+    pairs: Sequence[tuple[int, int, str]],
+    projectors: Sequence[nn.Module] | None,
+    pooling: str,
+    weighted: bool,
+    hra: str | None,
+    teacher_confidence: torch.Tensor | None,
+) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if hra not in HRA_LEVELS:
@@ -371,62 +409,69 @@ def mta_loss(
         raise ValueError(f"hra={hra!r} needs one projector per pair ({len(pairs)})")
     if teacher_confidence is not None and not weighted:
         raise ValueError("teacher_confidence replaces the unit and token weights: it needs weighted=True")
-    dsa_fn = structural_loss_stacked if stacked else structural_loss
-    dsa_terms, hra_terms = [], []
-    for k, (ls, lt, granularity) in enumerate(pairs):
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"pair {k}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if granularity not in units:
-            raise ValueError(f"pair {k}: needs units[{granularity!r}] but units has {sorted(units)}")
-        ub = units[granularity]
-        hs, ht = student_hidden_states[ls], teacher_hidden_states[lt].detach()
-        B, Ts, Ds = hs.shape
-        Tt, Dt = ht.shape[1:]
-        hs_flat, ht_flat = hs.reshape(B * Ts, Ds), ht.reshape(B * Tt, Dt)
 
-        # Saliency carries no gradient (token_saliency runs under no_grad).
-        w_t = covered_token_weights(token_saliency(ht, teacher_mask), ub.teacher_ranges, ub.cu_units, Tt)
-        if pooling == "attention":
-            w_s = covered_token_weights(token_saliency(hs, student_mask), ub.student_ranges, ub.cu_units, Ts)
-            units_s = span_pool(hs_flat, ub.student_ranges, w_s)
-            units_t = span_pool(ht_flat, ub.teacher_ranges, w_t)
-        else:
-            units_s = span_pool(hs_flat, ub.student_ranges)
-            units_t = span_pool(ht_flat, ub.teacher_ranges)
-        if teacher_confidence is not None:  # the importances come from the confidence, the pooling not
-            if tuple(teacher_confidence.shape) != (B, Tt):
-                raise ValueError(
-                    f"teacher_confidence must be [B, Tt] = {[B, Tt]}, got {list(teacher_confidence.shape)}"
-                )
-            dtype = torch.float64 if ht.dtype == torch.float64 else torch.float32
-            conf = teacher_confidence.detach().to(dtype)
-            w_t = covered_token_weights(conf, ub.teacher_ranges, ub.cu_units, Tt)
-        unit_w = unit_weight_sums(w_t, ub.teacher_ranges) if weighted else None
 
-        dsa_terms.append(dsa_fn(units_s, units_t, ub.cu_units, unit_w))
+def _pair_terms(
+    k: int,
+    pair: tuple[int, int, str],
+    student_hidden_states: Sequence[torch.Tensor],
+    teacher_hidden_states: Sequence[torch.Tensor],
+    units: Mapping[str, Any],
+    masks: tuple[torch.Tensor, torch.Tensor],
+    projector: nn.Module | None,
+    *,
+    pooling: str,
+    weighted: bool,
+    hra: str | None,
+    dsa_fn: Any,
+    teacher_confidence: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DSA and HRA (None when ``hra`` is None) of pair ``k`` (see :func:`mta_loss`)."""
+    ls, lt, granularity = pair
+    student_mask, teacher_mask = masks
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"pair {k}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity not in units:
+        raise ValueError(f"pair {k}: needs units[{granularity!r}] but units has {sorted(units)}")
+    ub = units[granularity]
+    hs, ht = student_hidden_states[ls], teacher_hidden_states[lt].detach()
+    B, Ts, Ds = hs.shape
+    Tt, Dt = ht.shape[1:]
+    hs_flat, ht_flat = hs.reshape(B * Ts, Ds), ht.reshape(B * Tt, Dt)
 
-        if hra == "unit":
-            hra_terms.append(hra_loss(_project(projectors[k], units_s), units_t, unit_w))
-        elif hra == "token":
-            if Ts != Tt or not torch.equal(ub.student_ranges, ub.teacher_ranges):
-                raise ValueError(
-                    f"pair {k}: hra='token' needs one tokenization shared by student and teacher "
-                    "(equal ranges and sequence lengths); use hra='unit'"
-                )
-            covered, _ = _unit_token_index(ub.student_ranges)  # the covered tokens, in order
-            hra_terms.append(
-                hra_loss(
-                    _project(projectors[k], hs_flat[covered]),
-                    ht_flat[covered],
-                    w_t[covered] if weighted else None,
-                )
+    # Saliency carries no gradient (token_saliency runs under no_grad).
+    w_t = covered_token_weights(token_saliency(ht, teacher_mask), ub.teacher_ranges, ub.cu_units, Tt)
+    if pooling == "attention":
+        w_s = covered_token_weights(token_saliency(hs, student_mask), ub.student_ranges, ub.cu_units, Ts)
+        units_s = span_pool(hs_flat, ub.student_ranges, w_s)
+        units_t = span_pool(ht_flat, ub.teacher_ranges, w_t)
+    else:
+        units_s = span_pool(hs_flat, ub.student_ranges)
+        units_t = span_pool(ht_flat, ub.teacher_ranges)
+    if teacher_confidence is not None:  # the importances come from the confidence, the pooling not
+        if tuple(teacher_confidence.shape) != (B, Tt):
+            raise ValueError(
+                f"teacher_confidence must be [B, Tt] = {[B, Tt]}, got {list(teacher_confidence.shape)}"
             )
+        dtype = torch.float64 if ht.dtype == torch.float64 else torch.float32
+        conf = teacher_confidence.detach().to(dtype)
+        w_t = covered_token_weights(conf, ub.teacher_ranges, ub.cu_units, Tt)
+    unit_w = unit_weight_sums(w_t, ub.teacher_ranges) if weighted else None
 
-    dsa = torch.stack(dsa_terms)
-    if hra is None:
-        return MTATerms(dsa.mean(), dsa, None)
-    hra_vec = torch.stack(hra_terms)
-    return MTATerms((dsa + gamma * hra_vec).mean(), dsa, hra_vec)
+    dsa = dsa_fn(units_s, units_t, ub.cu_units, unit_w)
+    if hra == "unit":
+        return dsa, hra_loss(_project(projector, units_s), units_t, unit_w)
+    if hra != "token":
+        return dsa, None
+    if Ts != Tt or not torch.equal(ub.student_ranges, ub.teacher_ranges):
+        raise ValueError(
+            f"pair {k}: hra='token' needs one tokenization shared by student and teacher "
+            "(equal ranges and sequence lengths); use hra='unit'"
+        )
+    covered, _ = _unit_token_index(ub.student_ranges)  # the covered tokens, in order
+    return dsa, hra_loss(
+        _project(projector, hs_flat[covered]), ht_flat[covered], w_t[covered] if weighted else None
+    )
 
 
 # ----------------------------------------------------------------------------- units -> tokens

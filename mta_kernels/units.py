@@ -194,12 +194,7 @@ class UnitExtractor:
     # -- extraction --------------------------------------------------------------------------------
     def __call__(self, texts: Sequence[str]) -> list[TextUnits]:
         """Units of each text. ``texts``: a list of strings (any content, empty included)."""
-        if isinstance(texts, str):
-            raise TypeError("UnitExtractor takes a list of strings, got one string: wrap it in a list")
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        texts = _checked_texts(texts, "UnitExtractor takes")
         packed: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(texts)
         missing: dict[str, list[int]] = {}
         for i, text in enumerate(texts):
@@ -272,23 +267,15 @@ class UnitExtractor:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _char_spans_to_token_ranges(
-    texts: Sequence[str],
-    offsets: torch.Tensor,
-    spans: Sequence[Sequence[Span]],
-    packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The extension's char-span -> token-range op (docs/method.md#mapping-units-to-tokens), ``[K, 2]``.
-
-    ``packed`` = (codepoints, cu_chars, spans [K, 2], cu_spans) already in the op's tensor form (what
-    :func:`mta_kernels.layout.char_spans_to_token_ranges` builds from ``texts`` and ``spans``): given, the
-    registered op is called directly, and the texts and spans are converted once per batch, not per side.
-    """
-    if packed is None:
-        return layout.char_spans_to_token_ranges(texts, offsets, spans)
-    return torch.ops.mta_kernels.char_spans_to_token_ranges(
-        packed[0], packed[1], offsets, packed[2], packed[3]
-    )
+def _checked_texts(texts: Sequence[str], what: str) -> list[str]:
+    """``texts`` as a list of strings; ``what`` starts the message for a lone string."""
+    if isinstance(texts, str):
+        raise TypeError(f"{what} a list of strings, got one string: wrap it in a list")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+    return texts
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -403,30 +390,18 @@ def align_units(
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}: use one of {GRANULARITIES}")
-    if isinstance(texts, str):
-        raise TypeError("texts must be a list of strings, got one string: wrap it in a list")
-    texts = list(texts)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+    texts = _checked_texts(texts, "texts must be")
     if len(text_units) != len(texts):
         raise ValueError(f"{len(text_units)} TextUnits for {len(texts)} texts: pass one per text")
     spans = [tu.spans(granularity) for tu in text_units]
     batch = len(texts)
     counts = np.fromiter(map(len, spans), dtype=np.int64, count=batch)
     # The op's inputs, built once for both sides: UTF-32 code points and CSR offsets of texts and spans.
-    encoded = "".join(texts).encode("utf-32-le", "surrogatepass")
-    flat_spans = [tu.span_array(granularity) for tu in text_units]
-    packed = (
-        torch.from_numpy(np.frombuffer(encoded, dtype=np.int32).copy()),
-        torch.from_numpy(np.cumsum([0, *map(len, texts)], dtype=np.int64)),
-        torch.from_numpy(np.concatenate(flat_spans, dtype=np.int64) if batch else np.zeros((0, 2), np.int64)),
-        torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)),
-    )
+    packed = layout.pack_char_spans(texts, [tu.span_array(granularity) for tu in text_units])
 
     def local_ranges(encoding: Any, name: str) -> tuple[np.ndarray, int]:
         offsets = _token_offsets(encoding, texts, name)
-        local = _char_spans_to_token_ranges(texts, torch.from_numpy(offsets), spans, packed)  # [K, 2]
+        local = layout.char_spans_to_token_ranges(texts, torch.from_numpy(offsets), spans, packed)  # [K, 2]
         return local.numpy(), int(offsets.shape[1])
 
     local_s, seq_len_s = local_ranges(student_encoding, "student_encoding")

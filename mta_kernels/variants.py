@@ -36,8 +36,8 @@ from torch import nn
 
 from mta_kernels.constants import GRANULARITIES
 from mta_kernels.layout import UnitBatch
-from mta_kernels.losses import _unit_sums
 from mta_kernels.ops import span_pool, structural_loss, token_saliency
+from mta_kernels.ops.glue import unit_weight_sums
 
 __all__ = ["CrossTokenizerMTALoss", "CrossTokenizerMTAOutput", "teacher_confidence"]
 
@@ -151,8 +151,10 @@ class CrossTokenizerMTALoss(nn.Module):
             a_s = token_saliency(hs, student_mask)  # [B, Ts] float32, constant
             a_t = token_saliency(ht, teacher_mask)
             hs_flat, ht_flat = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
-            student_units = span_pool(hs_flat, ub.student_ranges, a_s.reshape(-1).to(hs.dtype))
-            teacher_units = span_pool(ht_flat, ub.teacher_ranges, a_t.reshape(-1).to(ht.dtype))
+            plan = ub.live_plan()  # handed to the ops: nothing data-dependent is read back from the device
+            s_plan, t_plan = (None, None) if plan is None else (plan.student, plan.teacher)
+            student_units = span_pool(hs_flat, ub.student_ranges, a_s.reshape(-1).to(hs.dtype), plan=s_plan)
+            teacher_units = span_pool(ht_flat, ub.teacher_ranges, a_t.reshape(-1).to(ht.dtype), plan=t_plan)
             weights = None
             if self.weighted:
                 weights = (
@@ -161,7 +163,7 @@ class CrossTokenizerMTALoss(nn.Module):
                     else _range_means(teacher_confidence, ub.teacher_ranges)
                 ).to(teacher_units.dtype)
             projected = proj(student_units.to(proj.weight.dtype))
-            terms.append(structural_loss(projected, teacher_units, ub.cu_units, weights))
+            terms.append(structural_loss(projected, teacher_units, ub.cu_units, weights, plan=plan))
         dsa = torch.stack([x.float() if x.dtype != torch.float64 else x for x in terms])
         return CrossTokenizerMTAOutput(loss=dsa.mean(), dsa=dsa.detach())
 
@@ -169,7 +171,7 @@ class CrossTokenizerMTALoss(nn.Module):
 def _range_sums(values: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
     """``Σ values[start:end]`` per unit, ``[B, T]``, flat ``[U, 2]`` -> float64 ``[U]`` (the loss's
     per-sequence prefix sums)."""
-    return _unit_sums(values.detach().double().unsqueeze(0), ranges)[0]
+    return unit_weight_sums(values.detach().double().unsqueeze(0), ranges)[0]
 
 
 def _range_means(values: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:

@@ -295,11 +295,23 @@ def test_demo_quick(tmp_path, capsys):
     runs = run_demo(out=str(tmp_path / "demo"), quick=True, progress=False, backend="torch")
     printed = capsys.readouterr().out
     assert "student-mta" in printed and "student-baseline" in printed and "MTA share" in printed
+    assert "ROUGE-L" in printed and "mta-distill evaluate --model" in printed
     assert runs["student-mta"]["mta_share"] > 0 and runs["student-baseline"]["mta_share"] is None
     for name in ("teacher", "student-mta", "student-baseline"):
         assert (tmp_path / "demo" / name / "checkpoint.pt").exists()
-        assert math.isfinite(runs[name]["eval_ppl"])
+        assert math.isfinite(runs[name]["eval_ppl"]) and 0 <= runs[name]["rougeL"] <= 100
+        assert (tmp_path / "demo" / name / "eval" / "predictions.jsonl").exists()
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 1000
+    # mta-distill evaluate on the demo's student, two seeds: the files' per-seed ROUGE-L is rouge-score's
+    pytest.importorskip("rouge_score")
+    from test_evaluate import check_scores_recompute
+
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tmp_path / "demo" / "student-mta" / "model"),
+                 "--data", str(tmp_path / "demo" / "heldout.jsonl"), "--out", str(ev), "--seeds", "10,20",
+                 "--max-length", "128", "--max-prompt-length", "64", "--no-progress"]) == 0  # fmt: skip
+    scores = check_scores_recompute(ev)
+    assert set(scores["rougeL"]["per_seed"]) == {"10", "20"} and scores["rougeL"]["std"] > 0
 
 
 def test_accelerate_launch_two_processes_match_one_with_double_batch(assets, tmp_path):

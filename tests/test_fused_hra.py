@@ -131,22 +131,25 @@ def test_fused_hra_refuses_double_backward():
 # ------------------------------------------------------------------------------------------ glue
 @pytest.mark.skipif(DEVICE == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"), reason="Triton")
 def test_glue_kernels_match_torch():
-    from mta_kernels.losses import _normalised_weights
-    from mta_kernels.ops.structural import _denominator
-
     gen = torch.Generator().manual_seed(8)
     cu = torch.tensor([0, 3, 3, 4, 9], dtype=torch.int32)  # 3 units, none, one, five
     w = torch.rand(3, 9, generator=gen, dtype=torch.float64)
     bounds = cu.tolist()
     for weights in (w, w[:1]):
-        want = _denominator(weights, bounds, 3, 9, "cpu", torch.float64)
-        got = dsa_denominator(weights.to(DEVICE), cu.to(DEVICE), 3, torch.float64)
+        with use_backend("torch"):  # host offsets, and the device offsets of a planned batch
+            want = dsa_denominator(weights, cu, bounds, 3, torch.float64)
+            torch.testing.assert_close(dsa_denominator(weights, cu, bounds, 3, torch.float64, True), want)
+        with use_backend("triton"):
+            got = dsa_denominator(weights.to(DEVICE), cu.to(DEVICE), bounds, 3, torch.float64, True)
         torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=0)
     sal = torch.rand(2, 4, 6, generator=gen)
     sal[:, 1] = 0  # a sequence whose covered saliency is 0: weights 0, never 0/0
     t2u = torch.where(torch.rand(24, generator=gen) > 0.4, 0, -1).to(torch.int32)
-    want = _normalised_weights(sal, t2u >= 0)
-    got = normalised_weights(sal.to(DEVICE), t2u.to(DEVICE))
+    with use_backend("torch"):
+        want = normalised_weights(sal, t2u >= 0)
+        torch.testing.assert_close(normalised_weights(sal, t2u), want)  # a map or a mask: the same
+    with use_backend("triton"):
+        got = normalised_weights(sal.to(DEVICE), t2u.to(DEVICE))
     torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
 
 

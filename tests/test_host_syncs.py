@@ -302,8 +302,8 @@ def test_public_ops_with_a_plan_have_no_host_sync():
     h = torch.stack([s[6], s[9]]).reshape(2, B * T, DS)
     with mta_kernels.use_backend("triton"), Counter() as c:
         w = mta_kernels.token_saliency(h.view(2, B, T, DS), mask).reshape(2, B * T)
-        pooled = mta_kernels.span_pool(h, u.student_ranges, w)
-        loss = mta_kernels.structural_loss(pooled, pooled.detach() * 2, u.cu_units, None)
+        pooled = mta_kernels.span_pool(h, u.student_ranges, w, plan=u.plan.student)
+        loss = mta_kernels.structural_loss(pooled, pooled.detach() * 2, u.cu_units, None, plan=u.plan)
         loss.sum().backward()
     assert c.syncs == 0, c.report()
 
@@ -336,7 +336,6 @@ def test_launches_do_not_grow_with_the_number_of_pairs(hra):
         module = MTALoss(pairs, DS, DT, hra=hra)
         for x in s:
             x.grad = None  # a fresh backward, not an accumulation into the previous one
-        # a new mask: the saliency keeps the statistics of the masks it has seen
         counts.append(count_fwd_bwd(module, s, t, units, mask.clone()))
     assert counts[0].syncs == counts[1].syncs == 0
     assert counts[0].launch_sites == counts[1].launch_sites, (counts[0].report(), counts[1].report())
@@ -363,7 +362,7 @@ def test_cuda_loss_runs_under_sync_debug_error(hra):
 @pytest.mark.parametrize("hra", ["token", "unit"])
 def test_loss_compiles_with_fullgraph(backend, hra):
     """No data-dependent Python control flow: the loss traces with ``fullgraph=True`` and matches eager
-    (the plan is found through the tensors at run time, inside the ops)."""
+    (the plan is handed to the ops as graph inputs)."""
     if backend == "triton" and not INTERPRETING:
         pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1")
     s, t, units, mask = gpt2_inputs()
@@ -383,9 +382,12 @@ def test_loss_compiles_with_fullgraph(backend, hra):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_mask_statistics_are_reused_and_follow_in_place_changes():
-    """The saliency computes a mask's statistics once per batch (both sides, every call), and a mask
-    changed in place afterwards is read again."""
+def test_mask_statistics_are_computed_once_and_follow_in_place_changes():
+    """A mask's statistics are an explicit value (``mask_stats``): handed to the saliency they give the
+    same result as the mask itself, in fewer launches; a mask changed in place is read again (nothing
+    about it is kept between calls)."""
+    from mta_kernels.ops.saliency import mask_stats
+
     h = torch.randn(1, 2, 6, 4)
     mask = torch.ones(2, 6, dtype=torch.long)
     with mta_kernels.use_backend("torch"):
@@ -393,18 +395,23 @@ def test_mask_statistics_are_reused_and_follow_in_place_changes():
         mask[1, 3:] = 0
         second = mta_kernels.token_saliency(h, mask)
         fresh = mta_kernels.token_saliency(h, mask.clone())
+        with_stats = mta_kernels.token_saliency(h, mask, stats=mask_stats(mask))
     assert torch.equal(second, fresh) and not torch.equal(first, second)
+    assert torch.equal(with_stats, second)
     assert (second[0, 1, 3:] == 0).all()
     if INTERPRETING:
+        stats = mask_stats(mask)
         with mta_kernels.use_backend("triton"):
-            once = count_saliency_launches(h, mask)
-            again = count_saliency_launches(h, mask)
-        assert again < once, (once, again)
+            plain = count_saliency_launches(h, mask)
+            given = count_saliency_launches(h, mask, stats)
+            got, want = (mta_kernels.token_saliency(h, mask, stats=x) for x in (stats, None))
+            assert torch.equal(got, want)
+        assert given < plain, (plain, given)
 
 
-def count_saliency_launches(h, mask) -> int:
+def count_saliency_launches(h, mask, stats=None) -> int:
     with Counter() as c:
-        mta_kernels.token_saliency(h, mask)
+        mta_kernels.token_saliency(h, mask, stats=stats)
     return c.launches
 
 

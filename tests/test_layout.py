@@ -713,9 +713,7 @@ def test_plan_matches_the_ops():
     assert torch.equal(plan.unit_to_seq, torch.ops.mta_kernels.unit_to_seq(cu, 4))
     for bm in layout.WORK_LIST_BLOCKS:
         assert torch.equal(plan.work_lists[bm], torch.ops.mta_kernels.block_diagonal_work_list(cu, bm))
-    # the public helpers hand out the plan's tensors for the plan's own tensors
-    assert layout.token_to_unit(units.student_ranges, 18) is plan.student.token_to_unit
-    assert layout.block_diagonal_work_list(units.cu_units, 16) is plan.work_lists[16]
+    assert plan.is_current() and plan.student.is_current()
     # every tensor of the plan is a view of one buffer: one copy moves it
     assert all(
         t.untyped_storage().data_ptr() == plan.buffer.untyped_storage().data_ptr()
@@ -736,11 +734,16 @@ def test_plan_shares_one_tokenization_and_survives_to_and_pickle():
         moved = units.to("cpu")
         assert moved.teacher_ranges is moved.student_ranges and moved.live_plan() is not None
         back = pickle.loads(pickle.dumps(units))  # a DataLoader worker hands batches over by pickling
-        assert back.live_plan() is not None and layout.planned(back.cu_units) is back.plan
+        assert back.live_plan() is back.plan and back.cu_units is back.plan.cu_units
+        assert back.teacher_ranges is back.student_ranges is back.plan.student.ranges
+        storage = back.plan.buffer.untyped_storage().data_ptr()  # the views share the buffer again
+        assert all(t.untyped_storage().data_ptr() == storage for t in (back.cu_units, back.plan.unit_to_seq))
     assert UnitBatch(sr, sr, cu, 3, 4).plan.same_tokenization is False  # different T
 
 
 def test_invalid_layout_keeps_the_error_and_in_place_edits_drop_the_plan():
+    import pickle
+
     from mta_kernels.layout import LayoutSideError, UnitBatch
 
     sr = torch.tensor([[0, 2], [1, 5]], dtype=torch.int32)
@@ -750,4 +753,7 @@ def test_invalid_layout_keeps_the_error_and_in_place_edits_drop_the_plan():
     good, *_ = _planned_batch()
     assert good.live_plan() is not None
     good.student_ranges[0, 1] = 3  # modified after planning: no longer trusted
-    assert good.live_plan() is None and layout.planned(good.student_ranges) is None
+    assert good.live_plan() is None and not good.plan.is_current() and not good.plan.teacher.is_current()
+    back = pickle.loads(pickle.dumps(good))  # still not trusted once unpickled
+    assert back.live_plan() is None and not back.plan.is_current()
+    assert torch.equal(back.student_ranges, good.student_ranges)

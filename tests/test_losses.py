@@ -17,7 +17,6 @@ import torch
 from helpers import DEVICE, assert_within_rule
 
 import mta_kernels
-import mta_kernels.losses as losses_mod
 from mta_kernels import reference as ref
 from mta_kernels.layout import UnitBatch
 from mta_kernels.losses import PRESETS, DSALoss, HRALoss, MTALoss, auto_pairs
@@ -285,15 +284,18 @@ def test_gradients_reach_student_and_projectors_not_teacher():
 def test_one_op_call_per_side_and_granularity(monkeypatch, backend):
     """Triton path: saliency once per side for all K pairs; pooling and DSA once per side per granularity,
     whatever K is. Torch path: each pair on views of its own layers (nothing stacked), one call each."""
-    calls = {"token_saliency": [], "span_pool": [], "_pool_with_mass": [], "structural_loss": []}
-    for name in calls:
-        real = getattr(losses_mod, name)
+    from mta_kernels import loss_terms
+
+    calls = {"token_saliency": [], "span_pool": [], "pool_with_mass": [], "structural_loss": []}
+    for name in ("token_saliency", "span_pool", "structural_loss"):
+        real = getattr(loss_terms, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
-            calls[_name].append(tuple(args[0].shape))
+            key = "pool_with_mass" if kwargs.get("with_mass") else _name  # the teacher's pooling
+            calls[key].append(tuple(args[0].shape))
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(losses_mod, name, counted)
+        monkeypatch.setattr(loss_terms, name, counted)
     module = MTALoss.from_preset("opt-6.7b->opt-1.3b", student_dim=DS, teacher_dim=DT, hra="unit")
     s_states, t_states, units, s_mask, t_mask = preset_inputs("opt-6.7b->opt-1.3b", False, seed=9)
     device = DEVICE if backend == "triton" else "cpu"  # the Triton path: the GPU, or the interpreter
@@ -303,14 +305,14 @@ def test_one_op_call_per_side_and_granularity(monkeypatch, backend):
         module.to(device)(s_states, t_states, units, s_mask.to(device), t_mask.to(device))
     if backend == "triton":
         # 1 word pair + 4 phrase pairs -> two groups; 2 saliency calls over all 5 layers; per group one
-        # pooling per side (student: span_pool, teacher: _pool_with_mass) and one DSA call.
+        # pooling per side (student: span_pool, teacher: span_pool with its mass) and one DSA call.
         assert [s[0] for s in calls["token_saliency"]] == [5, 5]
-        assert len(calls["span_pool"]) == 2 and len(calls["_pool_with_mass"]) == 2
+        assert len(calls["span_pool"]) == 2 and len(calls["pool_with_mass"]) == 2
         assert len(calls["structural_loss"]) == 2
         assert {s[0] for s in calls["span_pool"]} == {1, 4}  # the stacked layer count
     else:
         assert [s[0] for s in calls["token_saliency"]] == [1] * 10
-        assert len(calls["span_pool"]) == len(calls["_pool_with_mass"]) == len(calls["structural_loss"]) == 5
+        assert len(calls["span_pool"]) == len(calls["pool_with_mass"]) == len(calls["structural_loss"]) == 5
 
 
 def test_dsa_and_hra_modules_match_mta_terms():

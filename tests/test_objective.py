@@ -123,3 +123,92 @@ def test_skew_run_logs_the_teacher_entropy(tmp_path):
             assert all(0.0 < r["kd_teacher_entropy"] < 6.0 and r["kd"] >= 0 for r in train)
         else:
             assert all("kd_teacher_entropy" not in r for r in train)
+
+
+# DistiLLM's divergences (distillm/losses.py), transcribed and summed over rows instead of averaged over
+# target tokens: the entries where either logit is infinite are masked out of the products.
+def _distillm_forward_kl(logits, teacher_logits):
+    teacher_probs = torch.softmax(teacher_logits, dim=-1, dtype=torch.float32)
+    inf_mask = torch.isinf(logits)
+    student_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    prod_probs = torch.masked_fill(teacher_probs * student_logprobs, inf_mask, 0)
+    return -torch.sum(prod_probs)
+
+
+def _distillm_reverse_kl(logits, teacher_logits):
+    student_probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    student_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    teacher_logprobs = torch.log_softmax(teacher_logits, dim=-1, dtype=torch.float32)
+    inf_mask = torch.isinf(teacher_logits) | torch.isinf(logits)
+    prod_probs = torch.masked_fill(student_probs * teacher_logprobs, inf_mask, 0)
+    prod_probs -= torch.masked_fill(student_probs * student_logprobs, inf_mask, 0)
+    return -torch.sum(prod_probs)
+
+
+def _distillm_skewed_reverse_kl(logits, teacher_logits, lam=0.1):
+    teacher_probs = torch.softmax(teacher_logits, dim=-1, dtype=torch.float32)
+    student_probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    mixed_probs = (1 - lam) * teacher_probs + lam * student_probs
+    student_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    mixed_logprobs = torch.log(mixed_probs)
+    inf_mask = torch.isinf(logits) | torch.isinf(teacher_logits)
+    prod_probs = torch.masked_fill(student_probs * mixed_logprobs, inf_mask, 0)
+    prod_probs -= torch.masked_fill(student_probs * student_logprobs, inf_mask, 0)
+    return -torch.sum(prod_probs)
+
+
+@pytest.mark.parametrize("kind", sorted(O.KD_CONVENTIONS))
+def test_kd_is_finite_with_minus_inf_logits_and_masks_them_as_distillm(kind):
+    """-inf logits (masked or padded vocabulary entries) give a finite KD and gradient, not NaN."""
+    torch.manual_seed(0)
+    s = torch.randn(6, 12)
+    t = torch.randn(6, 12)
+    s[:, 3] = float("-inf")  # the student masks an entry the teacher gives mass
+    t[:, 7] = float("-inf")  # the teacher masks an entry the student gives mass
+    t[2, :5] = float("-inf")
+    s.requires_grad_(True)
+    value = O.kd_rows_sum(s, t, kind, temperature=1.0, skew_alpha=0.1)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s.grad).all()
+    assert (s.grad[:, 3] == 0).all()
+    log_pt = torch.log_softmax(t, -1).masked_fill(torch.isinf(s) | torch.isinf(t), 0)
+    entropy = -(log_pt.exp() * log_pt).masked_fill(torch.isinf(s) | torch.isinf(t), 0).sum()
+    with torch.no_grad():
+        if kind == "forward":  # DistiLLM's is the cross-entropy: larger by the (masked) teacher entropy
+            assert float(value) == pytest.approx(float(_distillm_forward_kl(s, t) - entropy), rel=1e-5)
+        elif kind == "reverse":
+            assert float(value) == pytest.approx(float(_distillm_reverse_kl(s, t)), rel=1e-5)
+        elif kind == "srkl":
+            assert float(value) == pytest.approx(float(_distillm_skewed_reverse_kl(s, t)), rel=1e-5)
+    # no infinite entry: the same value as before the masking
+    finite_s, finite_t = torch.randn(4, 12), torch.randn(4, 12)
+    expected = {"forward": _distillm_forward_kl, "reverse": _distillm_reverse_kl}.get(kind)
+    if expected is not None:
+        got = O.kd_rows_sum(finite_s, finite_t, kind)
+        h = -(torch.softmax(finite_t, -1) * torch.log_softmax(finite_t, -1)).sum()
+        want = expected(finite_s, finite_t) - (h if kind == "forward" else 0)
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+    # the teacher entropy logged next to the skew KL is finite too
+    assert torch.isfinite(O.teacher_entropy_rows_sum(t))
+
+
+def test_kd_term_slices_the_shared_vocabulary_and_checks_it():
+    """The one KD term of the loop and MTATrainer: over the tokenizer's first V logits of each model (the
+    output layers may be wider), the skew kind's teacher entropy on request, and a clear error when an
+    output layer is narrower than the tokenizer."""
+    from mta_kernels.distill.kd import KDTerm
+
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, 12, generator=gen), torch.randn(2, 5, 10, generator=gen)
+    labels = torch.tensor([[-100, 1, 2, 3, -100], [-100, -100, 4, 5, 6]])
+    for kind in ("forward", "skew"):
+        kd, entropy = KDTerm(kind, 2.0, 0.1, vocab=9)(s, t, labels, with_teacher_entropy=True)
+        torch.testing.assert_close(kd, O.kd_sum(s[..., :9], t[..., :9], labels, kind, 2.0, 0.1))
+        if kind == "skew":
+            torch.testing.assert_close(entropy, O.teacher_entropy_sum(t[..., :9], labels))
+        else:
+            assert entropy is None
+    with pytest.raises(
+        ValueError, match="tokenizer has 11 tokens but the student/teacher output layers have 12/10"
+    ):
+        KDTerm("forward", 1.0, 0.1, vocab=11)(s, t, labels)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mta_kernels import reference
-from mta_kernels._dispatch import use_backend
+from mta_kernels.ops import use_backend
 from mta_kernels.ops.saliency import _saliency_torch, _saliency_triton, token_saliency
 from tests.helpers import DEVICE, DTYPES, assert_within_rule, watch_allocations
 

@@ -282,10 +282,24 @@ def test_planned_ranges_reject_a_batch_read_as_layers() -> None:
     ranges = torch.tensor([[0, 2], [6, 9], [11, 12]], dtype=torch.int32)
     units = UnitBatch(ranges, ranges, torch.tensor([0, 1, 2, 3], dtype=torch.int32), T, T)
     h = torch.randn(B, T, D)
+    plan = units.plan.student
     with pytest.raises(ValueError, match=r"\[B, T, D\] tensor passed as \[L, N, D\]"):
-        span_pool(h, units.student_ranges)
-    out = span_pool(h.reshape(B * T, D), units.student_ranges)  # the flat view is what it expects
+        span_pool(h, units.student_ranges, plan=plan)
+    out = span_pool(h.reshape(B * T, D), units.student_ranges, plan=plan)  # the flat view is what it expects
     assert_within_rule(out, out, reference.span_pool(h.reshape(B * T, D).double(), ranges), floor=1e-6)
+    with pytest.raises(ValueError, match="plan of other ranges"):
+        span_pool(h.reshape(B * T, D), ranges.clone(), plan=plan)
+
+
+def test_a_plan_edited_in_place_is_not_used() -> None:
+    """Ranges modified after planning are checked by the op itself (the plan no longer describes them)."""
+    from mta_kernels.layout import UnitBatch
+
+    ranges = torch.tensor([[0, 2], [6, 9]], dtype=torch.int32)
+    units = UnitBatch(ranges, ranges, torch.tensor([0, 1, 2], dtype=torch.int32), 5, 5)
+    units.student_ranges[1, 1] = 11  # past N = 10: the op's own check names the unit
+    with pytest.raises(ValueError, match="unit 1 "):
+        span_pool(torch.randn(10, 4), units.student_ranges, plan=units.plan.student)
 
 
 def test_unplanned_batch_read_as_layers_names_the_bound() -> None:

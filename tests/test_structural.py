@@ -309,7 +309,7 @@ def _largest_allocation(n, ds, backend, **torch_kw):
         if torch_kw:
             s3, t3 = s[None], t[None]
             loss, grad = st._torch_forward(
-                s3, t3, cu, None, st._seq_bounds(cu, n), True, torch.float32, **torch_kw
+                s3, t3, cu, None, st._checked_bounds(cu, n), True, torch.float32, **torch_kw
             )
             assert grad.shape == s3.shape
         else:

@@ -12,8 +12,8 @@ SCRIPT = textwrap.dedent(
     sys.modules["triton.language"] = None
     import torch
     import mta_kernels as mk
-    from mta_kernels._triton import HAS_TRITON
-    assert not HAS_TRITON
+    from mta_kernels.ops import triton_installed
+    assert not triton_installed()
     torch.manual_seed(0)
     B, T, D = 2, 7, 5
     hidden = torch.randn(B, T, D, requires_grad=True)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mta_kernels.distill {train-teacher,distill,recipes,demo} ...``
+"""Command line: ``python -m mta_kernels.distill {train-teacher,distill,evaluate,recipes,demo} ...``
 (``mta-distill``).
 
 Exit status: 0 done; 2 bad input (data, models, layer pairs, output directory, checkpoints: one
@@ -13,9 +13,11 @@ import argparse
 import json
 import sys
 import textwrap
+from typing import Any
 
 from mta_kernels.constants import BACKENDS, POOLINGS, WORD_MODES
 from mta_kernels.distill.config import (
+    ACCUM_MEANS,
     DATA_FORMATS,
     KD_KINDS,
     MTA_VARIANTS,
@@ -54,6 +56,14 @@ def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
         "--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch and process"
     )
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument(
+        "--grad-accum-mean",
+        dest="accum_mean",
+        choices=ACCUM_MEANS,
+        default=d.accum_mean,
+        help="tokens: CE/KD over the target tokens of the whole global batch (one process holding it); "
+        "micro-batches: the mean of per-micro-batch token means, as DeepSpeed and the published runs",
+    )
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     g.add_argument(
         "--epochs",
@@ -77,8 +87,33 @@ def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--no-bf16", dest="bf16", action="store_false")
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    g = p.add_argument_group("LoRA (peft; the MTA projectors train in full, the saved model is merged)")
+    g.add_argument("--lora", action="store_true", default=d.lora, help="train LoRA adapters of the student")
+    g.add_argument("--no-lora", dest="lora", action="store_false", help="train all the student's weights")
+    g.add_argument("--lora-r", type=int, default=d.lora_r, help="adapter rank")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="adapter scale numerator (α/r)")
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    g.add_argument(
+        "--lora-targets",
+        default=d.lora_targets,
+        metavar="NAME,...",
+        help="module names to adapt (default: peft's choice for the architecture, e.g. q_proj,v_proj)",
+    )
     g = p.add_argument_group("book-keeping")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps (-1: once an epoch)")
+    g.add_argument(
+        "--eval-gen",
+        action="store_true",
+        default=d.eval_gen,
+        help="also score held-out ROUGE-L of sampled answers at each evaluation (one seed) and keep the "
+        "best model in <out>/best (the published selection)",
+    )
+    g.add_argument(
+        "--eval-gen-limit",
+        type=int,
+        default=d.eval_gen_limit,
+        help="held-out examples --eval-gen answers (the first N)",
+    )
     g.add_argument("--save-every", type=int, default=d.save_every, help="steps (-1: once an epoch)")
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument(
@@ -199,14 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--projector-lr", type=float, default=d.projector_lr, help="learning rate of the MTA projectors"
     )
-    g.add_argument(
-        "--no-lora",
-        dest="lora",
-        action="store_const",
-        const=None,
-        default=d.lora,
-        help="run a LoRA recipe with full fine-tuning (LoRA itself is not supported)",
-    )
     g = p.add_argument_group("student generation (DistiLLM's adaptive off-policy schedule)")
     g.add_argument(
         "--student-gen", action="store_true", default=d.student_gen, help="train on student samples too"
@@ -224,10 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-prompt-length",
         type=int,
         default=d.max_prompt_length,
-        help="prompt tokens kept for sampling; max new tokens = --max-length minus this "
-        "(default: half of --max-length)",
+        help="prompt tokens kept for sampling (--student-gen, --eval-gen); max new tokens = --max-length "
+        "minus this (default: half of --max-length)",
     )
     _common(p, required=False)
+
+    _evaluate_parser(sub)
 
     p = sub.add_parser("recipes", help="list the published settings usable with distill --recipe")
     p.add_argument("--show", default=None, metavar="NAME", help="print one recipe's file")
@@ -239,6 +268,100 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps only (a smoke test, ~1 minute)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
+
+
+def _seed_list(text: str) -> list[int]:
+    """``"10,20,30"`` -> ``[10, 20, 30]`` (argparse type of ``--seeds``)."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least one seed, each once")
+    return seeds
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _evaluate_parser(sub: Any) -> None:
+    from mta_kernels.distill.evaluation import DEFAULT_SEEDS, Protocol
+    from mta_kernels.distill.rouge import REFERENCE_RULES
+
+    d = Protocol()
+    p = sub.add_parser(
+        "evaluate",
+        help="generate answers and score ROUGE-L over sampling seeds (the published evaluation)",
+        description="Generate an answer to each record's prompt and score it with ROUGE-L (rouge-score, "
+        "stemmed, F-measure x 100), once per seed; the defaults are the published protocol "
+        "(docs/method.md#evaluation).",
+    )
+    p.add_argument("--model", required=True, help="saved model directory (e.g. <run>/model or <run>/best)")
+    p.add_argument("--data", required=True, nargs="+", help="JSONL file(s): prompt/output or Dolly records")
+    p.add_argument("--out", required=True, help="results directory (one sub-folder per file when several)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=list(DEFAULT_SEEDS),
+        help="sampling seeds, comma-separated (default: 10,20,30,40,50)",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per generate call")
+    p.add_argument("--max-length", type=_positive_int, default=d.max_length, help="prompt + answer tokens")
+    p.add_argument(
+        "--max-prompt-length", type=_positive_int, default=d.max_prompt_length, help="prompt tokens kept"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=None,
+        help="answer tokens (default: --max-length minus --max-prompt-length)",
+    )
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (one pass, the first seed)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="the first N records of each file")
+    p.add_argument(
+        "--references",
+        choices=REFERENCE_RULES,
+        default=d.references,
+        help="several references: score the best (DistiLLM) or the first (the MTA evaluator)",
+    )
+    p.add_argument("--stop", default=d.stop, help="answers end before this text ('' : at EOS only)")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from mta_kernels.distill.evaluation import Protocol, run_evaluate
+
+    protocol = Protocol(
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy,
+        stop=args.stop,
+        references=args.references,
+    )
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # generate's notes on unused sampling flags would hide the table
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    run_evaluate(
+        args.model, args.data, args.out, tokenizer=args.tokenizer, seeds=args.seeds,
+        batch_size=args.batch_size, protocol=protocol, limit=args.limit, device=args.device,
+        overwrite=args.overwrite, progress=args.progress,
+    )  # fmt: skip
+    return 0
 
 
 def _explicit_args(argv: list[str]) -> dict:
@@ -304,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "recipes":
             return _recipes(args.show)
+        if args.command == "evaluate":
+            return _evaluate(args)
         from mta_kernels.distill.train import train
 
         summary = train(_config(args, argv))

@@ -131,14 +131,13 @@ def check_backend(cfg: TrainConfig, device_type: str) -> None:
     """``--backend triton`` needs Triton and a CUDA device (or Triton's CPU interpreter)."""
     if cfg.backend != "triton":
         return
-    from mta_kernels._dispatch import triton_interpreting
-    from mta_kernels._triton import HAS_TRITON
+    from mta_kernels.ops import triton_installed, triton_runs_on
 
-    if not HAS_TRITON:
+    if not triton_installed():
         raise DistillError(
             "--backend triton needs the triton package (pip install triton); or --backend torch"
         )
-    if device_type != "cuda" and not triton_interpreting():
+    if not triton_runs_on(device_type):
         raise DistillError(
             f"--backend triton runs Triton kernels, which need a CUDA device (the device is {device_type}): "
             "use --backend auto or torch on the CPU (or set TRITON_INTERPRET=1 for Triton's slow CPU "

@@ -14,6 +14,10 @@ DATA_FORMATS = ("auto", "jsonl", "text")
 # "mta": mta_kernels.losses.MTALoss; "published-xtok": mta_kernels.variants.CrossTokenizerMTALoss.
 MTA_VARIANTS = ("mta", "published-xtok")
 REPORT_TO = ("none", "tensorboard", "wandb")  # --report-to: where the logged terms also go
+# --grad-accum-mean: "tokens": token sums over the whole global batch divided by its target tokens (one
+# process holding the batch); "micro-batches": the mean of per-micro-batch token means (DeepSpeed's, the
+# published runs').
+ACCUM_MEANS = ("tokens", "micro-batches")
 
 
 class DistillError(Exception):
@@ -42,6 +46,7 @@ class TrainConfig:
     # Optimisation: batch_size is per process and per micro-batch.
     batch_size: int = 8
     grad_accum: int = 1
+    accum_mean: str = "tokens"  # one of ACCUM_MEANS
     steps: int = 100
     epochs: int | None = None  # when set, steps = epochs x (training examples // global batch)
     lr: float = 5e-4
@@ -80,11 +85,18 @@ class TrainConfig:
     gen_top_k: int = 0
     gen_temperature: float = 1.0
     max_prompt_length: int | None = None  # generation: prompt tokens kept (None: max_length // 2)
-    # LoRA of a recipe ("r=16,alpha=64,dropout=0.1"): recorded, not supported (validate() refuses it).
-    lora: str | None = None
+    # LoRA adapters on the student through peft (the projectors train in full); the saved model is merged.
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.1
+    lora_targets: str | None = None  # comma-separated module names (None: peft's default for the model)
     recipe: str | None = None  # the recipe the run started from (book-keeping)
     # Book-keeping (not part of the resume fingerprint).
     eval_every: int = 50
+    # --eval-gen: validation ROUGE-L of sampled answers at each evaluation (one seed); keeps <out>/best.
+    eval_gen: bool = False
+    eval_gen_limit: int = 1000
     save_every: int = 50
     log_every: int = 1
     num_workers: int = 0
@@ -142,11 +154,16 @@ class TrainConfig:
             if value < 1 and value != -1:
                 flag = "--" + name.replace("_", "-")
                 raise DistillError(f"{flag} must be at least 1 (or -1: once an epoch), got {value}")
-        if self.lora:
+        self._validate_lora()
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             raise DistillError(
-                f"LoRA ({self.lora}) is not supported by this loop: it trains all the student's weights. "
-                "Pass --no-lora to run with full fine-tuning instead (a deviation from the recipe)"
+                f"--max-prompt-length must lie in [1, --max-length={self.max_length}), "
+                f"got {self.max_prompt_length}"
             )
+        if self.accum_mean not in ACCUM_MEANS:
+            raise DistillError(f"--grad-accum-mean must be one of {ACCUM_MEANS}, got {self.accum_mean!r}")
+        if self.eval_gen_limit < 1:
+            raise DistillError(f"--eval-gen-limit must be at least 1, got {self.eval_gen_limit}")
         self._validate_student_gen()
         if self.mta_variant not in MTA_VARIANTS:
             raise DistillError(f"--mta-variant must be one of {MTA_VARIANTS}, got {self.mta_variant!r}")
@@ -177,6 +194,21 @@ class TrainConfig:
         if self.kd_chunk not in ("auto", "off") and not (self.kd_chunk.isdigit() and int(self.kd_chunk) > 0):
             raise DistillError(f"--kd-chunk must be auto, off or a positive row count, got {self.kd_chunk!r}")
 
+    def _validate_lora(self) -> None:
+        if not isinstance(self.lora, bool):
+            raise DistillError(
+                f"lora must be true or false, got {self.lora!r} (rank, alpha and dropout are lora_r, "
+                "lora_alpha, lora_dropout)"
+            )
+        if self.lora_r < 1:
+            raise DistillError(f"--lora-r must be at least 1, got {self.lora_r}")
+        if not self.lora_alpha > 0:
+            raise DistillError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise DistillError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
+        if self.lora_targets is not None and not [t for t in self.lora_targets.split(",") if t.strip()]:
+            raise DistillError(f"--lora-targets {self.lora_targets!r} names no module")
+
     def _validate_student_gen(self) -> None:
         if not self.student_gen:
             return
@@ -197,11 +229,6 @@ class TrainConfig:
             raise DistillError(f"--gen-top-k must be at least 0 (0: off), got {self.gen_top_k}")
         if not self.gen_temperature > 0:
             raise DistillError(f"--gen-temperature must be positive, got {self.gen_temperature}")
-        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
-            raise DistillError(
-                f"--max-prompt-length must lie in [1, --max-length={self.max_length}), "
-                f"got {self.max_prompt_length}"
-            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,6 +248,7 @@ RESUME_KEYS = (
     "max_length",
     "batch_size",
     "grad_accum",
+    "accum_mean",
     "steps",
     "epochs",
     "lr",
@@ -251,6 +279,11 @@ RESUME_KEYS = (
     "gen_top_k",
     "gen_temperature",
     "max_prompt_length",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
 )
 
 

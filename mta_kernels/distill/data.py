@@ -1,8 +1,13 @@
-"""Training data: Dolly-style JSONL (``prompt`` + ``output``) or plain text lines, and the batch order.
+"""Training and evaluation data: instruction JSONL or plain text lines, and the batch order.
 
-JSONL: one object a line with string fields ``prompt`` and ``output``; the text the models see is
-``prompt + output`` and the LM/KD losses are taken on the response tokens only (the tokens that start
-at or after the end of the prompt get labels, the others -100). Plain text: one example a non-empty
+JSONL: one object a line, either ``prompt`` + ``output`` (the prompt already written out) or Dolly's raw
+``instruction`` + ``context`` (or ``input``, may be empty or absent) + ``response`` (or ``output``),
+whose prompt is :func:`format_prompt` (DistiLLM's template, the one home of it); the text the models see
+is ``prompt + output`` and the LM/KD losses are taken on the response tokens only (the tokens that start
+at or after the end of the prompt get labels, the others -100). Evaluation files
+(:func:`load_eval_records`) read the same records and also take a list of references in ``output`` (as
+the Self-Instruct and Super-NaturalInstructions exports have); a training file needs one string.
+Plain text: one example a non-empty
 line, every token a target. The format is ``--format jsonl|text``, or by default (``auto``) read from
 the content: JSONL when the first non-blank line is a JSON object (whatever the file's suffix), else
 JSONL for a ``.jsonl``/``.json`` file (whose errors are then reported by line) and text otherwise.
@@ -52,20 +57,25 @@ def detect_format(path: str, lines: Sequence[str]) -> str:
     return "jsonl" if path.endswith((".jsonl", ".json")) else "text"
 
 
-def load_examples(path: str, data_format: str = "auto") -> list[Example]:
-    """Read a data file; any problem is a :class:`DistillError` naming the file and line."""
-    if data_format not in DATA_FORMATS:
-        raise DistillError(f"--format must be one of {DATA_FORMATS}, got {data_format!r}")
+def read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 data file; a missing file or another encoding is a :class:`DistillError`."""
     if not os.path.isfile(path):
         raise DistillError(f"data file {path!r} does not exist (or is not a file)")
-    examples: list[Example] = []
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+            return f.readlines()
     except UnicodeDecodeError as exc:
         raise DistillError(
             f"data file {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
+
+
+def load_examples(path: str, data_format: str = "auto") -> list[Example]:
+    """Read a data file; any problem is a :class:`DistillError` naming the file and line."""
+    if data_format not in DATA_FORMATS:
+        raise DistillError(f"--format must be one of {DATA_FORMATS}, got {data_format!r}")
+    lines = read_lines(path)
+    examples: list[Example] = []
     jsonl = (detect_format(path, lines) if data_format == "auto" else data_format) == "jsonl"
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -81,21 +91,124 @@ def load_examples(path: str, data_format: str = "auto") -> list[Example]:
                 f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno} of {len(record)}); "
                 "pass --format text to read the file as plain text"
             ) from None
-        if not isinstance(obj, dict):
-            raise DistillError(f"{path}, line {lineno}: expected a JSON object with 'prompt' and 'output'")
-        for key in ("prompt", "output"):
-            if not isinstance(obj.get(key), str):
-                found = "missing" if key not in obj else f"of type {type(obj[key]).__name__}"
-                raise DistillError(
-                    f"{path}, line {lineno}: field {key!r} must be a string but is {found} "
-                    f"(keys present: {sorted(obj)}); the Dolly format has 'prompt' and 'output'"
-                )
-        if not obj["output"].strip():
-            raise DistillError(f"{path}, line {lineno}: 'output' is empty, there is nothing to learn")
-        examples.append(Example(obj["prompt"], obj["output"]))
+        prompt, references = record_fields(obj, f"{path}, line {lineno}")
+        if len(references) != 1:
+            raise DistillError(
+                f"{path}, line {lineno}: a training record needs one response, this one has a list of "
+                f"{len(references)} (lists of references are for mta-distill evaluate)"
+            )
+        if not references[0].strip():
+            raise DistillError(f"{path}, line {lineno}: the response is empty, there is nothing to learn")
+        examples.append(Example(prompt, references[0]))
     if not examples:
         raise DistillError(f"data file {path!r} holds no example (it is empty or only blank lines)")
     return examples
+
+
+# DistiLLM's Dolly prompt (tools/process_data_dolly.py), without and with the record's input/context.
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_TEMPLATE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def format_prompt(instruction: str, context: str = "") -> str:
+    """The prompt of a raw Dolly record: DistiLLM's template (with the input part when ``context``)."""
+    if context:
+        return PROMPT_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=context)
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def record_fields(obj: object, where: str) -> tuple[str, list[str]]:
+    """``(prompt, references)`` of one JSONL record (module docstring); :class:`DistillError` otherwise.
+
+    ``prompt`` + ``output``: the prompt as written; ``instruction`` [+ ``context``/``input``] +
+    ``response``/``output``: :func:`format_prompt`. The references are the response, or the list
+    ``output``/``response`` holds (non-empty, strings).
+    """
+    if not isinstance(obj, dict):
+        raise DistillError(
+            f"{where}: expected a JSON object with 'prompt' and 'output' (or Dolly's 'instruction' and "
+            "'response')"
+        )
+    if "prompt" in obj:
+        prompt, answer_key = _string(obj, "prompt", where), "output"
+    elif "instruction" in obj:
+        context_key = "context" if "context" in obj else "input"
+        context = _string(obj, context_key, where) if obj.get(context_key) is not None else ""
+        prompt = format_prompt(_string(obj, "instruction", where), context)
+        answer_key = "output" if "output" in obj and "response" not in obj else "response"
+    else:
+        raise DistillError(
+            f"{where}: a record needs 'prompt' and 'output', or Dolly's 'instruction' and 'response' "
+            f"(keys present: {sorted(obj)})"
+        )
+    answer = obj.get(answer_key)
+    if isinstance(answer, str):
+        return prompt, [answer]
+    if isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer):
+        return prompt, list(answer)
+    found = "missing" if answer_key not in obj else f"of type {type(answer).__name__}"
+    if isinstance(answer, list):
+        found = "an empty list" if not answer else "a list holding non-strings"
+    raise DistillError(
+        f"{where}: field {answer_key!r} must be a string (or a non-empty list of strings) but is {found} "
+        f"(keys present: {sorted(obj)}); "
+        + (
+            "Dolly records have 'instruction', 'context' and 'response'"
+            if "prompt" not in obj
+            else "the Dolly format has 'prompt' and 'output'"
+        )
+    )
+
+
+def _string(obj: dict, key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        found = "missing" if key not in obj else f"of type {type(value).__name__}"
+        raise DistillError(f"{where}: field {key!r} must be a string but is {found} (keys: {sorted(obj)})")
+    return value
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """One evaluation example: the prompt the model continues and the references it is scored on."""
+
+    id: int
+    prompt: str
+    references: list[str]
+
+
+def load_eval_records(path: str, limit: int | None = None) -> list[EvalRecord]:
+    """The JSONL records of an evaluation file (the first ``limit``), ids numbered from 0 in file order.
+
+    Records as :func:`record_fields` reads them; ``<n>`` in a prompt is a newline (DistiLLM's exports).
+    """
+    lines = read_lines(path)
+    records: list[EvalRecord] = []
+    for lineno, line in enumerate(lines, start=1):
+        if limit is not None and len(records) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DistillError(
+                f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        prompt, references = record_fields(obj, f"{path}, line {lineno}")
+        # DistiLLM's evaluation reads its exports' "<n>" line marks as newlines (PromptDataset).
+        records.append(EvalRecord(len(records), prompt.replace("<n>", "\n"), references))
+    if not records:
+        raise DistillError(f"data file {path!r} holds no record (it is empty or only blank lines)")
+    return records
 
 
 def split_examples(

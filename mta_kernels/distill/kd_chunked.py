@@ -44,8 +44,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
         value = getattr(config, attr, None)
         if value not in (None, 1, 1.0):
             return f"{type(model).__name__} scales its logits ({attr}={value})"
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        return f"{type(model).__name__}.forward takes no logits_to_keep"
+    # A peft-wrapped student (--lora) hands its keyword arguments to the base model's forward.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward takes no logits_to_keep"
     return None
 
 
@@ -99,8 +101,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
             ce += F.cross_entropy(O.acc(s), targets[i : i + chunk], reduction="sum")
             kd += O.kd_rows_sum(s[:, :kd_vocab], t, kind, temperature, alpha)
             if kind == "skew":
-                log_pt = F.log_softmax(O.acc(t), dim=-1)
-                ent -= (log_pt.exp() * log_pt).sum()
+                ent += O.teacher_entropy_rows_sum(t)
         ctx.mark_non_differentiable(ent)
         return ce, kd, ent
 

@@ -68,4 +68,7 @@ def summarise(metrics_path: str) -> dict:
         }
     if evals:
         out["eval_loss"], out["eval_ppl"] = evals[-1]["eval_loss"], evals[-1]["eval_ppl"]
+        rouge = [r["eval_rougeL"] for r in evals if r.get("eval_rougeL") is not None]
+        if rouge:  # --eval-gen
+            out["eval_rougeL"], out["eval_rougeL_best"] = rouge[-1], max(rouge)
     return out

@@ -77,10 +77,11 @@ def kd_sum(
 
     ``forward``: T² · KL(p_T^τ ‖ p_S^τ); ``reverse``: T² · KL(p_S^τ ‖ p_T^τ); ``skew`` (DistiLLM's skew
     forward KL): KL(p_T ‖ α p_T + (1 − α) p_S); ``srkl`` (DistiLLM's skew reverse KL):
-    KL(p_S ‖ α p_S + (1 − α) p_T). The skew kinds ignore the temperature. ``skew`` is the KL itself;
-    DistiLLM's ``skewed_forward_kl`` reports the cross-entropy, which is larger by the teacher entropy
-    H(p_T) (a constant: same gradient), see :data:`KD_CONVENTIONS` and :func:`teacher_entropy_sum`.
-    Both logits must be over the same vocabulary (same last dim).
+    KL(p_S ‖ α p_S + (1 − α) p_T). The skew kinds ignore the temperature. Vocabulary entries where
+    either logit is ±inf add nothing (:func:`masked_log_softmax`, as DistiLLM masks them). ``skew`` is
+    the KL itself; DistiLLM's ``skewed_forward_kl`` reports the cross-entropy, which is larger by the
+    teacher entropy H(p_T) (a constant: same gradient), see :data:`KD_CONVENTIONS` and
+    :func:`teacher_entropy_sum`. Both logits must be over the same vocabulary (same last dim).
 
     Args:
         student_logits: ``[B, T, V]`` (gradient flows here); teacher_logits: ``[B, T, V]`` (constant).
@@ -110,19 +111,32 @@ def kd_rows_sum(
     """
     s = acc(s)
     t = acc(t.detach())
-    if kind in ("skew", "srkl"):
-        log_pt = F.log_softmax(t, dim=-1)
-        log_ps = F.log_softmax(s, dim=-1)
-        if kind == "skew":
-            return (log_pt.exp() * (log_pt - _log_mix(log_pt, log_ps, skew_alpha))).sum()
-        return (log_ps.exp() * (log_ps - _log_mix(log_ps, log_pt, skew_alpha))).sum()
-    log_pt = F.log_softmax(t / temperature, dim=-1)
-    log_ps = F.log_softmax(s / temperature, dim=-1)
-    if kind == "forward":
-        kl = log_pt.exp() * (log_pt - log_ps)
+    tau = 1.0 if kind in ("skew", "srkl") else temperature
+    log_ps, log_pt, inf = masked_log_softmax(s / tau, t / tau)
+    if kind == "skew":
+        terms = log_pt.exp() * (log_pt - _log_mix(log_pt, log_ps, skew_alpha))
+    elif kind == "srkl":
+        terms = log_ps.exp() * (log_ps - _log_mix(log_ps, log_pt, skew_alpha))
+    elif kind == "forward":
+        terms = log_pt.exp() * (log_pt - log_ps)
     else:
-        kl = log_ps.exp() * (log_ps - log_pt)
-    return kl.sum() * temperature**2
+        terms = log_ps.exp() * (log_ps - log_pt)
+    return terms.masked_fill(inf, 0.0).sum() * tau**2
+
+
+def masked_log_softmax(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-softmaxes of student and teacher logits with the vocabulary entries where either is ±inf
+    set to 0, and that mask (DistiLLM's ``inf_mask``: such entries add nothing to a divergence).
+
+    A ``-inf`` logit (a masked or padded vocabulary entry) has probability 0; its ``0 · log 0`` terms
+    would be NaN, in the value and in the gradient. Zeroing the log-probabilities before they meet
+    (and the terms after) keeps both finite; entries without an infinite logit are unchanged.
+
+    Args:
+        s, t: ``[M, V]`` logits. Returns ``log p_S``, ``log p_T`` (``[M, V]``) and the bool mask.
+    """
+    inf = torch.isinf(s) | torch.isinf(t)
+    return F.log_softmax(s, dim=-1).masked_fill(inf, 0.0), F.log_softmax(t, dim=-1).masked_fill(inf, 0.0), inf
 
 
 def teacher_entropy_sum(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -136,8 +150,14 @@ def teacher_entropy_sum(teacher_logits: torch.Tensor, labels: torch.Tensor) -> t
         float32 scalar.
     """
     _, mask = shift_targets(labels)
-    log_pt = F.log_softmax(teacher_logits[:, :-1][mask].detach().float(), dim=-1)
-    return -(log_pt.exp() * log_pt).sum()
+    t = teacher_logits[:, :-1][mask].detach().float()
+    return teacher_entropy_rows_sum(t)
+
+
+def teacher_entropy_rows_sum(t: torch.Tensor) -> torch.Tensor:
+    """``Σ_rows H(softmax(t))`` of teacher logits ``[M, V]`` (``-inf`` entries add 0), float32."""
+    log_pt = F.log_softmax(acc(t.detach()), dim=-1).masked_fill(torch.isinf(t), 0.0)
+    return -(log_pt.exp() * log_pt).masked_fill(torch.isinf(t), 0.0).sum()
 
 
 Term = TypeVar("Term", torch.Tensor, float)

@@ -8,7 +8,7 @@ from mta_kernels.distill.metrics import read_metrics as _read
 
 
 def plot_runs(runs: dict[str, str], out_png: str) -> str | None:
-    """Plot the train loss, its terms and the held-out perplexity of one or more runs.
+    """Plot the train loss, its terms, the held-out perplexity (and ROUGE-L) of one or more runs.
 
     Args:
         runs: label -> path of a ``metrics.jsonl``.
@@ -23,11 +23,10 @@ def plot_runs(runs: dict[str, str], out_png: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for label, path in runs.items():
-        if not os.path.exists(path):
-            continue
-        recs = _read(path)
+    records = {label: _read(path) for label, path in runs.items() if os.path.exists(path)}
+    rouge = any(r.get("eval_rougeL") is not None for recs in records.values() for r in recs)
+    fig, axes = plt.subplots(1, 4 if rouge else 3, figsize=(18 if rouge else 14, 4))
+    for label, recs in records.items():
         train = [r for r in recs if r["kind"] == "train"]
         evals = [r for r in recs if r["kind"] == "eval"]
         steps = [r["step"] for r in train]
@@ -39,10 +38,15 @@ def plot_runs(runs: dict[str, str], out_png: str) -> str | None:
             axes[1].plot(steps, [r["mta"] for r in train], label=f"{label}: MTA")
         if evals:
             axes[2].plot([r["step"] for r in evals], [r["eval_ppl"] for r in evals], "o-", label=label)
+        scored = [r for r in evals if r.get("eval_rougeL") is not None]
+        if scored:
+            axes[3].plot([r["step"] for r in scored], [r["eval_rougeL"] for r in scored], "o-", label=label)
     axes[0].set_title("training loss")
     axes[1].set_title("distillation terms")
     axes[2].set_title("held-out perplexity")
     axes[2].set_yscale("log")
+    if rouge:
+        axes[3].set_title("held-out ROUGE-L (--eval-gen)")
     for ax in axes:
         ax.set_xlabel("optimizer step")
         if ax.get_legend_handles_labels()[0]:

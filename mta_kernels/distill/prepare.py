@@ -103,11 +103,21 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# DistiLLM's no-decay names (utils.get_optimizer_params): biases and GPT-2's layer norms; every other
+# student weight decays, and so does every projector parameter (their group takes AdamW's default decay).
+NO_DECAY = ("bias", "ln_f.weight", "ln_1.weight", "ln_2.weight", "ln_cross_attn")
+
+
+def decays(name: str) -> bool:
+    """Whether the :class:`~mta_kernels.distill.step.Trainable` parameter ``name`` gets weight decay."""
+    return name.startswith("mta.") or not any(nd in name for nd in NO_DECAY)
+
+
 def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over every trainable parameter (student + projectors); no decay on biases and norms.
+    """AdamW over every trainable parameter (student + projectors), weight decay as :func:`decays`.
 
     With ``projector_lr`` the MTA projectors (parameters under ``module.mta``) get their own learning
-    rate (two more groups); the schedule scales every group by the same factor.
+    rate (two more groups); :func:`make_scheduler` decays every group to the same absolute floor.
     """
     groups: list[dict] = []
     split = cfg.projector_lr is not None
@@ -116,7 +126,7 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         for name, p in module.named_parameters():
             if not p.requires_grad or (is_projector is not None and name.startswith("mta.") != is_projector):
                 continue
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if decays(name) else no_decay).append(p)
         groups += [
             {"params": decay, "weight_decay": cfg.weight_decay, "lr": lr},
             {"params": no_decay, "weight_decay": 0.0, "lr": lr},
@@ -142,9 +152,19 @@ def resolve_schedule(cfg: TrainConfig, n_train: int, world: int) -> list[str]:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda st: lr_lambda(st, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    )
+    """Warm-up and cosine decay of every group to the absolute floor ``lr × min_lr_ratio``.
+
+    The published runs decay every group (projectors at their own rate included) to one ``--lr-min``
+    (``CosineAnnealingLR(eta_min=1e-7)``): a group of base rate ``L`` floors at ``lr × min_lr_ratio / L``
+    of it.
+    """
+    floor = cfg.lr * cfg.min_lr_ratio
+
+    def schedule(base: float):
+        ratio = floor / base if base > 0 else 0.0
+        return lambda st: lr_lambda(st, cfg.warmup_steps, cfg.steps, ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g["lr"]) for g in optimizer.param_groups])
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -263,6 +283,10 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
     torch.manual_seed(cfg.seed)
     student = M.build_model(cfg.student, student_tok, cfg.max_length)
     checks.check_model(student, student_tok, cfg, "student")
+    if cfg.lora:
+        from mta_kernels.distill.lora import apply_lora
+
+        student = apply_lora(student, cfg)
     if teacher is not None:
         checks.check_model(teacher, teacher_tok, cfg, "teacher")
 

@@ -4,7 +4,10 @@ update, and the step's metrics record.
 Losses over tokens are sums divided by the number of target tokens of the whole global batch (all
 ranks, all micro-batches), so gradient accumulation and DDP give the gradient of one process holding the
 whole batch. The MTA term is a per-micro-batch loss (its DSA denominator is per batch,
-docs/method.md#dsa-loss): it is averaged over micro-batches and ranks.
+docs/method.md#dsa-loss): it is averaged over micro-batches and ranks. ``accum_mean="micro-batches"``
+(``--grad-accum-mean``) takes the published runs' mean instead: each micro-batch's token sums divided by
+its own target tokens, averaged over micro-batches and ranks. The logged CE and KD are per-token means
+over the whole step in both cases.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 from mta_kernels.distill import faults
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.config import DistillError
+from mta_kernels.distill.kd import KDTerm
 from mta_kernels.distill.prepare import DistEnv
 
 
@@ -76,17 +80,11 @@ class Trainable(nn.Module):
         else:
             result["ce_sum"], result["n_tok"] = O.ce_sum(out.logits, batch["labels"])
         if teacher_out is not None and self.kd_vocab is not None and not chunked:
-            v = self.kd_vocab
-            result["kd_sum"] = O.kd_sum(
-                out.logits[..., :v],
-                teacher_out.logits[..., :v],
-                batch["labels"],
-                self.kd,
-                self.temperature,
-                self.skew_alpha,
+            kd = KDTerm(self.kd, self.temperature, self.skew_alpha, self.kd_vocab)
+            # the skew kind's teacher entropy is logged so that DistiLLM's value (KL + H(p_T)) can be read off
+            result["kd_sum"], result["kd_entropy_sum"] = kd(
+                out.logits, teacher_out.logits, batch["labels"], True
             )
-            if self.kd == "skew":  # logged so that DistiLLM's value (KL + H(p_T)) can be read off
-                result["kd_entropy_sum"] = O.teacher_entropy_sum(teacher_out.logits[..., :v], batch["labels"])
         if self.mta is not None:
             timer = _Timer(batch["input_ids"].device)
             with timer:
@@ -158,6 +156,7 @@ class Stepper:
         objective: how the terms combine (the one place, :class:`~mta_kernels.distill.objective.Objective`).
         autocast: a no-argument context factory (bf16 autocast or a null context).
         clip: gradient-norm clipping (0: off).
+        accum_mean: ``"tokens"`` or ``"micro-batches"`` (module docstring).
     """
 
     def __init__(
@@ -171,7 +170,9 @@ class Stepper:
         objective: O.Objective,
         autocast: Callable[[], Any],
         clip: float,
+        accum_mean: str = "tokens",
     ) -> None:
+        self.accum_mean = accum_mean
         self.env, self.module, self.ddp, self.teacher = env, module, ddp, teacher
         self.optimizer, self.scheduler = optimizer, scheduler
         self.objective, self.autocast, self.clip = objective, autocast, clip
@@ -191,24 +192,14 @@ class Stepper:
                 **({"logits_to_keep": 1} if chunked else {}),  # the chunked KD needs hidden states only
             )
 
-    def step(
-        self, micro: list[dict], step: int, extra_reduce: Callable[[], list[float]] | None = None
-    ) -> tuple[dict, list[float]]:
-        """One optimizer step over this rank's micro-batches (already on the device).
-
-        ``step`` is the number of the step being taken (1-based). ``extra_reduce()`` is called after the
-        update; its numbers are summed over ranks with the step's own all-reduce (no extra collective)
-        and returned as the second item. Returns the ``kind: "train"`` metrics record and those sums.
-        """
+    def _forward_backward(
+        self, micro: list[dict], step: int, n_tok: float
+    ) -> tuple[dict[str, float], torch.Tensor | None, torch.Tensor | None]:
+        """Forward and backward of each micro-batch (gradients synchronised on the last one); returns the
+        summed CE/KD/MTA terms and the per-pair DSA and HRA averaged over the micro-batches."""
         env, module = self.env, self.module
-        t0 = time.perf_counter()
-        n_tok_local = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
-        n_input_local = sum(int(mb["attention_mask"].sum()) for mb in micro)
-        n_tok, n_input = env.all_reduce([n_tok_local, n_input_local])
-        n_tok = max(n_tok, 1.0)
         sums = {"ce": 0.0, "kd": 0.0, "mta": 0.0, "kd_h": 0.0}
         dsa = hra = None
-        module.mta_seconds.clear()
         for i, mb in enumerate(micro):
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if (last or env.world == 1) else self.ddp.no_sync()
@@ -216,6 +207,8 @@ class Stepper:
                 module.teacher_out = self._teacher_forward(mb)
                 r = self.ddp(mb)
                 scale = env.world / n_tok
+                if self.accum_mean == "micro-batches":  # DDP averages the ranks
+                    scale = 1.0 / (max(r["n_tok"], 1) * len(micro))
                 ce = r["ce_sum"] * scale
                 kd = None if r["kd_sum"] is None else r["kd_sum"] * scale
                 mta = None if r["mta"] is None else r["mta"] / len(micro)
@@ -232,6 +225,25 @@ class Stepper:
                 dsa = r["dsa"].float() / len(micro) + (0 if dsa is None else dsa)
                 if r["hra"] is not None:
                     hra = r["hra"].float() / len(micro) + (0 if hra is None else hra)
+        return sums, dsa, hra
+
+    def step(
+        self, micro: list[dict], step: int, extra_reduce: Callable[[], list[float]] | None = None
+    ) -> tuple[dict, list[float]]:
+        """One optimizer step over this rank's micro-batches (already on the device).
+
+        ``step`` is the number of the step being taken (1-based). ``extra_reduce()`` is called after the
+        update; its numbers are summed over ranks with the step's own all-reduce (no extra collective)
+        and returned as the second item. Returns the ``kind: "train"`` metrics record and those sums.
+        """
+        env, module = self.env, self.module
+        t0 = time.perf_counter()
+        n_tok_local = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
+        n_input_local = sum(int(mb["attention_mask"].sum()) for mb in micro)
+        n_tok, n_input = env.all_reduce([n_tok_local, n_input_local])
+        n_tok = max(n_tok, 1.0)
+        module.mta_seconds.clear()
+        sums, dsa, hra = self._forward_backward(micro, step, n_tok)
         grad_norm = (
             float(torch.nn.utils.clip_grad_norm_(module.parameters(), self.clip)) if self.clip > 0 else 0.0
         )

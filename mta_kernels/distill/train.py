@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from mta_kernels.distill.collate import UnitCollator
 from mta_kernels.distill.config import DistillError, TrainConfig
 from mta_kernels.distill.data import TextDataset, epoch_batches
 from mta_kernels.distill.kd_chunked import head_params, resolve_kd_chunk
+from mta_kernels.distill.lora import save_model
 from mta_kernels.distill.metrics import METRICS_NAME, append_records, read_metrics, summarise, trim_metrics
 from mta_kernels.distill.prepare import (
     DistEnv,
@@ -109,7 +111,10 @@ def micro_batches(s: Setup, cfg: TrainConfig, start: int) -> Iterator[dict]:
     """
     sampler = ResumableBatches(len(s.train_set), cfg.batch_size, cfg.seed, s.env.rank, s.env.world, start)
     collator = WithExamples(s.collator) if cfg.student_gen else s.collator
-    return iter(_loader(s.train_set, sampler, collator, cfg))
+    # The iterator draws its base seed from the global RNG: forked, so that a resumed run (which starts
+    # its iterator after loading the RNG state) makes the same draws as an uninterrupted one (dropout).
+    with torch.random.fork_rng(devices=[]):
+        return iter(_loader(s.train_set, sampler, collator, cfg))
 
 
 @torch.no_grad()
@@ -264,10 +269,16 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         ddp = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if cfg.eval_gen:
+        run.gen = GenerationEval(cfg, s)
     objective = O.Objective(cfg.lam, cfg.beta, distil=cfg.mode == "distill")
-    stepper = Stepper(env, module, ddp, s.teacher, optimizer, scheduler, objective, run.autocast, cfg.clip)
+    stepper = Stepper(
+        env, module, ddp, s.teacher, optimizer, scheduler, objective, run.autocast, cfg.clip, cfg.accum_mean
+    )
     if env.main:
         _write_run_start(cfg, s, fp, step)
+        if run.gen is not None:  # the best held-out ROUGE-L so far (the metrics are trimmed to `step`)
+            run.gen.best = best_rouge(run.metrics_path)
         if cfg.report_to != "none":
             run.reporter = reporting.Reporter(cfg, fp["pairs"], step)
     try:
@@ -307,6 +318,7 @@ class _Run:
     autocast: Any
     off: OffPolicy | None = None
     reporter: reporting.Reporter | None = None  # --report-to (rank 0)
+    gen: GenerationEval | None = None  # --eval-gen
 
     @property
     def ckpt_path(self) -> str:
@@ -372,6 +384,10 @@ def _loop(run: _Run, stepper: Stepper, step: int) -> tuple[int, dict | None]:
             do_eval = step % cfg.eval_every == 0 or step == cfg.steps
             if do_eval:
                 last_eval = evaluate(s, cfg, run.autocast)
+                if run.gen is not None:
+                    gen = run.gen(step, run.autocast)
+                    if last_eval is not None and gen is not None:
+                        last_eval.update(gen)
                 if run.off is not None and last_eval is not None:
                     run.off.schedule.update(last_eval["eval_loss"])
             if env.main:
@@ -420,9 +436,7 @@ def _finish(cfg: TrainConfig, s: Setup, step: int, last_eval: dict | None, metri
             warnings.append(warning)
     summary["warnings"] = warnings
     if cfg.save_model:
-        model_dir = os.path.join(cfg.out, "model")
-        s.student.save_pretrained(model_dir)
-        s.student_tokenizer.save_pretrained(model_dir)
+        save_model(s.student, s.student_tokenizer, os.path.join(cfg.out, "model"))
     _write_json(os.path.join(cfg.out, "summary.json"), summary)
     if cfg.plot:
         from mta_kernels.distill.plot import plot_runs
@@ -432,6 +446,92 @@ def _finish(cfg: TrainConfig, s: Setup, step: int, last_eval: dict | None, metri
             os.path.join(cfg.out, "curves.png"),
         )
     return summary
+
+
+class GenerationEval:
+    """``--eval-gen``: held-out ROUGE-L of sampled answers at each evaluation, the best model in ``best/``.
+
+    The first ``--eval-gen-limit`` held-out examples (their prompts and responses), one pass with seed
+    ``--seed`` (RNG forked: training draws are untouched) under the protocol of DistiLLM's in-training
+    evaluation: :class:`~mta_kernels.distill.evaluation.Protocol` with the run's ``--max-length`` and
+    ``--max-prompt-length`` and no n-gram blocking. Rank 0 generates; the other ranks wait.
+    ``<out>/best`` is rewritten (merged when LoRA) whenever the score beats the best so far.
+    """
+
+    def __init__(self, cfg: TrainConfig, s: Setup) -> None:
+        from mta_kernels.distill.data import EvalRecord
+        from mta_kernels.distill.evaluation import Protocol
+
+        items = s.eval_set.items[: cfg.eval_gen_limit]
+        if not items:
+            raise DistillError(
+                "--eval-gen scores held-out answers: give --eval-data or an --eval-fraction above 0"
+            )
+        if any(not ex.get("prompt_length_chars") for ex in items):
+            raise DistillError(
+                "--eval-gen answers held-out prompts, but some held-out examples have none: use JSONL with "
+                "non-empty prompts"
+            )
+        self.records = [
+            EvalRecord(i, ex["text"][: ex["prompt_length_chars"]], [ex["text"][ex["prompt_length_chars"] :]])
+            for i, ex in enumerate(items)
+        ]
+        self.protocol = Protocol(
+            max_length=cfg.max_length,
+            max_prompt_length=cfg.max_prompt_length or cfg.max_length // 2,
+            no_repeat_ngram_size=0,
+        )
+        self.cfg, self.s = cfg, s
+        self.best: float | None = None
+
+    def __call__(self, step: int, autocast: Any) -> dict | None:
+        """Score the student now; on rank 0 ``{"eval_rougeL": r, "eval_rougeL_best": b}``."""
+        from mta_kernels.distill.evaluation import score_records
+
+        env, student = self.s.env, self.s.student
+        result = None
+        if env.main:
+            was_training = student.training
+            with autocast():
+                _, rouge = score_records(
+                    student, self.s.student_tokenizer, self.records, self.protocol, [self.cfg.seed],
+                    batch_size=self.cfg.batch_size, progress=False,
+                )  # fmt: skip
+            student.train(was_training)
+            value = rouge["mean"]
+            if self.best is None or value > self.best:
+                self.best = value
+                info = {"step": step, "eval_rougeL": value}
+
+                def write(d: str) -> None:
+                    save_model(student, self.s.student_tokenizer, d)
+                    _write_json(os.path.join(d, "best.json"), info)
+
+                _replace_dir(os.path.join(self.cfg.out, "best"), write)
+            result = {"eval_rougeL": value, "eval_rougeL_best": self.best}
+        if env.world > 1:
+            dist.barrier()
+        return result
+
+
+def best_rouge(metrics_path: str) -> float | None:
+    """The best ``eval_rougeL`` of a metrics file (``None``: none yet)."""
+    if not os.path.exists(metrics_path):
+        return None
+    values = [r["eval_rougeL"] for r in read_metrics(metrics_path) if r.get("eval_rougeL") is not None]
+    return max(values) if values else None
+
+
+def _replace_dir(path: str, write: Any) -> None:
+    """Write a directory next to ``path`` with ``write(tmp)``, then swap it in (a crash leaves one whole)."""
+    tmp, old = path + ".tmp", path + ".old"
+    for d in (tmp, old):
+        shutil.rmtree(d, ignore_errors=True)
+    write(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _desc(cfg: TrainConfig, s: Setup) -> str:

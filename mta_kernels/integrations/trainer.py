@@ -18,6 +18,7 @@ from torch import nn
 from transformers import Trainer
 
 from mta_kernels.distill import objective as O
+from mta_kernels.distill.kd import KDTerm
 from mta_kernels.integrations import _common as C
 from mta_kernels.integrations.collator import MTADataCollator
 from mta_kernels.losses import MTALoss
@@ -79,45 +80,11 @@ class MTATrainer(Trainer):
                 f"got {type(model).__name__}"
             )
         teacher = C.freeze(teacher)
-        if not 0.0 <= float(lam) <= 1.0:
-            raise ValueError(f"lam (λ) must lie in [0, 1], got {lam}")
-        if float(beta) < 0:
-            raise ValueError(f"beta (β) must be >= 0, got {beta}")
-        if kd is not None and kd not in KD_KINDS:
-            raise ValueError(f"kd must be one of {KD_KINDS} or None, got {kd!r}")
-        if float(temperature) <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= float(skew_alpha) < 1.0:
-            raise ValueError(f"skew_alpha must lie in [0, 1), got {skew_alpha}")
-        if projector_lr is not None and float(projector_lr) <= 0:
-            raise ValueError(f"projector_lr must be > 0, got {projector_lr}")
+        _check_objective(lam, beta, kd, temperature, skew_alpha, projector_lr)
         mta = C.resolve_mta(mta, model, teacher)
-        granularities = C.granularities_of(mta)
-        if data_collator is None:
-            if processing_class is None:
-                raise ValueError(
-                    "pass data_collator=MTADataCollator(...) or processing_class=<the student's tokenizer>"
-                )
-            data_collator = MTADataCollator(processing_class, granularities=granularities)
-        if not isinstance(data_collator, MTADataCollator):
-            raise TypeError(
-                f"data_collator must be an MTADataCollator (it builds labels and units), got "
-                f"{type(data_collator).__name__}"
-            )
-        missing = [g for g in granularities if g not in data_collator.granularities]
-        if missing:
-            raise ValueError(
-                f"the MTA layer pairs use {list(granularities)} units but the collator builds "
-                f"{list(data_collator.granularities)}: pass "
-                f"MTADataCollator(..., granularities={granularities})"
-            )
-        for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            cols = getattr(ds, "column_names", None)
-            if isinstance(cols, list) and not data_collator.text_fields_present(cols):
-                raise ValueError(
-                    f"{name} has columns {cols}, but the collator reads the text from "
-                    f"{data_collator.text_field!r} (or 'prompt' + 'completion' / 'output')"
-                )
+        data_collator = _checked_collator(
+            data_collator, processing_class, C.granularities_of(mta), train_dataset, eval_dataset
+        )
         if mta is not None:
             C.attach(model, mta)
         self.mta = mta
@@ -218,20 +185,8 @@ class MTATrainer(Trainer):
             ce_sum, n_local = O.ce_sum(out.logits, inputs["labels"])
             kd_sum = None
             if use_kd:
-                v = self.kd_vocab
-                if min(out.logits.shape[-1], teacher_out.logits.shape[-1]) < v:
-                    raise ValueError(
-                        f"the tokenizer has {v} tokens but the student/teacher output layers have "
-                        f"{out.logits.shape[-1]}/{teacher_out.logits.shape[-1]}"
-                    )
-                kd_sum = O.kd_sum(
-                    out.logits[..., :v],
-                    teacher_out.logits[..., :v],
-                    inputs["labels"],
-                    self.kd,
-                    self.temperature,
-                    self.skew_alpha,
-                )
+                kd = KDTerm(self.kd, self.temperature, self.skew_alpha, self.kd_vocab)
+                kd_sum, _ = kd(out.logits, teacher_out.logits, inputs["labels"])
             mta_out = None
             if self.mta is not None:
                 mta_out = getattr(student, C.MTA_ATTR)(
@@ -292,3 +247,57 @@ class MTATrainer(Trainer):
                     f"({sorted(expected - keys)[:2]}...): it was not written by an MTATrainer with this "
                     "MTALoss"
                 )
+
+
+def _check_objective(
+    lam: float, beta: float, kd: str | None, temperature: float, skew_alpha: float, projector_lr: float | None
+) -> None:
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"lam (λ) must lie in [0, 1], got {lam}")
+    if float(beta) < 0:
+        raise ValueError(f"beta (β) must be >= 0, got {beta}")
+    if kd is not None and kd not in KD_KINDS:
+        raise ValueError(f"kd must be one of {KD_KINDS} or None, got {kd!r}")
+    if float(temperature) <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= float(skew_alpha) < 1.0:
+        raise ValueError(f"skew_alpha must lie in [0, 1), got {skew_alpha}")
+    if projector_lr is not None and float(projector_lr) <= 0:
+        raise ValueError(f"projector_lr must be > 0, got {projector_lr}")
+
+
+def _checked_collator(
+    data_collator: MTADataCollator | None,
+    processing_class: Any,
+    granularities: tuple[str, ...],
+    train_dataset: Any,
+    eval_dataset: Any,
+) -> MTADataCollator:
+    """The collator (built from ``processing_class`` when omitted), checked against the MTA layer pairs'
+    granularities and the data sets' columns."""
+    if data_collator is None:
+        if processing_class is None:
+            raise ValueError(
+                "pass data_collator=MTADataCollator(...) or processing_class=<the student's tokenizer>"
+            )
+        data_collator = MTADataCollator(processing_class, granularities=granularities)
+    if not isinstance(data_collator, MTADataCollator):
+        raise TypeError(
+            f"data_collator must be an MTADataCollator (it builds labels and units), got "
+            f"{type(data_collator).__name__}"
+        )
+    missing = [g for g in granularities if g not in data_collator.granularities]
+    if missing:
+        raise ValueError(
+            f"the MTA layer pairs use {list(granularities)} units but the collator builds "
+            f"{list(data_collator.granularities)}: pass "
+            f"MTADataCollator(..., granularities={granularities})"
+        )
+    for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        cols = getattr(ds, "column_names", None)
+        if isinstance(cols, list) and not data_collator.text_fields_present(cols):
+            raise ValueError(
+                f"{name} has columns {cols}, but the collator reads the text from "
+                f"{data_collator.text_field!r} (or 'prompt' + 'completion' / 'output')"
+            )
+    return data_collator

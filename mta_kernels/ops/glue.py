@@ -1,21 +1,36 @@
-"""Small kernels of the glue between the ops: one launch where the torch composition takes many.
+"""The glue between the ops: small computations that run between the kernels, each with one launch on
+the Triton path where the torch composition takes many, and the torch composition elsewhere (CPU
+tensors, ``use_backend("torch")``, and while torch.compile traces, so that the compiler fuses it).
 
+- :func:`covered_mask`: which flat tokens lie in some unit (units without a plan).
+- :func:`normalised_weights`: ``ŵ_i = a_i / Σ_{k covered, same sequence} a_k`` on covered tokens, 0
+  elsewhere (docs/method.md#span-pooling), one program per (sequence, layer).
+- :func:`unit_weight_sums`: the unit importances ``W_u = Σ_{i in u} w_i``.
 - :func:`dsa_denominator`: ``Σ_b [n_b ≥ 2] ((Σ_{u in b} W_u)² − Σ_{u in b} W_u²)`` per layer, the
   denominator of the weighted DSA loss (docs/method.md#dsa-loss; ``Σ_b n_b (n_b − 1)`` unweighted), in
   float64, in one program per layer that walks the sequences in order (deterministic).
 - :func:`dsa_finish`: the same launch also sums the structural kernel's numerator partials and returns
   the loss and the gradient factor ``4 / den``.
-- :func:`normalised_weights`: ``ŵ_i = a_i / Σ_{k covered, same sequence} a_k`` on covered tokens, 0
-  elsewhere (docs/method.md#span-pooling), one program per (sequence, layer).
+- :func:`check_nonnegative`: a value check of a weight input where it reads nothing back from a device.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from mta_kernels._triton import tl, triton
+from mta_kernels.ops._common import pow2_block
+from mta_kernels.ops._dispatch import use_triton
+from mta_kernels.ops._triton import tl, triton
 
-__all__ = ["dsa_denominator", "dsa_finish", "normalised_weights"]
+__all__ = [
+    "check_nonnegative",
+    "covered_mask",
+    "dsa_denominator",
+    "dsa_finish",
+    "normalised_weights",
+    "unit_weight_sums",
+]
 
 _DSA_BU, _DSA_NUM_WARPS = 64, 1  # units per step of the sequence walk; one warp per layer
 _NORMALISE_NUM_WARPS = 4
@@ -23,7 +38,7 @@ _NORMALISE_NUM_WARPS = 4
 
 def _normalise_bt(T: int) -> int:
     """Tokens per step of the normalisation kernel: next power of 2 of T, in [16, 1024]."""
-    return min(1024, max(16, triton.next_power_of_2(T)))
+    return pow2_block(T, 16, 1024)
 
 
 @triton.jit
@@ -102,17 +117,47 @@ def _launch_dsa_reduction(weights, cu_units, den, partial, loss, scale) -> None:
 
 
 def dsa_denominator(
-    weights: torch.Tensor | None, cu_units: torch.Tensor, L: int, dtype: torch.dtype
+    weights: torch.Tensor | None,
+    cu_units: torch.Tensor,
+    bounds: list[int],
+    L: int,
+    dtype: torch.dtype,
+    offsets_checked: bool = False,
 ) -> torch.Tensor:
-    """``[L]`` weighted DSA denominator (float64 sums, cast to ``dtype``) in one launch.
+    """``[L]`` weighted DSA denominator, float64 sums (prefix sums on the torch path: deterministic),
+    cast to ``dtype``.
 
     Args:
         weights: ``[L, U]`` or ``[1, U]`` unit weights (read in place), or None (every unit weighs 1:
-            ``Σ_b n_b (n_b − 1)``). cu_units: int32 ``[B+1]``, valid.
+            ``Σ_b n_b (n_b − 1)``, computed on the host from ``bounds``).
+        cu_units: int32 ``[B+1]`` on the weights' device; bounds: the same offsets on the host.
+        offsets_checked: ``cu_units`` is known to hold ``bounds`` (a planned batch): the weighted sums
+            read the device offsets (one launch on the Triton path) instead of copying ``bounds`` to
+            the device.
     """
-    out = torch.empty(L, dtype=dtype, device=cu_units.device)
-    _launch_dsa_reduction(weights, cu_units, out, None, None, None)
-    return out
+    device = cu_units.device
+    if weights is None:
+        total = sum((hi - lo) * (hi - lo - 1) for lo, hi in zip(bounds[:-1], bounds[1:]))
+        return torch.full((L,), float(total), dtype=dtype, device=device)
+    weights = weights.detach()
+    if offsets_checked:
+        if use_triton(weights):  # one launch instead of the composition below
+            out = torch.empty(L, dtype=dtype, device=device)
+            _launch_dsa_reduction(weights, cu_units, out, None, None, None)
+            return out
+        cu = cu_units.long()
+        lo, hi = cu[:-1], cu[1:]
+    else:
+        lo = torch.tensor(bounds[:-1], dtype=torch.long, device=device)
+        hi = torch.tensor(bounds[1:], dtype=torch.long, device=device)
+    pairs = (hi - lo) >= 2  # [B]
+    w = weights.to(torch.float64).expand(L, weights.shape[-1])
+    zero = w.new_zeros(L, 1)
+    c1 = torch.cat([zero, w.cumsum(-1)], dim=-1)  # [L, U+1]
+    c2 = torch.cat([zero, (w * w).cumsum(-1)], dim=-1)
+    s1 = c1[:, hi] - c1[:, lo]  # [L, B]
+    s2 = c2[:, hi] - c2[:, lo]
+    return ((s1 * s1 - s2) * pairs).sum(-1).to(dtype)
 
 
 def dsa_finish(
@@ -161,17 +206,70 @@ def _normalised_weights_kernel(
         tl.store(OUT + (base + t0 + o), tl.where(cov, b_a * inv, 0.0), mask=m)
 
 
-def normalised_weights(saliency: torch.Tensor, token_to_unit: torch.Tensor) -> torch.Tensor:
-    """``[L, B, T]`` float32 normalised covered-token weights in one launch.
+def normalised_weights(saliency: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """``ŵ_i = a_i / Σ_{k covered, same sequence} a_k`` on covered tokens, 0 elsewhere.
 
     Args:
-        saliency: float32 ``[L, B, T]`` (made contiguous). token_to_unit: int32 ``[B*T]`` (-1 uncovered).
+        saliency: ``[L, B, T]`` token weights ``a`` (non-negative).
+        covered: ``[B*T]``, bool (token lies in a unit) or the int32 token -> unit map of a plan (``-1``
+            for tokens in no unit).
+    Returns:
+        ``[L, B, T]`` in saliency's dtype (float32 from the kernel); a sequence whose covered weights
+        sum to 0 gets weights 0, never 0/0. The layout is padded, so the per-sequence segment sum is a
+        plain reduction over T. One launch on the Triton path (float32 saliency, a token -> unit map).
     """
     L, B, T = saliency.shape
-    a = saliency.contiguous()
-    out = torch.empty_like(a)
-    if a.numel() > 0:
-        _normalised_weights_kernel[(B, L)](
-            a, token_to_unit, out, B, T, BT=_normalise_bt(T), num_warps=_NORMALISE_NUM_WARPS
-        )
-    return out
+    if (
+        covered.dtype == torch.int32
+        and saliency.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+        and use_triton(saliency)
+    ):
+        a = saliency.contiguous()
+        out = torch.empty_like(a)
+        if a.numel() > 0:
+            _normalised_weights_kernel[(B, L)](
+                a, covered, out, B, T, BT=_normalise_bt(T), num_warps=_NORMALISE_NUM_WARPS
+            )
+        return out
+    if covered.dtype != torch.bool:
+        covered = covered >= 0
+    a = saliency * covered.view(1, B, T)
+    per_seq = a.sum(-1, keepdim=True)  # [L, B, 1]
+    # per_seq = 0 only when every a_i of the sequence is 0: 0 / tiny = 0, never 0 / 0
+    return a / per_seq.clamp_min(torch.finfo(per_seq.dtype).tiny)
+
+
+def covered_mask(ranges: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """bool ``[N]``: token lies in some unit. Difference array + cumsum: O(N + U), no host sync."""
+    r = ranges.long().clamp(0, num_tokens)  # never an out-of-bounds write, even for unchecked units
+    delta = torch.zeros(num_tokens + 1, dtype=torch.int32, device=ranges.device)
+    ones = torch.ones(r.shape[0], dtype=torch.int32, device=ranges.device)
+    delta.index_add_(0, r[:, 0], ones)
+    delta.index_add_(0, r[:, 1], -ones)
+    return delta.cumsum(0)[:num_tokens] > 0
+
+
+def unit_weight_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """``W_u = Σ_{i in u} w_i`` for every unit, from per-sequence prefix sums (no loop, no host sync).
+
+    token_weights ``[L, B, T]``, ranges int32 ``[U, 2]`` flat into ``B*T`` -> ``[L, U]``.
+    The prefix sums run per sequence and in float64, so ``c[end] − c[start]`` loses nothing to
+    cancellation; each sequence gets a leading 0, hence flat token f of sequence b sits at f + b.
+    """
+    L, B, T = token_weights.shape
+    prefix = F.pad(token_weights.to(torch.float64).cumsum(-1), (1, 0)).reshape(L, B * (T + 1))
+    start, end = ranges[:, 0].long(), ranges[:, 1].long()
+    seq = torch.div(start, T, rounding_mode="floor")  # a unit never crosses a sequence
+    sums = prefix[:, end + seq] - prefix[:, start + seq]  # [L, U]
+    return sums.to(token_weights.dtype)
+
+
+def check_nonnegative(values: torch.Tensor, message: str) -> None:
+    """ValueError(``message``) when ``values`` holds a negative or non-finite number, checked where that
+    reads nothing back from a device: CPU tensors on the eager torch path (elsewhere nothing is read)."""
+    if values.device.type != "cpu" or torch.compiler.is_compiling() or use_triton(values):
+        return
+    v = values.detach()
+    if not bool((torch.isfinite(v) & (v >= 0)).all()):
+        raise ValueError(message)

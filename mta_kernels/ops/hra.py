@@ -29,11 +29,17 @@ from __future__ import annotations
 
 import torch
 
-from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
-from mta_kernels._triton import tl, triton
 from mta_kernels.constants import COSINE_EPS
-from mta_kernels.ops.span_pool import _to_output
+from mta_kernels.ops._common import (
+    bf16_rtne_by_hand,
+    check_gradient_in_forward,
+    pow2_block,
+    tl_acc,
+    to_output,
+)
+from mta_kernels.ops._dispatch import use_triton
+from mta_kernels.ops._triton import tl, triton
 
 __all__ = ["fused_hra"]
 
@@ -47,7 +53,7 @@ _SCALE_BLK, _SCALE_NUM_WARPS = 1024, 4  # the backward's scaling: elements per p
 def _row_blocks(Dt: int) -> tuple[int, int]:
     """``(BR, BD)`` of the row kernel: 16 rows per program, Dt in chunks of at most 64 (at 128 the fp32
     and fp64 gradient cases spill registers)."""
-    return 16, min(64, max(16, triton.next_power_of_2(Dt)))
+    return 16, pow2_block(Dt, 16, 64)
 
 
 @triton.jit
@@ -201,7 +207,7 @@ def _rows_triton(P, teacher, weights, rows, compute_grad, acc, term):
         HAS_ROWS=rows is not None,
         HAS_WEIGHTS=weights is not None,
         COMPUTE_GRAD=compute_grad,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        ACC=tl_acc(acc),
         BR=BR,
         BD=BD,
         num_warps=_ROWS_NUM_WARPS,
@@ -318,7 +324,7 @@ def _finish(terms, num, weights, R, acc):
                 else (weights.stride(0) if weights.shape[0] > 1 else 0, weights.stride(1))
             ),
             HAS_WEIGHTS=weights is not None,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            ACC=tl_acc(acc),
             IS_FP64=acc == torch.float64,
             TINY=tiny,
             BLK=_FINISH_BLK,
@@ -400,17 +406,17 @@ def _hra_scale_grads_kernel(
         off = pid * BLK + o
         m = off < n_s
         b_x = tl.load(DS + i_l * n_s + off, mask=m, other=0.0)
-        tl.store(OS + i_l * n_s + off, _to_output(b_x * b_scale, OS.dtype.element_ty, RTNE_S), mask=m)
+        tl.store(OS + i_l * n_s + off, to_output(b_x * b_scale, OS.dtype.element_ty, RTNE_S), mask=m)
     elif pid < nb_s + nb_w:
         off = (pid - nb_s) * BLK + o
         m = off < n_w
         b_x = tl.load(DW + i_l * n_w + off, mask=m, other=0.0)
-        tl.store(OW + i_l * n_w + off, _to_output(b_x * b_scale, OW.dtype.element_ty, RTNE_W), mask=m)
+        tl.store(OW + i_l * n_w + off, to_output(b_x * b_scale, OW.dtype.element_ty, RTNE_W), mask=m)
     else:
         off = (pid - nb_s - nb_w) * BLK + o
         m = off < n_b
         b_x = tl.load(DB + i_l * n_b + off, mask=m, other=0.0)
-        tl.store(OB + i_l * n_b + off, _to_output(b_x * b_scale, OB.dtype.element_ty, RTNE_B), mask=m)
+        tl.store(OB + i_l * n_b + off, to_output(b_x * b_scale, OB.dtype.element_ty, RTNE_B), mask=m)
 
 
 @torch.library.custom_op("mta_kernels::fused_hra_scale_grads", mutates_args=())
@@ -442,7 +448,6 @@ def _scale_grads_op(
     n_s, n_w, n_b = (t[0].numel() if L else 0 for t in (d_student, d_weight, d_bias))
     nb_s, nb_w, nb_b = (triton.cdiv(n, _SCALE_BLK) for n in (n_s, n_w, n_b))
     if L > 0 and nb_s + nb_w + nb_b > 0:
-        rtne = triton_interpreting()
         _hra_scale_grads_kernel[(nb_s + nb_w + nb_b, L)](
             grad_loss,
             den,
@@ -459,9 +464,9 @@ def _scale_grads_op(
             nb_s,
             nb_w,
             IS_FP64=den.dtype == torch.float64,
-            RTNE_S=rtne and student_dtype == torch.bfloat16,
-            RTNE_W=rtne and weight_dtype == torch.bfloat16,
-            RTNE_B=rtne and bias_dtype == torch.bfloat16,
+            RTNE_S=bf16_rtne_by_hand(student_dtype),
+            RTNE_W=bf16_rtne_by_hand(weight_dtype),
+            RTNE_B=bf16_rtne_by_hand(bias_dtype),
             BLK=_SCALE_BLK,
             num_warps=_SCALE_NUM_WARPS,
         )
@@ -487,13 +492,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
-    if not ctx.compute_grad:
-        raise RuntimeError("mta_kernels::fused_hra: called with compute_grad=False, it has no gradient")
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "mta_kernels::fused_hra does not support double backward (create_graph=True): its gradient "
-            "is computed in the forward pass and has no derivative of its own"
-        )
+    check_gradient_in_forward("fused_hra", ctx.compute_grad)
     if grad_loss is None:  # grads are not materialised: the term did not reach the output
         return (None,) * 8
     den, d_student, d_weight, d_bias = ctx.saved_tensors

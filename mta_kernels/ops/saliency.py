@@ -41,14 +41,15 @@ raises ``RuntimeError("token_saliency has no gradient ...")``.
 from __future__ import annotations
 
 import math
-import weakref
+from typing import NamedTuple
 
 import torch
 
-from mta_kernels._dispatch import triton_interpreting, use_triton
-from mta_kernels._triton import tl, triton
+from mta_kernels.ops._common import grid_1d, pow2_block
+from mta_kernels.ops._dispatch import triton_interpreting, use_triton
+from mta_kernels.ops._triton import tl, triton
 
-__all__ = ["token_saliency"]
+__all__ = ["MaskStats", "mask_stats", "token_saliency"]
 
 SALIENCY_STD_EPS = 1e-5
 _LOG2E = 1.4426950408889634
@@ -281,60 +282,41 @@ def _colsum_kernel(
 
 
 # ------------------------------------------------------------------------------------- host launchers
-# The masks of one batch go through every saliency call of the loss (both sides, every layer group):
-# the valid mask and its statistics are kept for the last two masks seen. An entry is found by the
-# mask's memory (pointer, shape, strides, dtype, device) and trusted while that storage lives and its
-# version counter has not moved (no in-place change since).
-_MASK_CACHE: list[dict] = []
+class MaskStats(NamedTuple):
+    """What the saliency reads of an attention mask, computed once per mask by :func:`mask_stats` and
+    handed to every saliency call over that mask (both sides, every layer group of a loss).
+
+    Attributes:
+        valid: bool ``[B, T]``, the mask's non-zero entries.
+        count: int32 ``[B]``, valid tokens per sequence.
+        span: int32 ``[B, 2]``, ``[first valid, last valid + 1)`` per sequence (``[T, 0)`` without any).
+    """
+
+    valid: torch.Tensor
+    count: torch.Tensor
+    span: torch.Tensor
 
 
-def _capturing() -> bool:
-    """A CUDA graph is being captured: every step must be in the graph (a replay runs no Python, and a
-    static mask may be refilled in place between replays), so nothing is taken from the cache."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def mask_stats(attention_mask: torch.Tensor) -> MaskStats:
+    """The :class:`MaskStats` of an attention mask ``[B, T]`` (bool or 0/1 integers), on its device: no
+    host sync."""
+    valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    count, span = _count_and_span(valid)
+    return MaskStats(valid, count, span)
 
 
-def _valid_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """bool ``[B, T]``: any non-zero integer counts as valid, as in the reference."""
-    if _capturing():
-        return attention_mask != 0
-    key = (attention_mask.data_ptr(), tuple(attention_mask.shape), attention_mask.stride())
-    key += (attention_mask.dtype, attention_mask.device)
-    for entry in _MASK_CACHE:
-        if (
-            entry["key"] == key
-            and entry["storage"]() is not None
-            and entry["version"] == attention_mask._version
-        ):
-            return entry["valid"]
-    valid = attention_mask != 0
-    if attention_mask.numel() > 0:
-        storage = weakref.ref(attention_mask.untyped_storage())
-        entry = dict(key=key, storage=storage, version=attention_mask._version, valid=valid, stats=None)
-        _MASK_CACHE.insert(0, entry)
-        del _MASK_CACHE[2:]
-    return valid
-
-
-def _mask_stats(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _count_and_span(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: valid-token count ``n`` int32 ``[B]`` and span ``[first, last + 1)`` int32 ``[B, 2]``.
 
-    A sequence without valid tokens gets the empty span ``[T, 0)``. Computed on the device: no sync;
-    kept with the mask (see ``_valid_mask``), so the calls of one batch compute it once.
+    A sequence without valid tokens gets the empty span ``[T, 0)``. Computed on the device: no sync.
     """
-    for entry in _MASK_CACHE:
-        if entry["valid"] is valid and entry["stats"] is not None and not _capturing():
-            return entry["stats"]
     B, T = valid.shape
     pos = torch.arange(1, T + 1, device=valid.device, dtype=torch.int32)  # position + 1
     n = valid.sum(dim=-1, dtype=torch.int32)
     last = (valid * pos).amax(dim=-1) if T > 0 else n  # last valid + 1, 0 without valid tokens
-    first = torch.where(valid, pos, T + 1).amin(dim=-1) - 1 if T > 0 else n  # T without valid tokens
-    stats = n, torch.stack([first, last], dim=-1)
-    for entry in _MASK_CACHE:
-        if entry["valid"] is valid:
-            entry["stats"] = stats
-    return stats
+    # leading tokens before the first valid one: T without valid tokens
+    first = (valid.cumsum(dim=-1, dtype=torch.int32) == 0).sum(dim=-1, dtype=torch.int32)
+    return n, torch.stack([first, last], dim=-1)
 
 
 def _block_sizes(T: int, D: int, fp32_operands: bool) -> tuple[int, int, int]:
@@ -342,8 +324,8 @@ def _block_sizes(T: int, D: int, fp32_operands: bool) -> tuple[int, int, int]:
 
     fp32 (and fp64) operands take BD <= 32: at BD = 64 ptxas spilled 24–72 B per thread for sm_90 and the
     tiles used 64 KB of shared memory (AOT compile, docs/design/gpu-readiness.md)."""
-    bt = min(64, max(16, triton.next_power_of_2(T)))
-    bd = min(32 if fp32_operands else 64, max(16, triton.next_power_of_2(D)))
+    bt = pow2_block(T, 16, 64)
+    bd = pow2_block(D, 16, 32 if fp32_operands else 64)
     return bt, bt, bd
 
 
@@ -354,30 +336,30 @@ def _block_sizes(T: int, D: int, fp32_operands: bool) -> tuple[int, int, int]:
 # channels). tests/test_triton_compile.py checks the PTX.
 SCORE_LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
 _ROW_SCALE_BR = 16
-_GRID_AXIS0_MAX = 2**31 - 1
 
 
 def _row_scale_bd(D: int) -> int:
     """D chunk of the row-scale kernel."""
-    return min(128, max(16, triton.next_power_of_2(D)))
+    return pow2_block(D, 16, 128)
 
 
 def _grid(T: int, block: int, B: int, L: int) -> tuple[int]:
     """One-axis grid of ``cdiv(T, block) · B · L`` programs (see ``_program_coords``)."""
-    programs = triton.cdiv(T, block) * B * L
-    if programs > _GRID_AXIS0_MAX:
-        raise ValueError(
-            f"token_saliency: {programs} programs (T={T}, B={B}, L={L}) exceed the grid limit 2**31 - 1"
-        )
-    return (programs,)
+    return grid_1d(triton.cdiv(T, block) * B * L, f"token_saliency (T={T}, B={B}, L={L})")
 
 
-def _saliency_triton(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
-    """Triton path: ``hidden`` ``[L, B, T, D]`` (any strides), ``valid`` bool ``[B, T]``; writes ``out``
-    float32 contiguous ``[L, B, T]``."""
+def _saliency_triton(
+    hidden: torch.Tensor,
+    valid: torch.Tensor,
+    out: torch.Tensor,
+    count_and_span: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """Triton path: ``hidden`` ``[L, B, T, D]`` (any strides), ``valid`` bool ``[B, T]`` (and its
+    :class:`MaskStats` count and span, when the caller has them); writes ``out`` float32 contiguous
+    ``[L, B, T]``."""
     L, B, T, D = hidden.shape
-    n, span = _mask_stats(valid)
-    valid_i8 = valid.to(torch.int8).contiguous()
+    n, span = _count_and_span(valid) if count_and_span is None else count_and_span
+    valid_i8 = valid.contiguous().view(torch.int8)  # bool bytes are 0/1: a view, no copy
     r = torch.empty(L, B, T, device=hidden.device, dtype=torch.float32)
     row_max = torch.empty(L, B, T, device=hidden.device, dtype=torch.float32)
     row_lsum = torch.empty(L, B, T, device=hidden.device, dtype=torch.float32)
@@ -451,22 +433,29 @@ def _saliency_torch(hidden: torch.Tensor, valid: torch.Tensor, out: torch.Tensor
 
 # ----------------------------------------------------------------------------------------- custom op
 @torch.library.custom_op("mta_kernels::token_saliency", mutates_args=())
-def _token_saliency_op(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _token_saliency_op(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    valid_count: torch.Tensor | None = None,
+    valid_span: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``valid_count`` / ``valid_span``: the mask's :class:`MaskStats` (both or neither), else computed here."""
     out = torch.empty(hidden.shape[:-1], device=hidden.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
     hidden4 = hidden if hidden.dim() == 4 else hidden.unsqueeze(0)  # [L, B, T, D]
-    valid = _valid_mask(attention_mask)  # [B, T] bool
+    valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0  # [B, T]
     out4 = out.view(hidden4.shape[:-1])
     if use_triton(hidden):
-        _saliency_triton(hidden4, valid, out4)
+        stats = None if valid_count is None or valid_span is None else (valid_count, valid_span)
+        _saliency_triton(hidden4, valid, out4, stats)
     else:
         _saliency_torch(hidden4, valid, out4)
     return out
 
 
 @_token_saliency_op.register_fake
-def _token_saliency_fake(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _token_saliency_fake(hidden, attention_mask, valid_count=None, valid_span=None):  # the op's arguments
     return hidden.new_empty(hidden.shape[:-1], dtype=torch.float32)
 
 
@@ -503,17 +492,21 @@ def _check_inputs(hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
         raise ValueError(f"hidden is on {hidden.device} but attention_mask is on {attention_mask.device}")
 
 
-def token_saliency(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_saliency(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, *, stats: MaskStats | None = None
+) -> torch.Tensor:
     """Mean attention each token receives under a parameter-free self-attention (docs/method.md#token-saliency).
 
     Flash-style: the T×T score matrix is never stored. Extra memory: O(L·B·T) on the Triton path; on
     the torch path an fp32 normalised copy of ``hidden`` plus score chunks of at most
-    max(2**19, 128·T) elements.
+    max(2**19, 256·T) elements.
 
     Args:
         hidden: ``[B, T, D]`` or stacked layers ``[L, B, T, D]``; float32/bfloat16/float16 (float64 is
             computed in float32); any strides; ``D >= 2``.
         attention_mask: ``[B, T]``, bool or 0/1 integers (non-zero = valid), on hidden's device.
+        stats: ``mask_stats(attention_mask)``, from a caller that runs several saliencies over one mask
+            (computed once instead of once per call).
     Returns:
         float32 ``[B, T]`` or ``[L, B, T]``: 0 at padding, 1 for the lone token of an n == 1 sequence,
         all 0 for a fully padded sequence. No gradient: the result does not require grad, whatever
@@ -523,4 +516,10 @@ def token_saliency(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.
         ValueError: wrong dimensions, mask shape not ``hidden.shape[-3:-1]``, D < 2, or devices differ.
     """
     _check_inputs(hidden, attention_mask)
-    return torch.ops.mta_kernels.token_saliency(hidden.detach(), attention_mask)
+    if stats is None:
+        return torch.ops.mta_kernels.token_saliency(hidden.detach(), attention_mask)
+    if tuple(stats.valid.shape) != tuple(attention_mask.shape):
+        raise ValueError(
+            f"stats are of a mask {tuple(stats.valid.shape)}, not of attention_mask {tuple(attention_mask.shape)}"
+        )
+    return torch.ops.mta_kernels.token_saliency(hidden.detach(), stats.valid, stats.count, stats.span)

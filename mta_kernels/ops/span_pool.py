@@ -17,26 +17,15 @@ from __future__ import annotations
 import torch
 
 from mta_kernels import layout
-from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
-from mta_kernels._triton import tl, triton
+from mta_kernels.ops._common import bf16_rtne_by_hand, pow2_block, same_tensor, tl_acc, to_output
+from mta_kernels.ops._dispatch import use_triton
+from mta_kernels.ops._triton import tl, triton
 
 __all__ = ["span_pool"]
 
 
 # ----------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _to_output(x, dtype: tl.constexpr, BF16_RTNE_BY_HAND: tl.constexpr):
-    """Cast an fp32/fp64 block to the output dtype, rounding to nearest even. Triton's CPU interpreter
-    truncates fp32 -> bf16 (the GPU rounds): under the interpreter that cast is done with integer ops."""
-    if BF16_RTNE_BY_HAND:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
 @triton.jit
 def _span_pool_fwd_kernel(
     h_ptr,  # [L, N, D] any strides
@@ -106,7 +95,7 @@ def _span_pool_fwd_kernel(
     p_out = out_ptr + pid_l * stride_ol + o_u[:, None] * stride_ou + o_d[None, :] * stride_od
     tl.store(
         p_out,
-        _to_output(b_out, out_ptr.dtype.element_ty, BF16_RTNE_BY_HAND),
+        to_output(b_out, out_ptr.dtype.element_ty, BF16_RTNE_BY_HAND),
         mask=m_u[:, None] & m_d[None, :],
     )
     # 1 / den for the backward; every D block computes it, the first one stores it.
@@ -160,7 +149,7 @@ def _span_pool_bwd_kernel(
     b_gh = b_go * b_scale[:, None]  # [BT, BD], 0 for uncovered tokens
     p_gh = gh_ptr + (pid_l * N + o_t[:, None]) * D + o_d[None, :]
     tl.store(
-        p_gh, _to_output(b_gh, gh_ptr.dtype.element_ty, BF16_RTNE_BY_HAND), mask=m_t[:, None] & m_d[None, :]
+        p_gh, to_output(b_gh, gh_ptr.dtype.element_ty, BF16_RTNE_BY_HAND), mask=m_t[:, None] & m_d[None, :]
     )
 
 
@@ -215,19 +204,19 @@ def _check_planned_tokens(hidden: torch.Tensor, side: layout.SidePlan) -> None:
 def _fwd_blocks(mean_len: float, width: int) -> tuple[int, int, int]:
     """(BU, BT, BD): BT ≈ the mean span length (≤ 8), BU·BT = 32 token rows per step, BD ≤ 128."""
     bt = min(8, triton.next_power_of_2(max(1, round(mean_len))))
-    bd = min(128, max(16, triton.next_power_of_2(width)))
+    bd = pow2_block(width, 16, 128)
     return 32 // bt, bt, bd
 
 
 # ------------------------------------------------------------------------------------- torch path
 def _torch_forward(
-    h3: torch.Tensor, ranges: torch.Tensor, w2: torch.Tensor | None, acc: torch.dtype
+    h3: torch.Tensor, token_to_unit: torch.Tensor, num_units: int, w2: torch.Tensor | None, acc: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised torch path: ``index_add`` of the covered tokens into their units (rows of ``h3``
     outside every unit go to a discarded extra row ``U``). Returns ``out [L, U, D]``, ``inv_den [L, U]``."""
     L, N, D = h3.shape
-    U = ranges.shape[0]
-    t2u = layout.token_to_unit(ranges, N).long()  # [N]
+    U = num_units
+    t2u = token_to_unit.long()  # [N]
     index = torch.where(t2u >= 0, t2u, U)  # [N], uncovered -> trash row U
     w = torch.ones(L, N, dtype=acc, device=h3.device) if w2 is None else w2.to(acc)  # [L, N]
     w = w * (t2u >= 0)
@@ -263,21 +252,28 @@ def _torch_backward(
 # ------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("mta_kernels::span_pool", mutates_args=())
 def _span_pool_op(
-    hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None
+    hidden: torch.Tensor,
+    ranges: torch.Tensor,
+    weights: torch.Tensor | None,
+    token_to_unit: torch.Tensor | None = None,
+    covered_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(out [.., U, D] in hidden's dtype, inv_den [.., U] in the accumulation dtype)``."""
+    """Forward: ``(out [.., U, D] in hidden's dtype, inv_den [.., U] in the accumulation dtype)``.
+
+    ``token_to_unit`` / ``covered_tokens``: those of the ranges' :class:`~mta_kernels.layout.SidePlan`
+    (validated on the host when the batch was planned: no device read here), else the ranges are checked
+    here (one device sync)."""
     h3, w2 = _as_stacked(hidden, weights)
     L, N, D = h3.shape
     U = ranges.shape[0]
-    side = layout._planned_side(ranges)
-    if side is not None:  # validated on the host when the batch was planned: no device read here
-        _check_planned_tokens(hidden, side)
-        total = side.num_covered
+    if covered_tokens is not None:
+        total = covered_tokens.shape[0]
     else:
         _, total = _check_ranges(ranges, N)
     acc = accumulation_dtype(hidden, weights)
     if not use_triton(hidden):
-        out, inv_den = _torch_forward(h3, ranges, w2, acc)
+        t2u = layout.token_to_unit(ranges, N) if token_to_unit is None else token_to_unit
+        out, inv_den = _torch_forward(h3, t2u, U, w2, acc)
     else:
         out = torch.empty(L, U, D, dtype=hidden.dtype, device=hidden.device)
         inv_den = torch.empty(L, U, dtype=acc, device=hidden.device)
@@ -298,11 +294,11 @@ def _span_pool_op(
                 *ranges.stride(),
                 *out.stride(),
                 HAS_WEIGHTS=w2 is not None,
-                ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+                ACC_DTYPE=tl_acc(acc),
                 BU=BU,
                 BT=BT,
                 BD=BD,
-                BF16_RTNE_BY_HAND=triton_interpreting() and hidden.dtype == torch.bfloat16,
+                BF16_RTNE_BY_HAND=bf16_rtne_by_hand(hidden.dtype),
                 num_warps=4,
             )
     if hidden.dim() == 2:
@@ -312,7 +308,11 @@ def _span_pool_op(
 
 @_span_pool_op.register_fake
 def _(
-    hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None
+    hidden: torch.Tensor,
+    ranges: torch.Tensor,
+    weights: torch.Tensor | None,
+    token_to_unit: torch.Tensor | None = None,
+    covered_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     lead = hidden.shape[:-2]
     U = ranges.shape[0]
@@ -328,6 +328,7 @@ def _span_pool_backward_op(
     weights: torch.Tensor | None,
     inv_den: torch.Tensor,
     num_tokens: int,
+    token_to_unit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``grad_hidden [.., N, D]`` (contiguous, grad_out's dtype) from ``grad_out [.., U, D]``."""
     g3 = grad_out if grad_out.dim() == 3 else grad_out.unsqueeze(0)
@@ -337,7 +338,7 @@ def _span_pool_backward_op(
     w2 = None
     if weights is not None:
         w2 = weights.expand(L, N) if weights.dim() == 1 else weights
-    t2u = layout.token_to_unit(ranges, N)  # int32 [N], -1 = uncovered
+    t2u = layout.token_to_unit(ranges, N) if token_to_unit is None else token_to_unit  # int32 [N], -1: none
     if not use_triton(grad_out):
         grad_hidden = _torch_backward(g3, t2u, w2, inv3)
     else:
@@ -345,7 +346,7 @@ def _span_pool_backward_op(
         if U == 0:  # no unit: nothing to gather
             grad_hidden.zero_()
         elif grad_hidden.numel() > 0:
-            BT, BD = 32, min(128, max(16, triton.next_power_of_2(D)))
+            BT, BD = 32, pow2_block(D, 16, 128)
             grid = (triton.cdiv(N, BT), triton.cdiv(D, BD), L)
             _span_pool_bwd_kernel[grid](
                 g3,
@@ -359,10 +360,10 @@ def _span_pool_backward_op(
                 *g3.stride(),
                 *((0, 0) if w2 is None else w2.stride()),
                 HAS_WEIGHTS=w2 is not None,
-                ACC_DTYPE=tl.float64 if inv3.dtype == torch.float64 else tl.float32,
+                ACC_DTYPE=tl_acc(inv3.dtype),
                 BT=BT,
                 BD=BD,
-                BF16_RTNE_BY_HAND=triton_interpreting() and grad_out.dtype == torch.bfloat16,
+                BF16_RTNE_BY_HAND=bf16_rtne_by_hand(grad_out.dtype),
                 num_warps=4,
             )
     return grad_hidden if grad_out.dim() == 3 else grad_hidden[0]
@@ -375,27 +376,28 @@ def _(
     weights: torch.Tensor | None,
     inv_den: torch.Tensor,
     num_tokens: int,
+    token_to_unit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return grad_out.new_empty(*grad_out.shape[:-2], num_tokens, grad_out.shape[-1])
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, ranges, weights = inputs
+    hidden, ranges, weights, token_to_unit, _ = inputs
     _, inv_den = output
     ctx.mark_non_differentiable(inv_den)
     ctx.set_materialize_grads(False)  # no zero tensors for the non-differentiable outputs
-    ctx.save_for_backward(ranges, weights, inv_den)
+    ctx.save_for_backward(ranges, weights, inv_den, token_to_unit)
     ctx.num_tokens = hidden.shape[-2]
 
 
 def _backward(ctx, grad_out: torch.Tensor, _grad_inv_den: torch.Tensor | None):
-    ranges, weights, inv_den = ctx.saved_tensors
+    ranges, weights, inv_den, token_to_unit = ctx.saved_tensors
     grad_hidden = None
     if ctx.needs_input_grad[0] and grad_out is not None:  # None: grads are not materialised
         grad_hidden = torch.ops.mta_kernels.span_pool_backward(
-            grad_out, ranges, weights, inv_den, ctx.num_tokens
+            grad_out, ranges, weights, inv_den, ctx.num_tokens, token_to_unit
         )
-    return grad_hidden, None, None
+    return grad_hidden, None, None, None, None
 
 
 _span_pool_op.register_autograd(_backward, setup_context=_setup_context)
@@ -403,8 +405,14 @@ _span_pool_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------------------------------- public API
 def span_pool(
-    hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
+    hidden: torch.Tensor,
+    ranges: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    plan: layout.SidePlan | None = None,
+    with_mass: bool = False,
+    weights_nonnegative: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean of each unit's token vectors (docs/method.md#span-pooling), all stacked layers in one launch.
 
     Args:
@@ -412,23 +420,45 @@ def span_pool(
             float16 (or float64, computed in float64). Any strides (e.g. a flattened slice of a
             ``[B, T, D]`` hidden state): nothing is copied.
         ranges: int32 ``[U, 2]``, ``[start, end)`` flat token range of each unit; non-empty, inside
-            ``[0, N)``, sorted and non-overlapping. The ranges of a :class:`~mta_kernels.layout.UnitBatch`
-            carry their plan (validated on the host when the batch was built): then nothing is read
-            back from the device and ``hidden`` must have the plan's ``N = B*T`` rows (ValueError).
-            Other ranges are checked here (one device-to-host copy; ValueError naming the first bad
-            unit).
+            ``[0, N)``, sorted and non-overlapping. Checked here (one device-to-host copy; ValueError
+            naming the first bad unit) unless ``plan`` is given.
         weights: ``None`` (plain mean) or non-negative float token weights ``[N]`` (shared by all
             layers) or ``[L, N]``; constants for autograd (no gradient flows to them). A negative
             weight is a RuntimeError (``torch._assert_async``: at the call on the CPU, a device-side
             assert on CUDA).
+        plan: the :class:`~mta_kernels.layout.SidePlan` of ``ranges`` (``UnitBatch.plan.student`` or
+            ``.teacher``, validated on the host when the batch was built): then nothing is read back
+            from the device, and ``hidden`` must have the plan's ``N = B*T`` rows (ValueError). A plan
+            whose tensors were modified in place since is not used.
+        with_mass: also return each unit's weight sum ``Σ_{i in u} w_i`` ``[U]`` / ``[L, U]`` (a
+            constant; the token count for ``weights=None``).
+        weights_nonnegative: the caller guarantees ``weights >= 0`` (saliencies): the value check is
+            skipped (it costs launches on the device).
     Returns:
         ``[U, D]`` or ``[L, U, D]`` in hidden's dtype (accumulated in float32); a unit whose weights
-        sum to 0 pools to 0. Differentiable w.r.t. ``hidden``.
+        sum to 0 pools to 0. Differentiable w.r.t. ``hidden``. With ``with_mass``, ``(pooled, mass)``.
 
     Autocast: the op is not autocast-aware and uses its inputs in their own dtype (no cast is
     inserted): it is a memory-bound reduction that already accumulates in float32, so a cast would
     only add a copy of ``hidden``.
     """
+    _check_inputs(hidden, ranges, weights)
+    if weights is not None:
+        weights = weights.detach()
+        if not weights_nonnegative:
+            # A value check without a host sync: on the CPU it raises here (RuntimeError); on CUDA it is
+            # a device-side assert, reported at the next synchronisation.
+            torch._assert_async((weights >= 0).all(), "span_pool: weights must be non-negative")
+    plan = _usable_plan(plan, ranges, hidden)
+    t2u, covered = (None, None) if plan is None else (plan.token_to_unit, plan.covered_tokens)
+    out, inv_den = torch.ops.mta_kernels.span_pool(hidden, ranges, weights, t2u, covered)
+    if not with_mass:
+        return out
+    return out, inv_den.reciprocal().nan_to_num(posinf=0.0)  # 1 / den, 0 for a unit of weight 0
+
+
+def _check_inputs(hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None) -> None:
+    """Metadata checks (types, shapes, devices): nothing is read from the device."""
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError(
             f"span_pool: hidden must be a floating tensor, got {getattr(hidden, 'dtype', type(hidden))}"
@@ -443,31 +473,33 @@ def span_pool(
         raise ValueError(f"span_pool: ranges must have shape [U, 2], got {tuple(ranges.shape)}")
     if ranges.device != hidden.device:
         raise ValueError(f"span_pool: ranges is on {ranges.device} but hidden is on {hidden.device}")
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise TypeError(
+            f"span_pool: weights must be None or a floating tensor, got {getattr(weights, 'dtype', type(weights))}"
+        )
     N = hidden.shape[-2]
-    if weights is not None:
-        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-            raise TypeError(
-                f"span_pool: weights must be None or a floating tensor, got {getattr(weights, 'dtype', type(weights))}"
-            )
-        allowed = [(N,)] + ([tuple(hidden.shape[:2])] if hidden.dim() == 3 else [])
-        if tuple(weights.shape) not in allowed:
-            raise ValueError(
-                f"span_pool: weights must have shape {' or '.join(str(list(s)) for s in allowed)} "
-                f"for hidden {tuple(hidden.shape)}, got {tuple(weights.shape)}"
-            )
-        if weights.device != hidden.device:
-            raise ValueError(f"span_pool: weights is on {weights.device} but hidden is on {hidden.device}")
-        weights = weights.detach()
-        # A value check without a host sync: on the CPU it raises here (RuntimeError); on CUDA it is a
-        # device-side assert, reported at the next synchronisation.
-        torch._assert_async((weights >= 0).all(), "span_pool: weights must be non-negative")
-    side = None if torch.compiler.is_compiling() else layout._planned_side(ranges)
-    if side is not None:
-        _check_planned_tokens(hidden, side)
-    return _span_pool(hidden, ranges, weights)
+    allowed = [(N,)] + ([tuple(hidden.shape[:2])] if hidden.dim() == 3 else [])
+    if tuple(weights.shape) not in allowed:
+        raise ValueError(
+            f"span_pool: weights must have shape {' or '.join(str(list(s)) for s in allowed)} "
+            f"for hidden {tuple(hidden.shape)}, got {tuple(weights.shape)}"
+        )
+    if weights.device != hidden.device:
+        raise ValueError(f"span_pool: weights is on {weights.device} but hidden is on {hidden.device}")
 
 
-def _span_pool(hidden: torch.Tensor, ranges: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """:func:`span_pool` without its checks (for callers whose inputs are valid by construction)."""
-    out, _ = torch.ops.mta_kernels.span_pool(hidden, ranges, weights)
-    return out
+def _usable_plan(
+    plan: layout.SidePlan | None, ranges: torch.Tensor, hidden: torch.Tensor
+) -> layout.SidePlan | None:
+    """The plan if it describes ``ranges`` and still holds; metadata checks against it. While
+    torch.compile traces, the plan is trusted as given."""
+    if plan is None or torch.compiler.is_compiling():
+        return plan
+    if not same_tensor(plan.ranges, ranges):
+        raise ValueError("span_pool: plan is the plan of other ranges (pass the SidePlan of these ranges)")
+    if not plan.is_current():  # modified in place since planning: the ranges are checked here instead
+        return None
+    _check_planned_tokens(hidden, plan)
+    return plan

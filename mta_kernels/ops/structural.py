@@ -9,7 +9,7 @@ Public entry: :func:`structural_loss`. It is the custom op ``mta_kernels::struct
 the graph, so the student's gradient is computed during the forward (when it is needed) and the backward
 only scales it by ``grad_output``: the N² similarity tiles are computed once, not twice.
 
-Two implementations behind one op (``mta_kernels._dispatch.use_triton``):
+Two implementations behind one op (``mta_kernels.ops._dispatch.use_triton``):
 
 - Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``): a work list of row blocks that covers only the
   block diagonal (``mta_kernels.layout.block_diagonal_work_list``); one program per (row block, layer)
@@ -27,13 +27,16 @@ Deterministic on both paths (no atomics, no scatter-add). Design notes: ``docs/d
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from mta_kernels import layout
-from mta_kernels._dispatch import triton_interpreting, use_triton
 from mta_kernels._dtypes import accumulation_dtype
-from mta_kernels._triton import tl, triton
 from mta_kernels.constants import DSA_NORM_FLOOR
+from mta_kernels.ops._common import check_gradient_in_forward, grid_1d, pow2_block, same_tensor, tl_acc
+from mta_kernels.ops._dispatch import triton_interpreting, use_triton
+from mta_kernels.ops._triton import tl, triton
 from mta_kernels.ops.glue import dsa_denominator, dsa_finish
 
 __all__ = ["structural_loss"]
@@ -345,21 +348,8 @@ def _structural_grad_epilogue_kernel(
 
 
 # ------------------------------------------------------------------------------------ host helpers
-class _PlannedBounds(list):
-    """``cu_units`` on the host, from a :class:`~mta_kernels.layout.LayoutPlan` (validated when the batch
-    was planned); ``.cu_units`` is the plan's device tensor, so the denominator needs no host data."""
-
-    def __init__(self, plan: layout.LayoutPlan) -> None:
-        super().__init__(plan.bounds)
-        self.cu_units = plan.cu_units
-
-
-def _seq_bounds(cu_units: torch.Tensor, num_units: int) -> list[int]:
-    """The CSR offsets on the host: from the batch's plan when ``cu_units`` has one (no device read),
-    else read and validated here (inside the op: data-dependent)."""
-    plan = layout._planned_batch(cu_units)
-    if plan is not None and plan.num_units == num_units:
-        return _PlannedBounds(plan)
+def _checked_bounds(cu_units: torch.Tensor, num_units: int) -> list[int]:
+    """The CSR offsets read to the host and validated (inside the op: data-dependent; one device sync)."""
     bounds = cu_units.tolist()
     if bounds[0] != 0:
         raise ValueError(f"cu_units must start at 0, got cu_units[0] = {bounds[0]}")
@@ -370,34 +360,6 @@ def _seq_bounds(cu_units: torch.Tensor, num_units: int) -> list[int]:
     if bounds[-1] != num_units:
         raise ValueError(f"cu_units ends at {bounds[-1]} but there are {num_units} units")
     return bounds
-
-
-def _denominator(
-    weights: torch.Tensor | None, bounds: list[int], L: int, U: int, device, dtype
-) -> torch.Tensor:
-    """``[L]`` Σ_b over sequences with ≥ 2 units of (Σ W)² − Σ W² (float64 prefix sums: deterministic).
-
-    Unweighted, it is Σ_b n_b (n_b − 1), computed on the host from ``bounds``; weighted, the sequence
-    offsets come from the plan's device tensor when ``bounds`` has one (no host-to-device copy)."""
-    if weights is None:
-        total = sum((hi - lo) * (hi - lo - 1) for lo, hi in zip(bounds[:-1], bounds[1:]))
-        return torch.full((L,), float(total), dtype=dtype, device=device)
-    if isinstance(bounds, _PlannedBounds) and bounds.cu_units.device == device:
-        if use_triton(weights):  # one launch instead of the composition below
-            return dsa_denominator(weights.detach(), bounds.cu_units, L, dtype)
-        cu = bounds.cu_units.long()
-        lo, hi = cu[:-1], cu[1:]
-    else:
-        lo = torch.tensor(bounds[:-1], dtype=torch.long, device=device)
-        hi = torch.tensor(bounds[1:], dtype=torch.long, device=device)
-    pairs = (hi - lo) >= 2  # [B]
-    w = weights.detach().to(torch.float64).expand(L, U)
-    zero = w.new_zeros(L, 1)
-    c1 = torch.cat([zero, w.cumsum(-1)], dim=-1)  # [L, U+1]
-    c2 = torch.cat([zero, (w * w).cumsum(-1)], dim=-1)
-    s1 = c1[:, hi] - c1[:, lo]  # [L, B]
-    s2 = c2[:, hi] - c2[:, lo]
-    return ((s1 * s1 - s2) * pairs).sum(-1).to(dtype)
 
 
 def _block_sizes(
@@ -420,105 +382,49 @@ def _block_sizes(
 F32_DOT_PRECISION = "ieee"
 
 
-_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 _PREP_NUM_WARPS = 4
 
 
 def _prep_blocks(D: int) -> tuple[int, int]:
     """``(BR, BD)`` of the norm kernel: 16 rows per program, the widths in chunks of at most 64."""
-    return 16, min(64, max(16, triton.next_power_of_2(D)))
-
-
-_GRID_AXIS0_MAX = 2**31 - 1
+    return 16, pow2_block(D, 16, 64)
 
 
 def _grid(rows: int, L: int) -> tuple[int]:
     """One-axis grid of ``rows · L`` programs (the kernels split the program id themselves)."""
-    if rows * L > _GRID_AXIS0_MAX:
-        raise ValueError(f"structural_loss: {rows} × {L} programs exceed the grid limit 2**31 - 1")
-    return (rows * L,)
+    return grid_1d(rows * L, f"structural_loss ({rows} × {L})")
 
 
 def _triton_forward(
     student: torch.Tensor,  # [L, U, Ds]
     teacher: torch.Tensor,  # [L, U, Dt]
-    cu_units: torch.Tensor,
+    cu_units: torch.Tensor,  # checked by the caller; the kernels read the device offsets
     weights: torch.Tensor | None,  # [L or 1, U]
-    bounds: list[int],  # checked by the caller; the kernels read the device offsets cu_units
     compute_grad: bool,
     acc_dtype: torch.dtype,
+    plan: _PlanTensors,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four launches: the row norms (and the zeroed gradient rows), the block-diagonal pairs, the
+    reduction with the denominator (``glue.dsa_finish``), the gradient epilogue."""
     L, U, Ds = student.shape
-    Dt = teacher.shape[-1]
     device = student.device
-    BM, BN, BD = _block_sizes(device, acc_dtype, student.dtype, compute_grad)
-    work = layout.block_diagonal_work_list(cu_units, BM)  # [W, 4] int32, only the block diagonal
-    num_work = work.shape[0]
+    BM = _block_sizes(device, acc_dtype, student.dtype, compute_grad)[0]
+    work = plan.work_list  # [W, 4] int32, only the block diagonal
+    if work is None:
+        work = layout.block_diagonal_work_list(cu_units, BM)
     norm_s = torch.empty(L, U, dtype=acc_dtype, device=device)
     inv_s, inv_t = torch.empty_like(norm_s), torch.empty_like(norm_s)
     grad = torch.empty(L, U, Ds, dtype=acc_dtype, device=device) if compute_grad else norm_s.new_empty(0)
-    partial = torch.empty(L, num_work, dtype=acc_dtype, device=device)  # every slot written once
+    partial = torch.empty(L, work.shape[0], dtype=acc_dtype, device=device)  # every slot written once
     if L > 0 and U > 0:
-        BR, BD_P = _prep_blocks(max(Ds, Dt))
-        _structural_prep_kernel[_grid(triton.cdiv(U, BR), L)](
-            student,
-            teacher,
-            norm_s,
-            inv_s,
-            inv_t,
-            grad,
-            U,
-            Ds,
-            Dt,
-            *student.stride(),
-            *teacher.stride(),
-            NORMALIZE_EPS,
-            COMPUTE_GRAD=compute_grad,
-            ACC=_TL_ACC[acc_dtype],
-            IS_FP64=acc_dtype == torch.float64,
-            BR=BR,
-            BD=BD_P,
-            num_warps=_PREP_NUM_WARPS,
-        )
-    if num_work > 0 and L > 0:
-        seq = layout.unit_to_seq(cu_units, U)  # [U] int32
-        native = device.type == "cuda" and not triton_interpreting() and acc_dtype == torch.float32
-        w_arg = weights if weights is not None else inv_s  # dummy pointer when unweighted
-        _structural_fwd_kernel[_grid(num_work, L)](
-            student,
-            teacher,
-            inv_s,
-            inv_t,
-            w_arg,
-            seq,
-            work,
-            partial,
-            grad,
-            U,
-            Ds,
-            Dt,
-            num_work,
-            *student.stride(),
-            *teacher.stride(),
-            weights.stride(0) if weights is not None and weights.shape[0] > 1 else 0,  # [1, U] broadcasts
-            weights.stride(1) if weights is not None else 0,
-            BM=BM,
-            BN=BN,
-            BD=BD,
-            HAS_WEIGHTS=weights is not None,
-            COMPUTE_GRAD=compute_grad,
-            NATIVE_S=native and student.dtype in (torch.float16, torch.bfloat16),
-            NATIVE_T=native and teacher.dtype in (torch.float16, torch.bfloat16),
-            F32_PREC=F32_DOT_PRECISION,
-            ACC=_TL_ACC[acc_dtype],
-            IS_FP64=acc_dtype == torch.float64,
-            num_warps=8,
-        )
+        _launch_prep(student, teacher, norm_s, inv_s, inv_t, grad, compute_grad)
+    if work.shape[0] > 0 and L > 0:
+        seq = layout.unit_to_seq(cu_units, U) if plan.unit_to_seq is None else plan.unit_to_seq  # [U] int32
+        _launch_pairs(student, teacher, inv_s, inv_t, weights, seq, work, partial, grad, compute_grad)
     # denominator (from the device offsets), Σ partials in float64 (fixed order), loss and 4/den: one launch
     w = None if weights is None else weights.detach()
     loss, scale = dsa_finish(w, cu_units, partial)
     if compute_grad and U > 0 and L > 0 and Ds > 0:
-        BD_E = min(1024, triton.next_power_of_2(Ds))
         _structural_grad_epilogue_kernel[_grid(U, L)](
             grad,
             student,
@@ -528,10 +434,79 @@ def _triton_forward(
             Ds,
             *student.stride(),
             NORMALIZE_EPS,
-            BD=BD_E,
-            ACC=_TL_ACC[acc_dtype],
+            BD=pow2_block(Ds, 1, 1024),
+            ACC=tl_acc(acc_dtype),
         )
     return loss, grad
+
+
+def _launch_prep(student, teacher, norm_s, inv_s, inv_t, grad, compute_grad: bool) -> None:
+    """The prologue: ``‖S_u‖``, ``1 / max(‖S_u‖, eps)``, ``1 / max(‖T_u‖, eps)`` and the zeroed ``G``."""
+    L, U, Ds = student.shape
+    Dt = teacher.shape[-1]
+    BR, BD = _prep_blocks(max(Ds, Dt))
+    _structural_prep_kernel[_grid(triton.cdiv(U, BR), L)](
+        student,
+        teacher,
+        norm_s,
+        inv_s,
+        inv_t,
+        grad,
+        U,
+        Ds,
+        Dt,
+        *student.stride(),
+        *teacher.stride(),
+        NORMALIZE_EPS,
+        COMPUTE_GRAD=compute_grad,
+        ACC=tl_acc(norm_s.dtype),
+        IS_FP64=norm_s.dtype == torch.float64,
+        BR=BR,
+        BD=BD,
+        num_warps=_PREP_NUM_WARPS,
+    )
+
+
+def _launch_pairs(
+    student, teacher, inv_s, inv_t, weights, seq, work, partial, grad, compute_grad: bool
+) -> None:
+    """The main kernel: one program per (work-list row block, layer) over its sequence's column blocks."""
+    L, U, Ds = student.shape
+    Dt = teacher.shape[-1]
+    acc_dtype = inv_s.dtype
+    BM, BN, BD = _block_sizes(student.device, acc_dtype, student.dtype, compute_grad)
+    native = student.device.type == "cuda" and not triton_interpreting() and acc_dtype == torch.float32
+    num_work = work.shape[0]
+    _structural_fwd_kernel[_grid(num_work, L)](
+        student,
+        teacher,
+        inv_s,
+        inv_t,
+        weights if weights is not None else inv_s,  # a dummy pointer when unweighted
+        seq,
+        work,
+        partial,
+        grad,
+        U,
+        Ds,
+        Dt,
+        num_work,
+        *student.stride(),
+        *teacher.stride(),
+        weights.stride(0) if weights is not None and weights.shape[0] > 1 else 0,  # [1, U] broadcasts
+        weights.stride(1) if weights is not None else 0,
+        BM=BM,
+        BN=BN,
+        BD=BD,
+        HAS_WEIGHTS=weights is not None,
+        COMPUTE_GRAD=compute_grad,
+        NATIVE_S=native and student.dtype in (torch.float16, torch.bfloat16),
+        NATIVE_T=native and teacher.dtype in (torch.float16, torch.bfloat16),
+        F32_PREC=F32_DOT_PRECISION,
+        ACC=tl_acc(acc_dtype),
+        IS_FP64=acc_dtype == torch.float64,
+        num_warps=8,
+    )
 
 
 # Sequences of at most this many units are packed into blocks and batched on the torch path.
@@ -543,9 +518,10 @@ def _torch_forward(
     teacher: torch.Tensor,  # [L, U, Dt]
     cu_units: torch.Tensor,
     weights: torch.Tensor | None,  # [L or 1, U]
-    bounds: list[int],
+    bounds: list[int],  # the offsets on the host, checked
     compute_grad: bool,
     acc_dtype: torch.dtype,
+    plan: _PlanTensors | None = None,
     row_chunk: int = 256,
     feature_space: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -565,7 +541,8 @@ def _torch_forward(
     s_hat = student.to(acc_dtype) / norm_s.clamp_min(NORMALIZE_EPS)[..., None]  # [L, U, Ds]
     t_hat = teacher.to(acc_dtype) / norm_t.clamp_min(NORMALIZE_EPS)[..., None]  # [L, U, Dt]
     w = None if weights is None else weights.to(acc_dtype).expand(L, U)
-    den = _denominator(weights, bounds, L, U, device, acc_dtype)
+    planned = plan is not None and plan.host_cu_units is not None
+    den = dsa_denominator(weights, cu_units, bounds, L, acc_dtype, offsets_checked=planned)
     num = torch.zeros(L, dtype=torch.float64, device=device)
     grad = (
         torch.zeros(L, U, Ds, dtype=acc_dtype, device=device)
@@ -575,7 +552,9 @@ def _torch_forward(
 
     packs, longs = _pack_sequences(bounds, _TORCH_PACK)
     if packs:
-        seq = layout.unit_to_seq(cu_units, U)
+        seq = (
+            layout.unit_to_seq(cu_units, U) if plan is None or plan.unit_to_seq is None else plan.unit_to_seq
+        )
         _torch_packed(s_hat, t_hat, w, seq, packs, num, grad if compute_grad else None)
 
     # feature space when N·(2Ds+Dt) > 2Ds²+2DsDt+Dt² (FLOPs of pair space vs feature space, with gradient)
@@ -698,12 +677,22 @@ def _feature_space(
 
 
 # -------------------------------------------------------------------------------------- custom op
+class _PlanTensors(NamedTuple):
+    """What the op takes of a :class:`~mta_kernels.layout.LayoutPlan`: the unit -> sequence map, the work
+    list of the Triton kernel's row block, and ``cu_units`` on the host (all None without a plan)."""
+
+    unit_to_seq: torch.Tensor | None
+    work_list: torch.Tensor | None
+    host_cu_units: torch.Tensor | None
+
+
 def _structural_loss_impl(
     student: torch.Tensor,
     teacher: torch.Tensor,
     cu_units: torch.Tensor,
     unit_weights: torch.Tensor | None,
     compute_grad: bool,
+    plan: _PlanTensors,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's body. ``student [L, U, Ds]``, ``teacher [L, U, Dt]``, ``unit_weights [L, U] | [1, U] | None``.
 
@@ -711,7 +700,8 @@ def _structural_loss_impl(
     both in the accumulation dtype (float32, float64 for float64 inputs).
     """
     L, U, _ = student.shape
-    bounds = _seq_bounds(cu_units, U)
+    planned = plan.host_cu_units is not None  # validated on the host when the batch was planned
+    bounds = None if planned else _checked_bounds(cu_units, U)
     acc_dtype = accumulation_dtype(student, teacher, unit_weights)
     if L == 0:  # no layer pairs: an empty loss vector
         grad = student.new_zeros(student.shape if compute_grad else (0,), dtype=acc_dtype)
@@ -719,8 +709,10 @@ def _structural_loss_impl(
     # Inside the op nothing is autocast: the kernels and the torch path choose their own precision.
     with torch.autocast(device_type=student.device.type, enabled=False):
         if use_triton(student):
-            return _triton_forward(student, teacher, cu_units, unit_weights, bounds, compute_grad, acc_dtype)
-        return _torch_forward(student, teacher, cu_units, unit_weights, bounds, compute_grad, acc_dtype)
+            return _triton_forward(student, teacher, cu_units, unit_weights, compute_grad, acc_dtype, plan)
+        if bounds is None:
+            bounds = plan.host_cu_units.tolist()  # a host tensor: no device read
+        return _torch_forward(student, teacher, cu_units, unit_weights, bounds, compute_grad, acc_dtype, plan)
 
 
 @torch.library.custom_op("mta_kernels::structural_loss", mutates_args=())
@@ -730,13 +722,27 @@ def _structural_loss_op(
     cu_units: torch.Tensor,
     unit_weights: torch.Tensor | None,
     compute_grad: bool,
+    unit_to_seq: torch.Tensor | None = None,
+    work_list: torch.Tensor | None = None,
+    host_cu_units: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Custom op around :func:`_structural_loss_impl` (opaque to torch.compile; see register_fake)."""
-    return _structural_loss_impl(student, teacher, cu_units, unit_weights, compute_grad)
+    """Custom op around :func:`_structural_loss_impl` (opaque to torch.compile; see register_fake). The
+    last three: the batch's plan (see :class:`_PlanTensors`), or None (``cu_units`` is checked here)."""
+    plan = _PlanTensors(unit_to_seq, work_list, host_cu_units)
+    return _structural_loss_impl(student, teacher, cu_units, unit_weights, compute_grad, plan)
 
 
 @_structural_loss_op.register_fake
-def _(student, teacher, cu_units, unit_weights, compute_grad):
+def _(
+    student,
+    teacher,
+    cu_units,
+    unit_weights,
+    compute_grad,
+    unit_to_seq=None,
+    work_list=None,
+    host_cu_units=None,
+):
     acc_dtype = accumulation_dtype(student, teacher, unit_weights)
     loss = student.new_empty(student.shape[:1], dtype=acc_dtype)
     grad = student.new_empty(student.shape if compute_grad else (0,), dtype=acc_dtype)
@@ -744,7 +750,7 @@ def _(student, teacher, cu_units, unit_weights, compute_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    student, _, _, _, compute_grad = inputs
+    student, _, _, _, compute_grad, *_ = inputs
     ctx.compute_grad = compute_grad
     ctx.student_dtype = student.dtype
     ctx.save_for_backward(output[1])
@@ -753,23 +759,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_grad):
-    if not ctx.compute_grad:
-        raise RuntimeError("mta_kernels::structural_loss: called with compute_grad=False, it has no gradient")
-    if torch.is_grad_enabled():
-        # create_graph=True: the saved gradient is a constant, so a second derivative through it would be
-        # silently 0. Refuse rather than return a wrong Hessian term.
-        raise RuntimeError(
-            "mta_kernels::structural_loss does not support double backward (create_graph=True): its "
-            "gradient is computed in the forward pass and has no derivative of its own"
-        )
+    check_gradient_in_forward("structural_loss", ctx.compute_grad)
     if grad_loss is None:  # grads are not materialised: the loss did not reach the output
-        return None, None, None, None, None
+        return (None,) * 8
     (grad,) = ctx.saved_tensors
     # scale and cast in one pass (out= in the student's dtype): no second full-size copy in the
     # accumulation dtype before the cast
     out = torch.empty_like(grad, dtype=ctx.student_dtype)
     torch.mul(grad, grad_loss[:, None, None].to(grad.dtype), out=out)
-    return out, None, None, None, None
+    return (out,) + (None,) * 7
 
 
 _structural_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -781,6 +779,8 @@ def structural_loss(
     teacher: torch.Tensor,
     cu_units: torch.Tensor,
     unit_weights: torch.Tensor | None = None,
+    *,
+    plan: layout.LayoutPlan | None = None,
 ) -> torch.Tensor:
     """DSA loss, block-diagonal: pairwise cosine geometry of the units within each sequence (docs/method.md#dsa-loss).
 
@@ -789,10 +789,11 @@ def structural_loss(
             The gradient flows here.
         teacher: ``[U, Dt]`` or ``[L, U, Dt]`` (``Dt`` may differ from ``Ds``); treated as a constant.
         cu_units: int32 ``[B+1]`` CSR offsets: the units of sequence b are rows ``cu_units[b]:cu_units[b+1]``.
-            The ``cu_units`` of a :class:`~mta_kernels.layout.UnitBatch` carry their plan (bounds and work
-            lists computed on the host): then nothing is read back from the device. Other offsets are
-            read and checked inside the op (one device-to-host copy).
+            Read and checked inside the op (one device-to-host copy) unless ``plan`` is given.
         unit_weights: ``None`` (all 1) or ``[U]`` / ``[L, U]`` unit importances (constants).
+        plan: the :class:`~mta_kernels.layout.LayoutPlan` of ``cu_units`` (``UnitBatch.plan``: bounds and
+            work lists computed on the host): then nothing is read back from the device. A plan of
+            another unit count, or whose tensors were modified in place since, is not used.
     Returns:
         float32 (float64 for float64 inputs) scalar, or ``[L]`` for stacked inputs. 0 with a zero gradient
         when no sequence has two units.
@@ -810,8 +811,33 @@ def structural_loss(
         w2 = unit_weights.detach()
         w2 = w2 if w2.dim() == 2 else w2.unsqueeze(0)  # [L or 1, U]
     compute_grad = student.requires_grad and torch.is_grad_enabled()
-    loss, _ = _structural_loss_op(s3, t3, cu_units, w2, compute_grad)
+    planned = _plan_tensors(plan, cu_units, s3, t3, w2, compute_grad)
+    loss, _ = _structural_loss_op(s3, t3, cu_units, w2, compute_grad, *planned)
     return loss if stacked else loss[0]
+
+
+def _plan_tensors(
+    plan: layout.LayoutPlan | None,
+    cu_units: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weights: torch.Tensor | None,
+    compute_grad: bool,
+) -> _PlanTensors:
+    """What the op takes of the plan (all None when there is none, or it is not usable: another unit
+    count, or modified in place since planning). While torch.compile traces, the plan is trusted."""
+    if plan is None:
+        return _PlanTensors(None, None, None)
+    if not torch.compiler.is_compiling():
+        if not same_tensor(plan.cu_units, cu_units):
+            raise ValueError(
+                "structural_loss: plan is the plan of other cu_units (pass the batch's own plan)"
+            )
+        if plan.num_units != student.shape[1] or not plan.is_current():
+            return _PlanTensors(None, None, None)
+    acc_dtype = accumulation_dtype(student, teacher, weights)
+    block_m = _block_sizes(student.device, acc_dtype, student.dtype, compute_grad)[0]
+    return _PlanTensors(plan.unit_to_seq, plan.work_lists.get(block_m), plan.host_cu_units)
 
 
 def _check_inputs(

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import torch
 
-from mta_kernels._triton import HAS_TRITON
 from mta_kernels.constants import BACKENDS
+from mta_kernels.ops._triton import HAS_TRITON
 
 _forced: contextvars.ContextVar[str] = contextvars.ContextVar("mta_kernels_backend", default="auto")
 
@@ -55,6 +55,24 @@ def use_triton(t: torch.Tensor) -> bool:
             _warn_no_triton()
         return False
     return t.is_cuda or (t.device.type == "cpu" and triton_interpreting())
+
+
+def prefer_stacked(t: torch.Tensor) -> bool:
+    """Whether a caller should hand the ops all its layer pairs stacked in one call (``[L, ...]``): on
+    the Triton path and while torch.compile traces (the choice reads a context variable, which the
+    tracer does not follow), launches cost more than the copy that stacking makes; on the eager torch
+    path copies cost more, and each layer pair runs on views of its own layers."""
+    return torch.compiler.is_compiling() or use_triton(t)
+
+
+def triton_installed() -> bool:
+    """Whether the Triton package is importable (without it every op runs its torch path)."""
+    return HAS_TRITON
+
+
+def triton_runs_on(device_type: str) -> bool:
+    """Whether the Triton kernels can run on a device type: CUDA, or the CPU under ``TRITON_INTERPRET=1``."""
+    return HAS_TRITON and (device_type == "cuda" or (device_type == "cpu" and triton_interpreting()))
 
 
 @functools.cache
