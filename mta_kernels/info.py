@@ -224,7 +224,10 @@ def format_report(f: dict[str, Any]) -> str:
         lines.append(f"jit build    {jit['folder']} ({'built' if jit['built'] else 'not built'})")
     lines += [
         f"layout ops   CPU: {be['layout ops']['cpu']}; CUDA: {be['layout ops']['cuda']}",
+        "             (validate_layout, token_to_unit, unit_to_seq, offsets_from_lengths, the work lists,",
+        "             char_spans_to_token_ranges)",
         f"fused ops    CPU: {be['fused ops']['cpu']}; CUDA: {be['fused ops']['cuda']}",
+        "             (token_saliency, span_pool, structural_loss, fused_hra and the glue between them)",
     ]
     cxx = f["compiler"]
     found = f"{cxx['path']} ({cxx['version']})" if cxx["path"] else "NOT FOUND"
