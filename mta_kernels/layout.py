@@ -19,19 +19,17 @@ import numpy as np
 import torch
 import torch.fx.node
 
-try:
-    from mta_kernels import _C  # noqa: F401  (loading it registers torch.ops.mta_kernels.*)
-except ImportError as exc:
-    raise ImportError(
-        "mta_kernels: the compiled extension mta_kernels._C is missing or broken "
-        f"({exc}). Build it with `make setup` or `pip install --no-build-isolation -e .` "
-        "from the repository root."
-    ) from exc
+from mta_kernels import _extension
+
+# Defines torch.ops.mta_kernels.*: the compiled extension (prebuilt, or compiled on first use) or the
+# pure-torch fallback runs them, chosen at the first call (mta_kernels/_extension.py).
+_extension.register_ops()
 
 
-def extension_path() -> str:
-    """File the compiled extension was loaded from."""
-    return _C.__file__
+def extension_path() -> str | None:
+    """File of the compiled extension the layout ops run (loading it, compiling it if needed), or None
+    when they run the pure-torch fallback."""
+    return _extension.load().path
 
 
 def validate_layout(ranges: torch.Tensor, cu_units: torch.Tensor, num_tokens: int, seq_len: int) -> None:

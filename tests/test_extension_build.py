@@ -1,5 +1,5 @@
-"""The compiled extension: it loads, it registers the ops, its CUDA sources compile, and a missing
-build gives an ImportError that says how to build it."""
+"""The compiled extension: the prebuilt one loads and its build record matches the sources, it registers
+its ops, and its CUDA sources compile. Loading without it: tests/test_extension_loading.py."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import torch
 import torch.utils.cpp_extension as cpp_extension
 
 import mta_kernels
-from mta_kernels import layout
+from mta_kernels import _build_spec, _extension, layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
+CSRC = str(_build_spec.CSRC)
 OPS = [
     "validate_layout",
     "token_to_unit",
@@ -30,20 +30,46 @@ OPS = [
 ]
 
 
-def test_import_loads_the_compiled_extension():
+def test_the_prebuilt_extension_runs_the_layout_ops():
+    """`make setup` builds _C ahead of time; the first layout op loads it (not a fallback)."""
+    if _extension.mode() != "auto":
+        pytest.skip("MTA_KERNELS_EXT forces another choice")
     path = layout.extension_path()
-    assert path.endswith(".so") and os.path.isfile(path), path
+    assert path is not None and path.endswith(".so") and os.path.isfile(path), path
+    assert _extension.state().kind == "prebuilt" and "mta_kernels._C" in sys.modules
     assert mta_kernels.layout is layout
     for name in OPS:
-        assert hasattr(torch.ops.mta_kernels, name), name
-        assert isinstance(getattr(torch.ops.mta_kernels, name), torch._ops.OpOverloadPacket)
+        for namespace in (torch.ops.mta_kernels, torch.ops.mta_kernels_C):
+            assert isinstance(getattr(namespace, name), torch._ops.OpOverloadPacket), name
 
 
-def test_extension_is_not_older_than_its_sources():
-    built = os.path.getmtime(layout.extension_path())
-    sources = [p for p in glob.glob(os.path.join(CSRC, "**", "*"), recursive=True) if os.path.isfile(p)]
-    stale = [os.path.relpath(p, ROOT) for p in sources if os.path.getmtime(p) > built + 1]
-    assert not stale, f"rebuild the extension (`make setup`): sources changed after the build: {stale}"
+def test_the_prebuilt_build_record_matches_the_sources():
+    """The record next to _C names this torch and the hash of the current csrc (else: `make setup`)."""
+    library = _extension.prebuilt_library()
+    assert library is not None, "no prebuilt extension: run `make setup`"
+    assert _extension.prebuilt_problem(library) is None, (
+        f"rebuild the extension (`make setup`): {_extension.prebuilt_problem(library)}"
+    )
+    record = _build_spec.read_record(library.with_name(_build_spec.RECORD_NAME))
+    assert record["torch"] == torch.__version__ and "-g0" in record["flags"]["cxx"]
+
+
+def test_public_schemas_are_the_compiled_ones():
+    """torch.ops.mta_kernels.* (defined in Python) and mta_kernels_C.* (C++) have the same signatures."""
+    layout.extension_path()  # loads the compiled library
+    for name in OPS:
+        public = str(getattr(torch.ops.mta_kernels, name).default._schema)
+        compiled = str(getattr(torch.ops.mta_kernels_C, name).default._schema)
+        assert public == compiled.replace("mta_kernels_C::", "mta_kernels::"), (public, compiled)
+    assert set(_extension.SCHEMAS) == set(OPS)
+
+
+def test_the_layout_ops_share_their_namespace_with_the_python_custom_ops():
+    import mta_kernels.ops  # noqa: F401  (registers the custom ops of ops/)
+
+    custom = ["token_saliency", "span_pool", "span_pool_backward", "structural_loss", "fused_hra"]
+    for name in OPS + custom:
+        assert isinstance(getattr(torch.ops.mta_kernels, name), torch._ops.OpOverloadPacket), name
 
 
 def find_nvcc() -> str | None:
@@ -119,33 +145,3 @@ def test_cuda_glue_sources_parse(tmp_path):
         assert result.returncode == 0, (
             f"{cxx} failed on {os.path.relpath(src, ROOT)}:\n{result.stderr[-4000:]}"
         )
-
-
-BLOCKED_IMPORT = r"""
-import sys
-
-class BlockExtension:
-    def find_spec(self, name, path=None, target=None):
-        if name == "mta_kernels._C":
-            raise ImportError("simulated: no compiled extension")
-        return None
-
-sys.meta_path.insert(0, BlockExtension())
-try:
-    import mta_kernels
-except ImportError as exc:
-    print(exc)
-    sys.exit(0)
-print("imported without the extension")
-sys.exit(1)
-"""
-
-
-def test_missing_extension_gives_a_clear_import_error():
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCKED_IMPORT], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    message = result.stdout
-    assert "mta_kernels._C" in message and "simulated: no compiled extension" in message
-    assert "pip install --no-build-isolation -e ." in message and "make setup" in message

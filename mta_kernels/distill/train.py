@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mta_kernels import info as mta_info
 from mta_kernels.distill import checks, faults, reporting
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.checkpoint import (
@@ -151,6 +152,8 @@ def train(cfg: TrainConfig) -> dict:
     reporting.check_available(cfg.report_to)
     checks.check_out_dir(cfg)
     env = setup_dist(cfg)
+    if env.main:  # versions and what runs the ops, in one line (all of it in <out>/config.json)
+        print(mta_info.summary(), flush=True)
     try:
         checks.check_backend(cfg, env.device.type)
         if cfg.backend != "auto":
@@ -209,7 +212,12 @@ def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int) -> None:
     trim_metrics(os.path.join(cfg.out, METRICS_NAME), step)
     _write_json(
         os.path.join(cfg.out, "config.json"),
-        {**cfg.to_dict(), "pairs_resolved": fp["pairs"], "world_size": s.env.world},
+        {
+            **cfg.to_dict(),
+            "pairs_resolved": fp["pairs"],
+            "world_size": s.env.world,
+            "mta_kernels": mta_info.info(),
+        },
     )
     for note in s.notes:
         print(f"note: {note}")

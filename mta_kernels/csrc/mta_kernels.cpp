@@ -1,8 +1,10 @@
-// Dispatching front of the mta_kernels._C extension: op schemas (TORCH_LIBRARY), CPU and CUDA
-// implementations (TORCH_LIBRARY_IMPL), and an importable Python module.
+// Dispatching front of the compiled extension: op schemas (TORCH_LIBRARY), CPU and CUDA implementations
+// (TORCH_LIBRARY_IMPL), and an importable Python module.
 //
-// The layout ops (docs/method.md#packed-layout) live here; the Python wrappers, fake (meta) implementations and
-// docstrings with shapes are in mta_kernels/layout.py.
+// The layout ops (docs/method.md#packed-layout) are registered under their own namespace, mta_kernels_C.
+// The public ops torch.ops.mta_kernels.* (same schemas) are defined in Python by mta_kernels/_extension.py,
+// which routes them to these kernels or to the pure-torch fallback (docs/design/layout.md). The Python
+// wrappers, fake (meta) implementations and docstrings with shapes are in mta_kernels/layout.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -11,14 +13,14 @@
 #include "cuda/layout_cuda.h"
 #endif
 
-// An importable module, so that `from mta_kernels import _C` loads the library and runs the
-// registrations below.
+// An importable module, so that `import mta_kernels._C` (the prebuilt extension) loads the library and
+// runs the registrations below. The compiled-on-first-use build is loaded with torch.ops.load_library.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "mta_kernels layout ops", -1, nullptr};
   return PyModule_Create(&module);
 }
 
-TORCH_LIBRARY(mta_kernels, m) {
+TORCH_LIBRARY(mta_kernels_C, m) {
   m.def("validate_layout(Tensor ranges, Tensor cu_units, int num_tokens, int seq_len) -> ()");
   m.def("token_to_unit(Tensor ranges, int num_tokens) -> Tensor");
   m.def("unit_to_seq(Tensor cu_units, int? num_units=None) -> Tensor");
@@ -29,7 +31,7 @@ TORCH_LIBRARY(mta_kernels, m) {
       "Tensor cu_spans) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(mta_kernels, CPU, m) {
+TORCH_LIBRARY_IMPL(mta_kernels_C, CPU, m) {
   m.impl("validate_layout", &mta_kernels::cpu::validate_layout);
   m.impl("token_to_unit", &mta_kernels::cpu::token_to_unit);
   m.impl("unit_to_seq", &mta_kernels::cpu::unit_to_seq);
@@ -40,7 +42,7 @@ TORCH_LIBRARY_IMPL(mta_kernels, CPU, m) {
 
 #ifdef WITH_CUDA
 // char_spans_to_token_ranges is CPU only: it is host preprocessing of tokenizer output.
-TORCH_LIBRARY_IMPL(mta_kernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(mta_kernels_C, CUDA, m) {
   m.impl("validate_layout", &mta_kernels::cuda::validate_layout);
   m.impl("token_to_unit", &mta_kernels::cuda::token_to_unit);
   m.impl("unit_to_seq", &mta_kernels::cuda::unit_to_seq);
