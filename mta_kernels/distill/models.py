@@ -16,22 +16,28 @@ from torch import nn
 from mta_kernels.distill.config import DistillError
 
 EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
+# Bounds of the built-in configs (random init, for tests and demos): beyond them the model would not fit.
+MAX_BUILTIN_LAYERS, MAX_BUILTIN_DIM = 256, 16384
 
 
 def is_builtin(spec: str) -> bool:
     return spec.startswith("builtin:")
 
 
-def _parse_builtin(spec: str) -> tuple[str, int, int]:
+def parse_builtin(spec: str, what: str = "model spec") -> tuple[str, int, int]:
+    """``builtin:FAMILY:LAYERS:DIM`` -> ``(family, layers, dim)``; a :class:`DistillError` naming ``what``."""
     parts = spec.split(":")
     if len(parts) != 4 or parts[1] not in ("gpt2", "llama"):
-        raise DistillError(f"model spec {spec!r} is not builtin:gpt2:LAYERS:DIM or builtin:llama:LAYERS:DIM")
+        raise DistillError(f"{what} {spec!r} is not builtin:gpt2:LAYERS:DIM or builtin:llama:LAYERS:DIM")
     try:
         layers, dim = int(parts[2]), int(parts[3])
     except ValueError:
-        raise DistillError(f"model spec {spec!r}: LAYERS and DIM must be integers") from None
-    if layers < 1 or dim < 8 or dim % 4:
-        raise DistillError(f"model spec {spec!r}: need LAYERS >= 1 and DIM a multiple of 4, at least 8")
+        raise DistillError(f"{what} {spec!r}: LAYERS and DIM must be integers") from None
+    if not (1 <= layers <= MAX_BUILTIN_LAYERS and 8 <= dim <= MAX_BUILTIN_DIM and dim % 4 == 0):
+        raise DistillError(
+            f"{what} {spec!r}: LAYERS must lie in [1, {MAX_BUILTIN_LAYERS}] and DIM in "
+            f"[8, {MAX_BUILTIN_DIM}], a multiple of 4"
+        )
     return parts[1], layers, dim
 
 
@@ -48,7 +54,7 @@ def build_model(spec: str, tokenizer, max_length: int) -> nn.Module:
             return AutoModelForCausalLM.from_pretrained(spec, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - any loader failure is a user-input problem here
             raise DistillError(f"could not load the model in {spec!r}: {exc}") from None
-    family, layers, dim = _parse_builtin(spec)
+    family, layers, dim = parse_builtin(spec)
     vocab = len(tokenizer)
     heads = max(1, dim // 32)
     positions = max(512, max_length)
