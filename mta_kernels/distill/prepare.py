@@ -83,6 +83,11 @@ def setup_dist(cfg: TrainConfig) -> DistEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device(want)
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise DistillError(
+                f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistEnv(rank, world, local_rank, device)
@@ -265,8 +270,10 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
         hf_logging.disable_progress_bar()  # weight-loading bars would interleave with ours
     except ImportError:  # pragma: no cover
         pass
-    examples = load_examples(cfg.data, cfg.data_format)
-    train_ex, eval_ex = split_examples(examples, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.data_format)
+    examples = load_examples(cfg.data, cfg.data_format, notes)
+    train_ex, eval_ex = split_examples(
+        examples, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.data_format, notes
+    )
     global_batch = cfg.batch_size * env.world
     if len(train_ex) < global_batch:
         raise DistillError(
