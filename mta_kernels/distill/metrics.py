@@ -112,6 +112,9 @@ def summarise(metrics_path: str) -> dict:
     }
     shares = [r["mta_share"] for r in timed if r.get("mta_share") is not None]
     out["mta_share"] = float(np.median(shares)) if shares else None
+    failed = sum(int(r.get("units_failed") or 0) for r in train_recs)
+    if failed:
+        out["units_failed"] = failed
     covered = [r["unit_coverage"] for r in train_recs if r.get("unit_coverage")]
     if covered:  # mean over the logged steps of each step's fractions
         out["unit_coverage"] = {

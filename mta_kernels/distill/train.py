@@ -257,7 +257,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _stat_keys(s: Setup) -> list[str]:
-    keys = ["examples", "tokens"]
+    keys = ["examples", "tokens", "units_failed"]
     for g in s.granularities:
         keys += [f"units_{g}_examples", f"units_{g}_tokens"]
     return keys
@@ -410,7 +410,10 @@ def _loop(run: _Run, stepper: Stepper, step: int) -> tuple[int, dict | None]:
             if run.off is not None:
                 rec["student_gen"] = run.off.take_counts()
             if stat_keys:
-                rec["unit_coverage"] = checks.coverage(dict(zip(stat_keys, reduced)), s.granularities)
+                stats = dict(zip(stat_keys, reduced))
+                rec["unit_coverage"] = checks.coverage(stats, s.granularities)
+                if stats["units_failed"]:  # texts spaCy could not parse: trained without units
+                    rec["units_failed"] = int(stats["units_failed"])
             preempted = reduced[-1] > 0
             step += 1
             do_eval = step % cfg.eval_every == 0 or step == cfg.steps
@@ -466,6 +469,13 @@ def _finish(cfg: TrainConfig, s: Setup, step: int, last_eval: dict | None, metri
     summary.update(summarise(metrics_path))
     summary["data_checks"] = s.data_checks
     warnings = list(s.warnings)
+    if summary.get("units_failed"):
+        warning = (
+            f"spaCy could not parse {summary['units_failed']} training text(s) in the logged steps: they "
+            "trained without units (the steps' units_failed in metrics.jsonl)"
+        )
+        print(f"warning: {warning}", file=sys.stderr)
+        warnings.append(warning)
     if summary.get("unit_coverage"):
         warning = checks.coverage_warning(summary["unit_coverage"], "the training batches")
         if warning:
