@@ -53,6 +53,8 @@ class _Parser(argparse.ArgumentParser):
             rule = FIELD_RULES.get(getattr(action, "dest", ""))
             if rule is not None:
                 message += f" ({found.group(1)} must be {rule.describe()})"
+        if found and message.endswith("expected one argument"):
+            message += f" (a value that starts with '-' is written {found.group(1)}=VALUE)"
         unknown = re.match(r"unrecognized arguments: (.*)", message)
         if unknown:
             options = [o for parser in self._all_parsers() for a in parser._actions for o in a.option_strings]

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from mta_kernels.distill import faults
 from mta_kernels.distill.config import DistillError, TrainConfig, flag
 
 RUN_MARKER = ".mta-distill-run"
@@ -73,7 +74,9 @@ def check_out_dir(cfg: TrainConfig, extra_inputs: dict[str, str] | None = None) 
     """``--out`` is empty, new, or ours; a non-empty foreign one needs ``--overwrite``; a model never;
     nor a folder that holds, is inside or is above what the run reads; and it must be writable."""
     out = cfg.out
-    inputs = {flag(k): getattr(cfg, k) for k in INPUT_FIELDS if getattr(cfg, k)}
+    # train-teacher names its model --model and --tokenizer
+    names = {"student": "--model", "student_tokenizer": "--tokenizer"} if cfg.mode == "teacher" else {}
+    inputs = {names.get(k, flag(k)): getattr(cfg, k) for k in INPUT_FIELDS if getattr(cfg, k)}
     check_out_against_inputs(out, {**inputs, **(extra_inputs or {})})
     check_writable(out)
     if not os.path.exists(out):
@@ -223,6 +226,7 @@ def scan_targets(dataset: Sequence[dict], collator: Any, max_length: int, progre
         starts, desc="checking the data", disable=not progress or len(dataset) < 4 * chunk, leave=False
     )
     for i in bar:
+        faults.at("data")  # test hook: a signal while the data is checked
         batch = collator([dataset[j] for j in range(i, min(i + chunk, len(dataset)))])
         per_example = (batch["labels"][:, 1:] != -100).sum(dim=1)
         for key in ("examples", "prompt_cut", "response_cut"):

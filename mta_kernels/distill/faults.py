@@ -11,8 +11,10 @@ Fault injection, for the tests: the environment variable ``MTA_DISTILL_FAULT`` n
 ``sigterm@step:K`` / ``sigint@step:K`` (the run sends itself that signal in the middle of step K,
 after the first micro-batch's forward), ``sigkill@save:N`` (the run SIGKILLs itself in the middle
 of writing its N-th checkpoint of this process, after half of the bytes), ``sigterm@save:N`` (a
-signal half-way through the N-th checkpoint) or ``enospc@save:N`` (the N-th checkpoint's writes fail
-with ``OSError(ENOSPC)`` half-way, as on a full disk). Unset, the hooks do nothing.
+signal half-way through the N-th checkpoint), ``enospc@save:N`` (the N-th checkpoint's writes fail
+with ``OSError(ENOSPC)`` half-way, as on a full disk), or ``sigterm@setup:1`` / ``@data:1`` /
+``@finish:1`` (a signal at that stage, :func:`at`); several faults separated by commas. Unset, the hooks
+do nothing.
 """
 
 from __future__ import annotations
@@ -190,23 +192,44 @@ def ignore_signals_in_worker(_worker_id: int) -> None:
 
 
 # ------------------------------------------------------------------------------- fault injection
-def _fault() -> tuple[str, str, int] | None:
+def _faults() -> list[tuple[str, str, int]]:
+    """The faults of ``MTA_DISTILL_FAULT``: ``ACTION@WHERE:N``, several separated by commas."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return None
-    try:
-        action, rest = spec.split("@")
-        where, count = rest.split(":")
-        return action, where, int(count)
-    except ValueError:
-        raise ValueError(f"{FAULT_ENV}={spec!r} is not ACTION@WHERE:N (e.g. sigterm@step:3)") from None
+        return []
+    found = []
+    for item in spec.split(","):
+        try:
+            action, rest = item.strip().split("@")
+            where, count = rest.split(":")
+            found.append((action, where, int(count)))
+        except ValueError:
+            raise ValueError(f"{FAULT_ENV}={spec!r} is not ACTION@WHERE:N (e.g. sigterm@step:3)") from None
+    return found
+
+
+def _signal(action: str) -> None:
+    os.kill(os.getpid(), getattr(signal, action.upper()))
 
 
 def at_step(step: int) -> None:
     """Hook in the middle of optimizer step ``step`` (1-based)."""
-    fault = _fault()
-    if fault is not None and fault[1:] == ("step", step):
-        os.kill(os.getpid(), getattr(signal, fault[0].upper()))
+    for action, where, count in _faults():
+        if (where, count) == ("step", step):
+            _signal(action)
+
+
+_reached: dict[str, int] = {}
+
+
+def at(stage: str) -> None:
+    """Hook at a stage of a command: ``setup`` (the run starts: nothing loaded, nothing written),
+    ``data`` (the training set is being checked), ``finish`` (the final model is being saved). The
+    N-th time this process reaches ``stage``, an ``ACTION@stage:N`` fault fires."""
+    _reached[stage] = _reached.get(stage, 0) + 1
+    for action, where, count in _faults():
+        if (where, count) == (stage, _reached[stage]):
+            _signal(action)
 
 
 _saves = 0
@@ -218,8 +241,8 @@ def checkpoint_file(f: IO[bytes]) -> IO[bytes]:
     signals it (``sigterm``, ``sigint``) or fails every later write with ``OSError(ENOSPC)``."""
     global _saves
     _saves += 1
-    fault = _fault()
-    if fault is None or fault[1:] != ("save", _saves):
+    fault = next((f for f in _faults() if f[1:] == ("save", _saves)), None)
+    if fault is None:
         return f
     return _FaultMidWrite(f, fault[0])
 
@@ -244,10 +267,11 @@ class _FaultMidWrite:
         return len(data)
 
     def flush(self) -> None:
-        if self.action == "enospc":
+        if self.action == "enospc" or not self.chunks:  # torch.save flushes too: the fault fires once
             self.f.flush()
             return
         data = b"".join(self.chunks)
+        self.chunks = []
         self.f.write(data[: len(data) // 2])
         self.f.flush()
         os.fsync(self.f.fileno())

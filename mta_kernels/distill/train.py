@@ -264,6 +264,7 @@ def _stat_keys(s: Setup) -> list[str]:
 
 
 def _train(cfg: TrainConfig, env: DistEnv) -> dict:
+    faults.at("setup")  # test hook: a signal before anything loads
     seed_everything(cfg.seed)
     s = build(cfg, env)
     s.notes.extend(resolve_schedule(cfg, len(s.train_set), env.world))
@@ -482,6 +483,7 @@ def _finish(cfg: TrainConfig, s: Setup, step: int, last_eval: dict | None, metri
             print(f"warning: {warning}", file=sys.stderr)
             warnings.append(warning)
     summary["warnings"] = warnings
+    faults.at("finish")  # test hook: a signal while the final model is written
     if cfg.save_model:
         _replace_dir(os.path.join(cfg.out, "model"), lambda d: save_model(s.student, s.student_tokenizer, d))
     _write_json(os.path.join(cfg.out, "summary.json"), summary)
