@@ -189,9 +189,11 @@ def test_models_specs_and_missing_options(assets, tmp_path, capsys):
     out = tmp_path / "run"
     args = _distill_args(assets, out, steps=1)
     args[args.index("--student") + 1] = "builtin:gpt2:0:8"
-    _refused(capsys, args, "--student", "'builtin:gpt2:0:8'", "LAYERS must lie in [1, 256]")
+    _refused(capsys, args, "--student", "'builtin:gpt2:0:8'", "LAYERS must lie in [1, 128]")
     args[args.index("--student") + 1] = "builtin:bert:1:8"
     _refused(capsys, args, "--student", "builtin:gpt2:LAYERS:DIM")
+    args[args.index("--student") + 1] = "builtin:llama:128:8192"
+    _refused(capsys, args, "--student", "about 1e+11 parameters", "load a real model")
     args = _distill_args(assets, out, steps=1)
     args[args.index("--out") + 1] = ""
     _refused(capsys, args, "no --out given")
@@ -288,6 +290,32 @@ def test_evaluate_lengths_past_the_model_and_another_tokenizer(assets, tmp_path,
     args[args.index("--model") + 1] = str(tmp_path / "small")
     _refused(capsys, [*args, "--tokenizer", str(assets / "bpe")], "400 tokens", "100 rows", "--tokenizer")
     assert not (tmp_path / "e").exists()
+
+
+def test_a_tokenizer_other_than_the_models_own_is_refused(assets, tmp_path, capsys):
+    """A model directory that holds its tokenizer, given another one: the model would read foreign ids."""
+    model = str(assets / "teacher-run" / "model")  # saved with the BPE tokenizer
+    args = _distill_args(assets, tmp_path / "run", "--no-mta", steps=1)
+    args[args.index("--teacher") + 1] = model
+    args[args.index("--teacher-tokenizer") + 1] = str(assets / "wp")
+    _refused(capsys, args, "'" + str(assets / "wp") + "' (300 tokens) is not the one saved with the model")
+    _refused(
+        capsys,
+        [
+            "evaluate",
+            "--model",
+            model,
+            "--tokenizer",
+            str(assets / "wp"),
+            "--data",
+            str(assets / "data.jsonl"),
+            "--out",
+            str(tmp_path / "e"),
+        ],
+        "is not the one saved with",
+    )
+    args[args.index("--teacher-tokenizer") + 1] = str(assets / "bpe")  # its own: fine
+    assert main(args) == 0
 
 
 def test_recipes_and_demo_options(tmp_path, capsys):
@@ -487,7 +515,7 @@ def test_checkpoint_from_before_an_option_resumes_with_its_default(assets, tmp_p
     base = _distill_args(assets, out, "--no-mta", "--save-every", "2", steps=4)
     assert main([*base, "--stop-at", "2"]) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=False)
-    for key in ("accum_mean", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
+    for key in ("accum_mean", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "data_digest"):
         del state["fingerprint"][key]
     del state["metrics_records"]
     torch.save(state, out / "checkpoint.pt")
@@ -498,8 +526,23 @@ def test_checkpoint_from_before_an_option_resumes_with_its_default(assets, tmp_p
     )
     capsys.readouterr()
     assert main([*base, "--resume"]) == 0
-    assert "predates accum_mean, lora, lora_r" in " ".join(capsys.readouterr().out.split())
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "predates accum_mean, lora, lora_r" in printed and "predates the check of data_digest" in printed
     assert [r["step"] for r in _metrics(out) if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_resume_on_other_data_of_the_same_name_is_refused(assets, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text((assets / "data.jsonl").read_text())
+    out = tmp_path / "run"
+    base = _distill_args(assets, out, "--no-mta", "--save-every", "1", steps=2)
+    base[base.index("--data") + 1] = str(data)
+    assert main([*base, "--stop-at", "1"]) == 0
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same records, another order
+    before = (out / "checkpoint.pt").read_bytes()
+    _refused(capsys, [*base, "--resume"], "written for other data", "changed since")
+    assert (out / "checkpoint.pt").read_bytes() == before
 
 
 def test_broken_checkpoints_are_named(assets, tmp_path, capsys):

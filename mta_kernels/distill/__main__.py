@@ -437,7 +437,11 @@ def _explicit_args(argv: list[str]) -> dict:
     return vars(parser.parse_args(argv))
 
 
-def _config(args: argparse.Namespace, argv: list[str] | None = None) -> TrainConfig:
+def _config(
+    args: argparse.Namespace, argv: list[str] | None = None, warnings: list[str] | None = None
+) -> TrainConfig:
+    """The run's configuration from the flags, ``--recipe`` and ``--config``. ``warnings`` receives what
+    the recipe or file does not reproduce (printed once the run starts, after every check passed)."""
     fields = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
     if args.command == "distill" and (args.recipe or args.config):
@@ -454,8 +458,8 @@ def _config(args: argparse.Namespace, argv: list[str] | None = None) -> TrainCon
             notes += [f"{args.config}: {item}" for item in doc.get("not_reproduced", [])]
         values = merge_layers([*layers, {k: v for k, v in explicit.items() if k in fields}])
         values["recipe"] = recipe.get("name") if args.recipe else None
-        for item in notes:
-            print(textwrap.fill(f"warning: {item}", width=100), file=sys.stderr)
+        if warnings is not None:
+            warnings.extend(notes)
     if args.command == "distill":
         for key in ("data", "teacher", "student", "out"):
             if not values.get(key):
@@ -494,9 +498,19 @@ def _inputs(args: argparse.Namespace) -> dict[str, str]:
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
+        from mta_kernels.distill.checkpoint import write_failure
         from mta_kernels.distill.demo import run_demo
 
-        run_demo(out=args.out, quick=args.quick, progress=args.progress)
+        try:
+            run_demo(out=args.out, quick=args.quick, progress=args.progress)
+        except faults.Stopped:
+            faults.on_disk.note(f"the demo in {args.out!r} is incomplete: run it again (it starts over)")
+            raise
+        except OSError as exc:
+            raise DistillError(
+                f"the demo stopped on an operating-system error ({write_failure(exc)}); its folder "
+                f"{args.out!r} is incomplete: run it again once the cause is fixed"
+            ) from None
         return 0
     if args.command == "recipes":
         return _recipes(args.show)
@@ -504,7 +518,8 @@ def _run(argv: list[str] | None) -> int:
         return _evaluate(args)
     from mta_kernels.distill.train import train
 
-    summary = train(_config(args, argv), inputs=_inputs(args))
+    warnings: list[str] = []
+    summary = train(_config(args, argv, warnings), inputs=_inputs(args), warnings=warnings)
     if "step_time_s" in summary:  # rank 0 only
         print(json.dumps(summary, indent=1))
     return 0

@@ -104,6 +104,10 @@ INPUT_FIELDS = ("data", "eval_data", "student", "student_tokenizer", "teacher", 
                 "spacy_pipeline")  # fmt: skip
 
 
+FILE_OPTIONS = ("--data", "--eval-data", "--config", "--recipe")
+"""Options that name a file (a directory given there is the loader's error, not an output conflict)."""
+
+
 def _inside(path: str, folder: str) -> bool:
     """Whether ``path`` is ``folder`` or lies below it (both resolved: symlinks, ``..``)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
@@ -121,6 +125,8 @@ def check_out_against_inputs(out: str, inputs: dict[str, str], what: str = "--ou
     for option, path in inputs.items():
         if not path or not os.path.exists(path):
             continue
+        if option.startswith(FILE_OPTIONS) and os.path.isdir(path):
+            continue  # a data file that is a directory: the data loader names that mistake
         source = os.path.realpath(path)
         kind = "directory" if os.path.isdir(path) else "file"
         if _inside(source, target):

@@ -261,6 +261,13 @@ def load_model_for_eval(
         pass
     if not os.path.isdir(model_dir):
         raise DistillError(f"--model {model_dir!r} is not a directory (a saved model, e.g. <run>/model)")
+    from mta_kernels.distill.checks import is_run_dir
+
+    if is_run_dir(model_dir):
+        raise DistillError(
+            f"--model {model_dir!r} is a run folder, not a model: pass {os.path.join(model_dir, 'model')!r} "
+            "(the model at the end of the run) or its 'best' folder (--eval-gen)"
+        )
     want = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise DistillError(f"--device {want} asked for but CUDA is not available on this machine")

@@ -6,6 +6,7 @@ Everything here runs before the first step and writes nothing: bad user input is
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -379,6 +380,20 @@ def fingerprint(cfg: TrainConfig, s: Setup) -> dict:
     fp = {k: getattr(cfg, k) for k in RESUME_KEYS}
     fp["pairs"] = None if s.pairs is None else [list(p) for p in s.pairs]
     fp["world_size"] = s.env.world
+    fp["data_digest"] = data_digest(s.train_set, s.eval_set)
     if cfg.student_gen:  # the adaptive schedule moves at each evaluation
         fp["eval_every"] = cfg.eval_every
     return fp
+
+
+def data_digest(*datasets: TextDataset) -> str:
+    """SHA-256 of the examples (texts and prompt lengths, in order): a resumed run must train on the
+    same data, not only on a file of the same name."""
+    h = hashlib.sha256()
+    for dataset in datasets:
+        h.update(f"{len(dataset)}\n".encode())
+        for item in dataset.items:
+            text = item["text"].encode("utf-8")
+            h.update(f"{item.get('prompt_length_chars')}:{len(text)}:".encode())
+            h.update(text)
+    return h.hexdigest()

@@ -154,11 +154,12 @@ def evaluate(s: Setup, cfg: TrainConfig, autocast: Any) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------- loop
-def train(cfg: TrainConfig, inputs: dict[str, str] | None = None) -> dict:
+def train(cfg: TrainConfig, inputs: dict[str, str] | None = None, warnings: list[str] | None = None) -> dict:
     """Run a whole training (or resume one). Returns the final summary (also in ``<out>/summary.json``).
 
     ``inputs``: other files the command read (option -> path, e.g. a ``--config`` file): like the
-    models and the data, ``--out`` may not hold them.
+    models and the data, ``--out`` may not hold them. ``warnings``: printed (and kept in the summary)
+    with the run's own once every check passed.
     """
     cfg.validate()
     reporting.check_available(cfg.report_to)
@@ -174,7 +175,7 @@ def train(cfg: TrainConfig, inputs: dict[str, str] | None = None) -> dict:
         else:
             ctx = contextlib.nullcontext()
         with ctx:
-            return _train(cfg, env)
+            return _train(cfg, env, warnings or [])
     except OSError as exc:  # a full disk, a quota, a folder made read-only or removed under the run
         raise DistillError(
             f"the run stopped on an operating-system error ({write_failure(exc)}"
@@ -263,10 +264,11 @@ def _stat_keys(s: Setup) -> list[str]:
     return keys
 
 
-def _train(cfg: TrainConfig, env: DistEnv) -> dict:
+def _train(cfg: TrainConfig, env: DistEnv, warnings: list[str]) -> dict:
     faults.at("setup")  # test hook: a signal before anything loads
     seed_everything(cfg.seed)
     s = build(cfg, env)
+    s.warnings[:0] = warnings
     s.notes.extend(resolve_schedule(cfg, len(s.train_set), env.world))
     off = _off_policy(cfg, s)
     fp = fingerprint(cfg, s)
