@@ -175,11 +175,9 @@ def _check_saved_tokenizer(tok: Any, path: str, model_dir: str) -> None:
         os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")
     ):
         return
-    from transformers import AutoTokenizer
-
     try:
-        own = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, use_fast=True)
-    except Exception:  # noqa: BLE001 - an unreadable saved tokenizer: nothing to compare with
+        own = load_tokenizer(None, model_dir)  # read as the given one was (pad and EOS set alike)
+    except DistillError:  # an unreadable saved tokenizer: nothing to compare with
         return
     if not same_tokenizer(tok, own):
         raise DistillError(
