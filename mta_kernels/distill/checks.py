@@ -190,11 +190,16 @@ def check_model(model: nn.Module, tokenizer: Any, cfg: TrainConfig, role: str) -
             f"--max-length {cfg.max_length} is longer than the {role}'s {positions} positions: "
             f"pass --max-length {positions} or less"
         )
+    check_embedding(model, tokenizer, f"{role} ", "ids past the embedding would fail at some step")
+
+
+def check_embedding(model: nn.Module, tokenizer: Any, role: str, hint: str) -> None:
+    """Every id of ``tokenizer`` is a row of the model's input embedding (``role``: ``"student "``, ...)."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise DistillError(
-            f"the {role} tokenizer has {len(tokenizer)} tokens but the {role} model's embedding has {rows} "
-            "rows: it is not this model's tokenizer (ids past the embedding would fail at some step)"
+            f"the {role}tokenizer has {len(tokenizer)} tokens but the {role}model's embedding has {rows} "
+            f"rows: it is not this model's tokenizer ({hint})"
         )
 
 

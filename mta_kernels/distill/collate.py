@@ -55,6 +55,27 @@ def choose_window(n_content: int, budget: int, response_start: int | None) -> Wi
     return Window(start, start + budget < n_content)
 
 
+def token_window(
+    offsets: Sequence[tuple[int, int]], special: Sequence[int], max_length: int, prompt_length: int | None
+) -> tuple[list[int], int, Window]:
+    """The window of one full tokenization: ``(content, budget, window)``, the indices of its content
+    (non-special) tokens, how many of them fit, and which (:func:`choose_window`). The response starts at
+    the first real token that starts at or after ``prompt_length`` (``None``/0: no prompt)."""
+    content = [t for t in range(len(special)) if not special[t]]
+    budget = max(0, max_length - (len(special) - len(content)))
+    response = None
+    if prompt_length:
+        response = next(
+            (
+                k
+                for k, t in enumerate(content)
+                if offsets[t][1] > offsets[t][0] and offsets[t][0] >= prompt_length
+            ),
+            len(content),
+        )
+    return content, budget, choose_window(len(content), budget, response)
+
+
 PRECUT_CHARS_PER_TOKEN = 8
 """A long text is first cut to ``max_length × 8`` characters on each side of its prompt's end (4× more
 each time that does not hold the window), so that tokenization and spaCy cost stays bounded."""
@@ -94,22 +115,10 @@ def _window_inside(
     enc = tokenizer(
         piece, truncation=False, return_offsets_mapping=True, return_special_tokens_mask=True, verbose=False
     )
-    special, offsets = enc["special_tokens_mask"], enc["offset_mapping"]
-    content = [t for t in range(len(special)) if not special[t]]
-    budget = max(0, max_length - (len(special) - len(content)))
+    content, budget, window = token_window(enc["offset_mapping"], enc["special_tokens_mask"], max_length,
+                                           prompt_length)  # fmt: skip
     if len(content) <= budget:  # all of the part fits: the whole text's window is wider
         return False
-    response = None
-    if prompt_length:
-        response = next(
-            (
-                k
-                for k, t in enumerate(content)
-                if offsets[t][1] > offsets[t][0] and offsets[t][0] >= prompt_length
-            ),
-            len(content),
-        )
-    window = choose_window(len(content), budget, response)
     left_ok = not cut_left or window.start >= PRECUT_MARGIN
     right_ok = not cut_right or len(content) - (window.start + budget) >= PRECUT_MARGIN
     return left_ok and right_ok
@@ -232,19 +241,7 @@ class UnitCollator:
                 prompt_cut.append(False)
                 response_cut.append(False)
                 continue
-            content = [t for t in range(len(ids)) if not special[t]]
-            budget = max(0, self.max_length - (len(ids) - len(content)))
-            response = None
-            if prompt_length:
-                response = next(
-                    (
-                        k
-                        for k, t in enumerate(content)
-                        if offsets[t][1] > offsets[t][0] and offsets[t][0] >= prompt_length
-                    ),
-                    len(content),
-                )
-            window = choose_window(len(content), budget, response)
+            content, budget, window = token_window(offsets, special, self.max_length, prompt_length)
             kept = set(content[window.start : window.start + budget])
             keep = [t for t in range(len(ids)) if special[t] or t in kept][: self.max_length]
             rows.append(([ids[t] for t in keep], [offsets[t] for t in keep], [special[t] for t in keep]))

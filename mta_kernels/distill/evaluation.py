@@ -290,7 +290,7 @@ def load_model_for_eval(
 
 def check_eval_model(model: nn.Module, tokenizer: Any, protocol: Protocol) -> None:
     """Prompt plus answer within the model's positions; the tokenizer's ids within its embedding."""
-    from mta_kernels.distill.checks import max_positions
+    from mta_kernels.distill.checks import check_embedding, max_positions
 
     positions = max_positions(model)
     need = protocol.max_prompt_length + protocol.new_tokens
@@ -299,12 +299,7 @@ def check_eval_model(model: nn.Module, tokenizer: Any, protocol: Protocol) -> No
             f"--max-prompt-length {protocol.max_prompt_length} + {protocol.new_tokens} new tokens = {need} "
             f"tokens, more than the model's {positions} positions: lower --max-length / --max-new-tokens"
         )
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise DistillError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: it is "
-            "not this model's tokenizer (pass the model's own with --tokenizer)"
-        )
+    check_embedding(model, tokenizer, "", "pass the model's own with --tokenizer")
 
 
 def data_names(paths: Sequence[str]) -> list[str]:
