@@ -130,7 +130,7 @@ def stop_on_signals() -> Iterator[None]:
 def signals_blocked() -> Iterator[None]:
     """SIGTERM and SIGINT held back for the block (delivered when it ends): a rename and the record
     of it happen together or not at all."""
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
