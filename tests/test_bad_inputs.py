@@ -669,6 +669,20 @@ def test_long_records_reach_spacy_cut_to_the_window(bpe, wordpiece):
         assert torch.equal(plain["labels"], batch["labels"])
 
 
+def test_the_edge_tokens_of_a_long_prompt_are_the_whole_prompts(bpe, wordpiece):
+    """Generation keeps the first (evaluate) or last (--student-gen) tokens of a prompt; they are read
+    from a part of it, equal to those of the whole text's tokenization."""
+    from mta_kernels.distill.collate import edge_token_ids
+
+    sentence = "The teacher shows the student how the small model learns from the large one. "
+    for text in (sentence * 3, sentence * 4000):
+        for tok in (bpe, wordpiece):
+            full = tok(text)["input_ids"]
+            for n in (1, 16, 256):
+                assert edge_token_ids(tok, text, n) == full[:n]
+                assert edge_token_ids(tok, text, n, last=True) == full[-n:]
+
+
 def test_a_text_spacy_cannot_parse_is_skipped_and_counted(bpe, extractor):
     from mta_kernels.distill.collate import UnitCollator
 

@@ -124,6 +124,20 @@ def _window_inside(
     return left_ok and right_ok
 
 
+def edge_token_ids(tokenizer: Any, text: str, n: int, last: bool = False) -> list[int]:
+    """The first ``n`` token ids of ``text`` (``last``: the last ``n``), as the whole text's
+    tokenization gives them, from a tokenization of only as much of the text as they need (a part
+    :data:`PRECUT_MARGIN` tokens longer, grown 4× at a time): bounded cost for a prompt of any size."""
+    chars = max(n, 1) * PRECUT_CHARS_PER_TOKEN
+    while True:
+        piece = text[-chars:] if last else text[:chars]
+        ids = tokenizer(piece)["input_ids"]
+        if len(piece) == len(text) or len(ids) >= n + PRECUT_MARGIN:
+            break
+        chars *= 4
+    return ids[-n:] if last else ids[:n]
+
+
 def check_tokenizer(tok: Any, name: str) -> None:
     """A collator's tokenizer must be fast (character offsets) and have a pad token; raise otherwise."""
     if not getattr(tok, "is_fast", False):

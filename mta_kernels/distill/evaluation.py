@@ -37,7 +37,7 @@ from torch import nn
 from mta_kernels.distill import faults
 from mta_kernels.distill.checkpoint import atomic_write_bytes
 from mta_kernels.distill.checks import check_out_against_inputs, check_writable
-from mta_kernels.distill.collate import PRECUT_CHARS_PER_TOKEN, PRECUT_MARGIN
+from mta_kernels.distill.collate import edge_token_ids
 from mta_kernels.distill.config import DistillError
 from mta_kernels.distill.data import EvalRecord, load_eval_records
 from mta_kernels.distill.rouge import REFERENCE_RULES, rouge_l
@@ -96,18 +96,10 @@ class Protocol:
 def encode_prompt(tokenizer: Any, prompt: str, max_prompt_length: int) -> list[int]:
     """Token ids of a prompt, cut to its first ``max_prompt_length`` (DistiLLM's ``PromptDataset``).
 
-    A long prompt is tokenized from its start only, as far as the kept tokens need (the cost stays
-    bounded whatever the record's size; :data:`~mta_kernels.distill.collate.PRECUT_MARGIN` tokens past
-    the cut are left, so the kept ones are the whole prompt's).
+    A long prompt is tokenized from its start only, as far as the kept tokens need
+    (:func:`~mta_kernels.distill.collate.edge_token_ids`): the cost stays bounded whatever its size.
     """
-    chars = max_prompt_length * PRECUT_CHARS_PER_TOKEN
-    while True:
-        piece = prompt[:chars]
-        ids = tokenizer(piece)["input_ids"]
-        if len(piece) == len(prompt) or len(ids) >= max_prompt_length + PRECUT_MARGIN:
-            break
-        chars *= 4
-    ids = ids[:max_prompt_length]
+    ids = edge_token_ids(tokenizer, prompt, max_prompt_length)
     if not ids:  # an empty prompt: start from BOS (or EOS), as generate would
         ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
     return ids
