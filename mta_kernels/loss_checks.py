@@ -15,7 +15,7 @@ import torch
 from mta_kernels import layout
 from mta_kernels.constants import GRANULARITIES, HRA_LEVELS, POOLINGS
 from mta_kernels.layout import UnitBatch
-from mta_kernels.ops.glue import check_nonnegative
+from mta_kernels.ops.glue import check_weights
 
 
 def live_plan(units: UnitBatch) -> layout.LayoutPlan | None:
@@ -52,7 +52,8 @@ def check_confidence(
     confidence: torch.Tensor | None, B: int, Tt: int, device: torch.device, weighted: bool
 ) -> torch.Tensor | None:
     """The teacher's per-token confidence ``[B, Tt]`` (or None). Its values (finite, >= 0) are checked
-    where that reads nothing back from a device (``ops.glue.check_nonnegative``)."""
+    where that reads nothing back from a device (``ops.glue.check_weights``, no device assert: the
+    loss's launch count)."""
     if confidence is None:
         return None
     if not isinstance(confidence, torch.Tensor):
@@ -75,9 +76,7 @@ def check_confidence(
             "teacher_confidence replaces the unit and token weights, but this loss is unweighted "
             "(weighted=False): build it with weighted=True or pass no confidence"
         )
-    check_nonnegative(
-        confidence, "teacher_confidence must be finite and >= 0 (e.g. variants.teacher_confidence)"
-    )
+    check_weights(confidence, "teacher_confidence (e.g. variants.teacher_confidence)", device_assert=False)
     return confidence
 
 

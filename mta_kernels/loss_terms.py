@@ -134,7 +134,14 @@ def stacked_terms(
         )  # [L, U, Ds]
     dsa = None
     if options.with_dsa:
-        dsa = structural_loss(student_units, t.units, units.cu_units, t.unit_weights, plan=plan)
+        dsa = structural_loss(
+            student_units,
+            t.units,
+            units.cu_units,
+            t.unit_weights,
+            plan=plan,
+            weights_nonnegative=True,  # sums of saliencies or of the checked teacher confidence
+        )
     if options.hra_level is None:
         return dsa, None
     weight, bias = _stacked_projectors(projectors)

@@ -149,6 +149,11 @@ def test_3_lengths_and_vocabularies_checked_at_start_up(assets, tmp_path, capsys
     # A tokenizer bigger than the model's embedding (another model's tokenizer).
     args = _distill_args(assets, tmp_path / "run", "--no-mta", steps=1)
     args[args.index("--teacher") + 1] = small  # with --teacher-tokenizer bpe (400 tokens)
+    msg = _error(capsys, args)  # the model's folder holds its own tokenizer: named first
+    assert "(400 tokens) is not the one saved with the model" in msg and "(300 tokens)" in msg
+    for name in os.listdir(small):  # without a saved tokenizer to compare: the embedding check
+        if name.startswith(("tokenizer", "special_tokens")):
+            os.remove(os.path.join(small, name))
     msg = _error(capsys, args)
     assert "teacher tokenizer has 400 tokens" in msg and "300 rows" in msg
     assert not (tmp_path / "run").exists()

@@ -1,32 +1,87 @@
 """Command line: ``python -m mta_kernels.distill {train-teacher,distill,evaluate,recipes,demo} ...``
 (``mta-distill``).
 
-Exit status: 0 done; 2 bad input (data, models, layer pairs, output directory, checkpoints: one
-paragraph ``error: ...``, nothing written); 75 pre-empted (SIGTERM or Ctrl-C: the current step finished
-and its checkpoint was written; ``--resume`` continues); 130 stopped by a second signal (the last
-checkpoint written is intact).
+Exit status: 0 done; 2 an ``error: ...`` paragraph (bad input, found before any work: nothing written;
+or a failure during a run, such as a full disk: the paragraph says what is on disk); 75 pre-empted
+(SIGTERM or Ctrl-C during training: the current step finished and its checkpoint was written;
+``--resume`` continues); 130 / 143 stopped at once by SIGINT / SIGTERM (outside the training steps, or a
+second signal: the message says what is on disk). Every option is checked against
+:data:`~mta_kernels.distill.config.FIELD_RULES` before models, spaCy or data load.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 import sys
 import textwrap
-from typing import Any
+from typing import Any, NoReturn
 
 from mta_kernels.constants import BACKENDS, POOLINGS, WORD_MODES
+from mta_kernels.distill import faults
 from mta_kernels.distill.config import (
     ACCUM_MEANS,
     DATA_FORMATS,
+    FIELD_RULES,
     KD_KINDS,
+    MAX_SEED,
     MTA_VARIANTS,
     REPORT_TO,
     DistillError,
     TrainConfig,
+    check_field,
 )
 from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
 from mta_kernels.distill.recipe import load_config_file, load_recipe, merge_layers, recipe_names
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as :class:`DistillError` (one ``error:`` paragraph, exit 2) that
+    also say what the option accepts, and without abbreviated options (``--over`` is not
+    ``--overwrite``: a typo is an error, not another option)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        found = re.match(r"argument (\S+?)(?:/\S+)?: ", message)
+        if found:
+            action = next((a for a in self._actions if found.group(1) in a.option_strings), None)
+            rule = FIELD_RULES.get(getattr(action, "dest", ""))
+            if rule is not None:
+                message += f" ({found.group(1)} must be {rule.describe()})"
+        if found and message.endswith("expected one argument"):
+            message += f" (a value that starts with '-' is written {found.group(1)}=VALUE)"
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [o for parser in self._all_parsers() for a in parser._actions for o in a.option_strings]
+            for word in unknown.group(1).split():
+                close = (
+                    difflib.get_close_matches(word.split("=")[0], options, n=1)
+                    if word.startswith("-")
+                    else []
+                )
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        raise DistillError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def _all_parsers(self) -> list[argparse.ArgumentParser]:
+        """This parser and its sub-commands' (argparse reports unknown options at the top level)."""
+        found: list[argparse.ArgumentParser] = [self]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += list(action.choices.values())
+        return found
+
+
+def _device(text: str) -> str:
+    """argparse type of ``--device`` (the rule of TrainConfig.device)."""
+    check_field("device", text)
+    return text
 
 
 def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -86,7 +141,9 @@ def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
     g.add_argument("--no-bf16", dest="bf16", action="store_false")
     g.add_argument("--grad-checkpointing", action="store_true")
-    g.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    g.add_argument(
+        "--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda when available)"
+    )
     g = p.add_argument_group("LoRA (peft; the MTA projectors train in full, the saved model is merged)")
     g.add_argument("--lora", action="store_true", default=d.lora, help="train LoRA adapters of the student")
     g.add_argument("--no-lora", dest="lora", action="store_false", help="train all the student's weights")
@@ -144,11 +201,13 @@ def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mta-distill",
         description="Train a teacher LM, distil it into a student with KD + MTA, or run the CPU demo.",
-        epilog="exit status: 0 done; 2 bad input (nothing written); 75 pre-empted by SIGTERM or Ctrl-C "
-        "(the step finished and was checkpointed: rerun with --resume); 130 stopped by a second signal",
+        epilog="exit status: 0 done; 2 an error paragraph (bad input: nothing written; or a failure during a "
+        "run, e.g. a full disk: it says what is on disk); 75 pre-empted by SIGTERM or Ctrl-C during training "
+        "(the step finished and was checkpointed: rerun with --resume); 130 / 143 stopped at once by "
+        "SIGINT / SIGTERM (the message says what is on disk)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     d = TrainConfig()
@@ -278,6 +337,8 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r}: give at least one seed, each once")
+    if any(not 0 <= s <= MAX_SEED for s in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: every seed must lie in [0, {MAX_SEED}]")
     return seeds
 
 
@@ -333,7 +394,9 @@ def _evaluate_parser(sub: Any) -> None:
         help="several references: score the best (DistiLLM) or the first (the MTA evaluator)",
     )
     p.add_argument("--stop", default=d.stop, help="answers end before this text ('' : at EOS only)")
-    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    p.add_argument(
+        "--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda when available)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -374,7 +437,11 @@ def _explicit_args(argv: list[str]) -> dict:
     return vars(parser.parse_args(argv))
 
 
-def _config(args: argparse.Namespace, argv: list[str] | None = None) -> TrainConfig:
+def _config(
+    args: argparse.Namespace, argv: list[str] | None = None, warnings: list[str] | None = None
+) -> TrainConfig:
+    """The run's configuration from the flags, ``--recipe`` and ``--config``. ``warnings`` receives what
+    the recipe or file does not reproduce (printed once the run starts, after every check passed)."""
     fields = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
     if args.command == "distill" and (args.recipe or args.config):
@@ -391,8 +458,8 @@ def _config(args: argparse.Namespace, argv: list[str] | None = None) -> TrainCon
             notes += [f"{args.config}: {item}" for item in doc.get("not_reproduced", [])]
         values = merge_layers([*layers, {k: v for k, v in explicit.items() if k in fields}])
         values["recipe"] = recipe.get("name") if args.recipe else None
-        for item in notes:
-            print(textwrap.fill(f"warning: {item}", width=100), file=sys.stderr)
+        if warnings is not None:
+            warnings.extend(notes)
     if args.command == "distill":
         for key in ("data", "teacher", "student", "out"):
             if not values.get(key):
@@ -417,37 +484,72 @@ def _recipes(show: str | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _inputs(args: argparse.Namespace) -> dict[str, str]:
+    """Files the command line names besides the TrainConfig fields (a --config or --recipe file)."""
+    found = {}
+    if getattr(args, "config", None):
+        found["--config"] = args.config
+    recipe = getattr(args, "recipe", None)
+    if recipe and (recipe.endswith(".json") or "/" in recipe):
+        found["--recipe"] = recipe
+    return found
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "demo":
-            from mta_kernels.distill.demo import run_demo
+    if args.command == "demo":
+        from mta_kernels.distill.checkpoint import write_failure
+        from mta_kernels.distill.demo import run_demo
 
+        try:
             run_demo(out=args.out, quick=args.quick, progress=args.progress)
-            return 0
-        if args.command == "recipes":
-            return _recipes(args.show)
-        if args.command == "evaluate":
-            return _evaluate(args)
-        from mta_kernels.distill.train import train
-
-        summary = train(_config(args, argv))
-        if "step_time_s" in summary:  # rank 0 only
-            print(json.dumps(summary, indent=1))
+        except faults.Stopped:
+            faults.on_disk.note(f"the demo in {args.out!r} is incomplete: run it again (it starts over)")
+            raise
+        except OSError as exc:
+            raise DistillError(
+                f"the demo stopped on an operating-system error ({write_failure(exc)}); its folder "
+                f"{args.out!r} is incomplete: run it again once the cause is fixed"
+            ) from None
         return 0
-    except DistillError as exc:
-        print(textwrap.fill(f"error: {exc}", width=100), file=sys.stderr)
-        return 2
-    except Preempted as exc:
-        print(
-            f"pre-empted ({exc.signame}): step {exc.step} finished and checkpointed in {exc.checkpoint}; "
-            "run the same command with --resume to continue",
-            file=sys.stderr,
-        )
-        return PREEMPTED_EXIT_CODE
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint written is intact (resume with --resume)", file=sys.stderr)
-        return 130
+    if args.command == "recipes":
+        return _recipes(args.show)
+    if args.command == "evaluate":
+        return _evaluate(args)
+    from mta_kernels.distill.train import train
+
+    warnings: list[str] = []
+    summary = train(_config(args, argv, warnings), inputs=_inputs(args), warnings=warnings)
+    if "step_time_s" in summary:  # rank 0 only
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _paragraph(text: str) -> str:
+    return textwrap.fill(text, width=100, break_on_hyphens=False, break_long_words=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    faults.on_disk.reset()
+    with faults.stop_on_signals():
+        try:
+            return _run(argv)
+        except DistillError as exc:
+            print(_paragraph(f"error: {exc}"), file=sys.stderr)
+            return 2
+        except Preempted as exc:
+            print(
+                f"pre-empted ({exc.signame}): step {exc.step} finished and checkpointed in {exc.checkpoint}; "
+                "run the same command with --resume to continue",
+                file=sys.stderr,
+            )
+            return PREEMPTED_EXIT_CODE
+        except faults.Stopped as exc:
+            print(_paragraph(f"stopped by {exc.signame}: {faults.on_disk.describe()}"), file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:  # outside the main thread no handler is installed
+            print(_paragraph(f"interrupted: {faults.on_disk.describe()}"), file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

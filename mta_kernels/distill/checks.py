@@ -15,7 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from mta_kernels.distill.config import DistillError, TrainConfig
+from mta_kernels.distill import faults
+from mta_kernels.distill.config import DistillError, TrainConfig, flag
 
 RUN_MARKER = ".mta-distill-run"
 """File that marks a directory as a run directory of this tool (written before anything else)."""
@@ -69,9 +70,15 @@ def is_run_dir(path: str) -> bool:
     return isinstance(content, dict) and "pairs_resolved" in content and "mode" in content
 
 
-def check_out_dir(cfg: TrainConfig) -> None:
-    """``--out`` is empty, new, or ours; a non-empty foreign one needs ``--overwrite``; a model never."""
+def check_out_dir(cfg: TrainConfig, extra_inputs: dict[str, str] | None = None) -> None:
+    """``--out`` is empty, new, or ours; a non-empty foreign one needs ``--overwrite``; a model never;
+    nor a folder that holds, is inside or is above what the run reads; and it must be writable."""
     out = cfg.out
+    # train-teacher names its model --model and --tokenizer
+    names = {"student": "--model", "student_tokenizer": "--tokenizer"} if cfg.mode == "teacher" else {}
+    inputs = {names.get(k, flag(k)): getattr(cfg, k) for k in INPUT_FIELDS if getattr(cfg, k)}
+    check_out_against_inputs(out, {**inputs, **(extra_inputs or {})})
+    check_writable(out)
     if not os.path.exists(out):
         return
     if not os.path.isdir(out):
@@ -89,6 +96,70 @@ def check_out_dir(cfg: TrainConfig) -> None:
             f"--out {out!r} is not empty and was not created by mta-distill: pass an empty or new "
             "directory, or --overwrite to write into it anyway (its files are kept unless a run's file "
             "has the same name)"
+        )
+
+
+# The TrainConfig fields that name something a run reads (files, model and tokenizer directories).
+INPUT_FIELDS = ("data", "eval_data", "student", "student_tokenizer", "teacher", "teacher_tokenizer",
+                "spacy_pipeline")  # fmt: skip
+
+
+FILE_OPTIONS = ("--data", "--eval-data", "--config", "--recipe")
+"""Options that name a file (a directory given there is the loader's error, not an output conflict)."""
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (both resolved: symlinks, ``..``)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_out_against_inputs(out: str, inputs: dict[str, str], what: str = "--out") -> None:
+    """Refuse an output folder that is, holds or lies inside anything the command reads.
+
+    ``inputs``: option -> path (values that are not existing paths, e.g. ``builtin:...`` models or
+    spaCy package names, are skipped). Refused even with ``--overwrite``: writing there could replace
+    a model, a tokenizer or a data file the command itself reads (e.g. ``--out`` the teacher's run
+    folder, whose ``model/`` is the teacher).
+    """
+    target = os.path.realpath(out)
+    for option, path in inputs.items():
+        if not path or not os.path.exists(path):
+            continue
+        if option.startswith(FILE_OPTIONS) and os.path.isdir(path):
+            continue  # a data file that is a directory: the data loader names that mistake
+        source = os.path.realpath(path)
+        kind = "directory" if os.path.isdir(path) else "file"
+        if _inside(source, target):
+            relation = "is" if source == target else "holds"
+            raise DistillError(
+                f"{what} {out!r} {relation} the {kind} of {option} ({path!r}): the command would write "
+                f"where it reads. Pass an output folder outside it (refused even with --overwrite)"
+            )
+        if kind == "directory" and _inside(target, source):
+            raise DistillError(
+                f"{what} {out!r} lies inside the directory of {option} ({path!r}): the command would "
+                f"write into what it reads. Pass an output folder outside it (refused even with --overwrite)"
+            )
+
+
+def check_writable(out: str, what: str = "--out") -> None:
+    """The output folder (or, when it does not exist yet, its nearest existing parent) is a writable
+    directory: a clear error before any work instead of a traceback at the first write."""
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        if probe != os.path.abspath(out):
+            raise DistillError(f"{what} {out!r} cannot be created: {probe!r} is a file, not a directory")
+        return  # --out itself is a file: reported by the caller
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == os.path.abspath(out) else f" (its nearest existing parent {probe!r})"
+        raise DistillError(
+            f"{what} {out!r}{where} is not writable (permission denied or a read-only file system): "
+            "pass a folder you can write to"
         )
 
 
@@ -119,11 +190,16 @@ def check_model(model: nn.Module, tokenizer: Any, cfg: TrainConfig, role: str) -
             f"--max-length {cfg.max_length} is longer than the {role}'s {positions} positions: "
             f"pass --max-length {positions} or less"
         )
+    check_embedding(model, tokenizer, f"{role} ", "ids past the embedding would fail at some step")
+
+
+def check_embedding(model: nn.Module, tokenizer: Any, role: str, hint: str) -> None:
+    """Every id of ``tokenizer`` is a row of the model's input embedding (``role``: ``"student "``, ...)."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise DistillError(
-            f"the {role} tokenizer has {len(tokenizer)} tokens but the {role} model's embedding has {rows} "
-            "rows: it is not this model's tokenizer (ids past the embedding would fail at some step)"
+            f"the {role}tokenizer has {len(tokenizer)} tokens but the {role}model's embedding has {rows} "
+            f"rows: it is not this model's tokenizer ({hint})"
         )
 
 
@@ -160,6 +236,7 @@ def scan_targets(dataset: Sequence[dict], collator: Any, max_length: int, progre
         starts, desc="checking the data", disable=not progress or len(dataset) < 4 * chunk, leave=False
     )
     for i in bar:
+        faults.at("data")  # test hook: a signal while the data is checked
         batch = collator([dataset[j] for j in range(i, min(i + chunk, len(dataset)))])
         per_example = (batch["labels"][:, 1:] != -100).sum(dim=1)
         for key in ("examples", "prompt_cut", "response_cut"):

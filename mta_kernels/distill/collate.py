@@ -8,6 +8,7 @@ that module nor spaCy).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,89 @@ def choose_window(n_content: int, budget: int, response_start: int | None) -> Wi
         return Window(0, True)
     start = max(0, min(n_content - budget, response_start - 1))
     return Window(start, start + budget < n_content)
+
+
+def token_window(
+    offsets: Sequence[tuple[int, int]], special: Sequence[int], max_length: int, prompt_length: int | None
+) -> tuple[list[int], int, Window]:
+    """The window of one full tokenization: ``(content, budget, window)``, the indices of its content
+    (non-special) tokens, how many of them fit, and which (:func:`choose_window`). The response starts at
+    the first real token that starts at or after ``prompt_length`` (``None``/0: no prompt)."""
+    content = [t for t in range(len(special)) if not special[t]]
+    budget = max(0, max_length - (len(special) - len(content)))
+    response = None
+    if prompt_length:
+        response = next(
+            (
+                k
+                for k, t in enumerate(content)
+                if offsets[t][1] > offsets[t][0] and offsets[t][0] >= prompt_length
+            ),
+            len(content),
+        )
+    return content, budget, choose_window(len(content), budget, response)
+
+
+PRECUT_CHARS_PER_TOKEN = 8
+"""A long text is first cut to ``max_length × 8`` characters on each side of its prompt's end (4× more
+each time that does not hold the window), so that tokenization and spaCy cost stays bounded."""
+PRECUT_MARGIN = 16
+"""Content tokens a pre-cut must leave between the window and each cut: the tokens near a cut may
+differ from the whole text's (a word cut in two), those of the window do not."""
+
+
+def window_chars(
+    tokenizers: Sequence[Any], text: str, prompt_length: int | None, max_length: int
+) -> tuple[int, int]:
+    """``[c0, c1)``: a part of ``text`` that holds every token the window of each tokenizer keeps.
+
+    The whole text when it is short; else the end of its prompt and the start of its response (the
+    window keeps those, :func:`choose_window`), grown until each tokenizer's window on the part lies at
+    least :data:`PRECUT_MARGIN` tokens from each cut. The collator tokenizes and spaCy parses only this
+    part, whatever the record's size.
+    """
+    plen = prompt_length or 0
+    chars = max_length * PRECUT_CHARS_PER_TOKEN
+    while True:
+        c0 = max(0, plen - chars)
+        c1 = min(len(text), plen + chars)
+        if c0 == 0 and c1 == len(text):
+            return 0, len(text)
+        piece = text[c0:c1]
+        if all(_window_inside(t, piece, plen - c0 if plen else None, c0 > 0, c1 < len(text), max_length)
+               for t in tokenizers):  # fmt: skip
+            return c0, c1
+        chars *= 4
+
+
+def _window_inside(
+    tokenizer: Any, piece: str, prompt_length: int | None, cut_left: bool, cut_right: bool, max_length: int
+) -> bool:
+    """Whether the window of ``piece`` keeps :data:`PRECUT_MARGIN` tokens from each of its cuts."""
+    enc = tokenizer(
+        piece, truncation=False, return_offsets_mapping=True, return_special_tokens_mask=True, verbose=False
+    )
+    content, budget, window = token_window(enc["offset_mapping"], enc["special_tokens_mask"], max_length,
+                                           prompt_length)  # fmt: skip
+    if len(content) <= budget:  # all of the part fits: the whole text's window is wider
+        return False
+    left_ok = not cut_left or window.start >= PRECUT_MARGIN
+    right_ok = not cut_right or len(content) - (window.start + budget) >= PRECUT_MARGIN
+    return left_ok and right_ok
+
+
+def edge_token_ids(tokenizer: Any, text: str, n: int, last: bool = False) -> list[int]:
+    """The first ``n`` token ids of ``text`` (``last``: the last ``n``), as the whole text's
+    tokenization gives them, from a tokenization of only as much of the text as they need (a part
+    :data:`PRECUT_MARGIN` tokens longer, grown 4× at a time): bounded cost for a prompt of any size."""
+    chars = max(n, 1) * PRECUT_CHARS_PER_TOKEN
+    while True:
+        piece = text[-chars:] if last else text[:chars]
+        ids = tokenizer(piece)["input_ids"]
+        if len(piece) == len(text) or len(ids) >= n + PRECUT_MARGIN:
+            break
+        chars *= 4
+    return ids[-n:] if last else ids[:n]
 
 
 def check_tokenizer(tok: Any, name: str) -> None:
@@ -99,7 +183,9 @@ class UnitCollator:
 
     Truncation keeps the response: a text longer than ``max_length`` loses prompt tokens from the left
     first (one prompt token is kept before the response), and only a response that alone does not fit
-    is cut on the right (:func:`choose_window`); a text without prompt is cut on the right. Special
+    is cut on the right (:func:`choose_window`); a text without prompt is cut on the right. A long text
+    is first cut to the characters its windows can keep (:func:`window_chars`), so that neither the
+    tokenizers nor spaCy ever see more of it: the cost of a record is bounded whatever its size. Special
     tokens the tokenizer adds (e.g. ``[CLS]``/``[SEP]``) stay. Each tokenization is windowed on its
     own; a unit left without tokens on either side is dropped from both (``align_units``).
 
@@ -108,7 +194,8 @@ class UnitCollator:
     tokenization is shared), ``stats`` (plain ints: ``examples``, ``prompt_cut`` and ``response_cut``
     counts of the student tokenization, ``tokens`` = real non-special student tokens, and per
     granularity ``units_<g>_examples`` / ``units_<g>_tokens``: examples with at least one unit and
-    student tokens inside a unit) and, unless ``granularities`` is empty, ``units``
+    student tokens inside a unit, and ``units_failed``: texts spaCy could not parse, which get no units
+    and a warning) and, unless ``granularities`` is empty, ``units``
     (``{granularity: UnitBatch}``). Picklable: usable in DataLoader workers.
     """
 
@@ -145,6 +232,7 @@ class UnitCollator:
         self.text_key = text_key
         self.prompt_length_key = prompt_length_key
         self.pad_to_multiple_of = pad_to_multiple_of
+        self._warned = False
 
     def _encode(self, tokenizer: Any, texts: list[str], prompt_lengths: list[int | None]) -> dict:
         """Padded NumPy encoding of ``texts`` after the truncation rule, and per-example cut flags."""
@@ -167,19 +255,7 @@ class UnitCollator:
                 prompt_cut.append(False)
                 response_cut.append(False)
                 continue
-            content = [t for t in range(len(ids)) if not special[t]]
-            budget = max(0, self.max_length - (len(ids) - len(content)))
-            response = None
-            if prompt_length:
-                response = next(
-                    (
-                        k
-                        for k, t in enumerate(content)
-                        if offsets[t][1] > offsets[t][0] and offsets[t][0] >= prompt_length
-                    ),
-                    len(content),
-                )
-            window = choose_window(len(content), budget, response)
+            content, budget, window = token_window(offsets, special, self.max_length, prompt_length)
             kept = set(content[window.start : window.start + budget])
             keep = [t for t in range(len(ids)) if special[t] or t in kept][: self.max_length]
             rows.append(([ids[t] for t in keep], [offsets[t] for t in keep], [special[t] for t in keep]))
@@ -243,11 +319,50 @@ class UnitCollator:
             prompt_lengths.append(None if prompt_length is None else int(prompt_length))
         return texts, prompt_lengths
 
+    def _cut_long(
+        self, texts: list[str], prompt_lengths: list[int | None]
+    ) -> tuple[list[str], list[int | None]]:
+        """Each text cut to the part its windows can keep (:func:`window_chars`); short texts whole."""
+        tokenizers = [t for t in (self.student_tokenizer, self.teacher_tokenizer) if t is not None]
+        for b, (text, plen) in enumerate(zip(texts, prompt_lengths)):
+            c0, c1 = window_chars(tokenizers, text, plen, self.max_length)
+            if (c0, c1) != (0, len(text)):
+                texts[b] = text[c0:c1]
+                prompt_lengths[b] = None if plen is None else plen - c0
+        return texts, prompt_lengths
+
+    def _units(self, texts: list[str]) -> tuple[list[Any], int]:
+        """The units of each text, and how many texts spaCy could not parse (they get no units)."""
+        from mta_kernels.units import TextUnits
+
+        load = getattr(self.extractor, "load", None)
+        if load is not None:
+            load()  # a missing pipeline is an error, not a text spaCy cannot parse
+        try:
+            return self.extractor(texts), 0
+        except Exception:  # noqa: BLE001 - one text spaCy rejects: find it, keep the others' units
+            pass
+        units, failed = [], 0
+        for text in texts:
+            try:
+                units.append(self.extractor([text])[0])
+            except Exception as exc:  # noqa: BLE001
+                failed += 1
+                units.append(TextUnits([], []))
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"spaCy could not parse a text of {len(text)} characters ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}): it gets no units (counted in the batch's stats['units_failed'])",
+                        stacklevel=2,
+                    )
+        return units, failed
+
     def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
         if len(examples) == 0:
             raise ValueError("UnitCollator got an empty batch")
-        texts, prompt_lengths = self._read_examples(examples)
-        text_units = self.extractor(texts) if self.granularities else None
+        texts, prompt_lengths = self._cut_long(*self._read_examples(examples))
+        text_units, failed = self._units(texts) if self.granularities else (None, 0)
         student = self._encode(self.student_tokenizer, texts, prompt_lengths)
         teacher = None
         if self.teacher_tokenizer is not None:
@@ -283,6 +398,8 @@ class UnitCollator:
             batch["teacher_input_ids"] = batch["input_ids"]
             batch["teacher_attention_mask"] = batch["attention_mask"]
         batch["stats"] = self._stats(student, units)
+        if self.granularities:
+            batch["stats"]["units_failed"] = failed
         if self.granularities:
             batch["units"] = units
         return batch

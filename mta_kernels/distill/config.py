@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
+from typing import Any
 
 from mta_kernels.constants import BACKENDS, GRANULARITIES, POOLINGS, WORD_MODES
 from mta_kernels.distill.objective import KD_CONVENTIONS
@@ -113,60 +116,27 @@ class TrainConfig:
     save_model: bool = True
 
     def validate(self) -> None:
-        """Range checks of the plain fields (raises :class:`DistillError`)."""
-        if self.mode not in MODES:
-            raise DistillError(f"mode must be one of {MODES}, got {self.mode!r}")
+        """Every field against :data:`FIELD_RULES` (type, finiteness, range or choices), then the rules
+        that relate fields. Raises :class:`DistillError` naming the option, the value and what is allowed.
+        """
+        for name in self.__dataclass_fields__:
+            check_field(name, getattr(self, name))
         if not self.data:
             raise DistillError("no training data given: pass --data FILE (JSONL with prompt/output, or text)")
-        if self.data_format not in DATA_FORMATS:
-            raise DistillError(f"--format must be one of {DATA_FORMATS}, got {self.data_format!r}")
         if self.mode == "distill" and not self.teacher:
             raise DistillError("distillation needs a teacher: pass --teacher PATH or builtin:gpt2:LAYERS:DIM")
-        if self.kd not in KD_KINDS:
-            raise DistillError(f"--kd must be one of {KD_KINDS}, got {self.kd!r}")
-        for name in ("max_length", "batch_size", "grad_accum", "steps"):
-            if getattr(self, name) < 1:
-                raise DistillError(
-                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
-                )
-        if self.max_length < 4:
-            raise DistillError(f"--max-length must be at least 4, got {self.max_length}")
-        if not 0.0 <= self.lam <= 1.0:
-            raise DistillError(f"--lam (λ) must lie in [0, 1], got {self.lam}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise DistillError(f"--eval-fraction must lie in [0, 1), got {self.eval_fraction}")
-        if self.temperature <= 0:
-            raise DistillError(f"--temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.skew_alpha < 1.0:
-            raise DistillError(f"--skew-alpha must lie in [0, 1), got {self.skew_alpha}")
-        if self.epochs is not None and self.epochs < 1:
-            raise DistillError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.projector_lr is not None and not self.projector_lr > 0:
-            raise DistillError(f"--projector-lr must be positive, got {self.projector_lr}")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                flag = "--" + name.replace("_", "-")
-                raise DistillError(f"{flag} must lie in [0, 1), got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise DistillError(f"--warmup-steps must be at least 0, got {self.warmup_steps}")
-        for name in ("eval_every", "save_every"):
-            value = getattr(self, name)
-            if value < 1 and value != -1:
-                flag = "--" + name.replace("_", "-")
-                raise DistillError(f"{flag} must be at least 1 (or -1: once an epoch), got {value}")
-        self._validate_lora()
-        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise DistillError(
                 f"--max-prompt-length must lie in [1, --max-length={self.max_length}), "
                 f"got {self.max_prompt_length}"
             )
-        if self.accum_mean not in ACCUM_MEANS:
-            raise DistillError(f"--grad-accum-mean must be one of {ACCUM_MEANS}, got {self.accum_mean!r}")
-        if self.eval_gen_limit < 1:
-            raise DistillError(f"--eval-gen-limit must be at least 1, got {self.eval_gen_limit}")
-        self._validate_student_gen()
-        if self.mta_variant not in MTA_VARIANTS:
-            raise DistillError(f"--mta-variant must be one of {MTA_VARIANTS}, got {self.mta_variant!r}")
+        if self.student_gen and self.mode != "distill":
+            raise DistillError("--student-gen needs distillation (a teacher), not teacher training")
+        if self.student_gen and self.capacity < self.batch_size:
+            raise DistillError(
+                f"--capacity ({self.capacity}) must hold at least one micro-batch "
+                f"(--batch-size {self.batch_size})"
+            )
         if self.entropy_weight and not self.mta:
             raise DistillError("--entropy-weight weights the MTA term: it has no effect with --no-mta")
         if self.entropy_weight and not self.weighted:
@@ -180,58 +150,212 @@ class TrainConfig:
             )
         if self.preset and self.pairs:
             raise DistillError("give either --preset or --pairs, not both")
-        if self.pooling not in POOLINGS:
-            raise DistillError(f"--pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.words not in WORD_MODES:
-            raise DistillError(f"--words must be one of {WORD_MODES}, got {self.words!r}")
-        if self.backend not in BACKENDS:
-            raise DistillError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
-        self._validate_outputs()
-
-    def _validate_outputs(self) -> None:
-        if self.report_to not in REPORT_TO:
-            raise DistillError(f"--report-to must be one of {REPORT_TO}, got {self.report_to!r}")
-        if self.kd_chunk not in ("auto", "off") and not (self.kd_chunk.isdigit() and int(self.kd_chunk) > 0):
-            raise DistillError(f"--kd-chunk must be auto, off or a positive row count, got {self.kd_chunk!r}")
-
-    def _validate_lora(self) -> None:
-        if not isinstance(self.lora, bool):
+        if self.resume and self.overwrite:
             raise DistillError(
-                f"lora must be true or false, got {self.lora!r} (rank, alpha and dropout are lora_r, "
-                "lora_alpha, lora_dropout)"
+                "give either --resume (continue the checkpoint in --out) or --overwrite (start again "
+                "there), not both"
             )
-        if self.lora_r < 1:
-            raise DistillError(f"--lora-r must be at least 1, got {self.lora_r}")
-        if not self.lora_alpha > 0:
-            raise DistillError(f"--lora-alpha must be positive, got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise DistillError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
-        if self.lora_targets is not None and not [t for t in self.lora_targets.split(",") if t.strip()]:
-            raise DistillError(f"--lora-targets {self.lora_targets!r} names no module")
-
-    def _validate_student_gen(self) -> None:
-        if not self.student_gen:
-            return
-        if self.mode != "distill":
-            raise DistillError("--student-gen needs distillation (a teacher), not teacher training")
-        if not 0.0 <= self.init_threshold <= 1.0:
-            raise DistillError(f"--init-threshold must lie in [0, 1], got {self.init_threshold}")
-        if self.loss_eps < 0:
-            raise DistillError(f"--loss-eps must be at least 0, got {self.loss_eps}")
-        if self.capacity < self.batch_size:
-            raise DistillError(
-                f"--capacity ({self.capacity}) must hold at least one micro-batch "
-                f"(--batch-size {self.batch_size})"
-            )
-        if not 0.0 < self.gen_top_p <= 1.0:
-            raise DistillError(f"--gen-top-p must lie in (0, 1], got {self.gen_top_p}")
-        if self.gen_top_k < 0:
-            raise DistillError(f"--gen-top-k must be at least 0 (0: off), got {self.gen_top_k}")
-        if not self.gen_temperature > 0:
-            raise DistillError(f"--gen-temperature must be positive, got {self.gen_temperature}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------ the option table
+MAX_TOKENS = 1 << 20
+"""Upper bound of ``--max-length`` (a built-in model gets that many positions)."""
+MAX_SEED = 2**32 - 1
+"""Upper bound of ``--seed`` (NumPy's seed range; torch and Python take it too)."""
+MAX_WORKERS = 256
+"""Upper bound of ``--num-workers`` (each worker is a process holding the tokenizers and spaCy)."""
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values one numeric or enumerated :class:`TrainConfig` field accepts (besides its type).
+
+    Numbers: ``[low, high]``, either end open (``low_open``/``high_open``) or absent (``None``), always
+    finite; ``special``: values accepted outside the range, with their meaning. Text: ``choices``.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    special: tuple[tuple[int, str], ...] = ()
+    choices: tuple[str, ...] = ()
+
+    def accepts(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if any(value == v for v, _ in self.special):
+            return True
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """``"one of ..."``, ``"at least 1"``, ``"in [0, 1)"``, ``"greater than 0"``, plus special values."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        elif self.low is not None:
+            text = f"{'greater than' if self.low_open else 'at least'} {_num(self.low)}"
+        else:
+            text = "any value"
+        for value, meaning in self.special:
+            text += f", or {value} ({meaning})"
+        return text
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+_ONCE_AN_EPOCH = ((-1, "once an epoch"),)
+# The one table of what each option accepts (its type comes from the TrainConfig annotation; floats
+# must be finite). Fields not listed take any value of their type; text fields with a syntax of their
+# own (device, kd_chunk, preset, pairs, lora_targets, model and file paths) are checked in check_field.
+FIELD_RULES: dict[str, Rule] = {
+    "mode": Rule(choices=MODES),
+    "data_format": Rule(choices=DATA_FORMATS),
+    "eval_fraction": Rule(0, 1, high_open=True),
+    "max_length": Rule(4, MAX_TOKENS),
+    "batch_size": Rule(1),
+    "grad_accum": Rule(1),
+    "accum_mean": Rule(choices=ACCUM_MEANS),
+    "steps": Rule(1),
+    "epochs": Rule(1),
+    "lr": Rule(0, low_open=True),
+    "projector_lr": Rule(0, low_open=True),
+    "adam_beta1": Rule(0, 1, high_open=True),
+    "adam_beta2": Rule(0, 1, high_open=True),
+    "weight_decay": Rule(0),
+    "warmup_steps": Rule(0),
+    "min_lr_ratio": Rule(0, 1),
+    "clip": Rule(0),
+    "seed": Rule(0, MAX_SEED),
+    "lam": Rule(0, 1),
+    "beta": Rule(0),
+    "gamma": Rule(0),
+    "kd": Rule(choices=KD_KINDS),
+    "temperature": Rule(0, low_open=True),
+    "skew_alpha": Rule(0, 1, high_open=True),
+    "mta_variant": Rule(choices=MTA_VARIANTS),
+    "pooling": Rule(choices=POOLINGS),
+    "words": Rule(choices=WORD_MODES),
+    "init_threshold": Rule(0, 1),
+    "loss_eps": Rule(0),
+    "capacity": Rule(1),
+    "gen_top_p": Rule(0, 1, low_open=True),
+    "gen_top_k": Rule(0),
+    "gen_temperature": Rule(0, low_open=True),
+    "max_prompt_length": Rule(1),
+    "lora_r": Rule(1),
+    "lora_alpha": Rule(0, low_open=True),
+    "lora_dropout": Rule(0, 1, high_open=True),
+    "eval_every": Rule(1, special=_ONCE_AN_EPOCH),
+    "eval_gen_limit": Rule(1),
+    "save_every": Rule(1, special=_ONCE_AN_EPOCH),
+    "log_every": Rule(1),
+    "num_workers": Rule(0, MAX_WORKERS),
+    "stop_at": Rule(1),
+    "backend": Rule(choices=BACKENDS),
+    "report_to": Rule(choices=REPORT_TO),
+}
+
+# Fields whose command-line flag is not ``--`` + the name with dashes.
+_FLAGS = {
+    "data_format": "--format",
+    "accum_mean": "--grad-accum-mean",
+    "spacy_pipeline": "--spacy-model",
+    "mta": "--no-mta",
+    "weighted": "--unweighted",
+    "progress": "--no-progress",
+    "plot": "--no-plot",
+    "mode": "mode",
+    "recipe": "--recipe",
+    "save_model": "save_model",
+}
+# Fields that name a file, a directory or a model: non-empty text without NUL characters.
+PATH_FIELDS = ("out", "data", "eval_data", "student", "student_tokenizer", "teacher", "teacher_tokenizer",
+               "spacy_pipeline")  # fmt: skip
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a :class:`TrainConfig` field (``lr`` -> ``--lr``)."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def field_kinds(name: str) -> list[str]:
+    """The types a field's annotation allows: e.g. ``["int", "None"]`` for ``int | None``."""
+    return [k.strip() for k in str(TrainConfig.__dataclass_fields__[name].type).split("|")]
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return kind == "str" and isinstance(value, str)
+
+
+_KIND_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "text",
+               "None": "unset (null)"}  # fmt: skip
+
+
+def check_field(name: str, value: Any, opt: str | None = None) -> None:
+    """One field's value against its type and :data:`FIELD_RULES` (raises :class:`DistillError`).
+
+    ``opt``: how the message names the field (default: its command-line flag).
+    """
+    opt = opt or flag(name)
+    kinds = field_kinds(name)
+    if not any(_type_ok(value, k) for k in kinds):
+        wanted = " or ".join(_KIND_NAMES.get(k, k) for k in kinds)
+        raise DistillError(f"{opt} must be {wanted}, got {value!r} ({type(value).__name__})")
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        rule = FIELD_RULES.get(name)
+        allowed = f" ({rule.describe()})" if rule else ""
+        raise DistillError(f"{opt} must be a finite number{allowed}, got {value}")
+    rule = FIELD_RULES.get(name)
+    if rule is not None and not rule.accepts(value):
+        raise DistillError(f"{opt} must be {rule.describe()}, got {value!r}")
+    if name in PATH_FIELDS:
+        if value == "" and name not in ("data", "eval_data", "teacher"):
+            raise DistillError(f"{opt} is empty: give a path")
+        if "\0" in value:
+            raise DistillError(f"{opt} {value!r} holds a NUL character: not a path")
+    _check_syntax(name, value, opt)
+
+
+def _check_syntax(name: str, value: Any, opt: str) -> None:
+    """Text fields with a syntax of their own."""
+    if name == "device" and not _DEVICE.fullmatch(value):
+        raise DistillError(f"{opt} must be cpu, cuda or cuda:N, got {value!r}")
+    if name == "kd_chunk" and value not in ("auto", "off") and not (value.isdigit() and int(value) > 0):
+        raise DistillError(f"{opt} must be auto, off or a positive row count, got {value!r}")
+    if name == "preset":
+        from mta_kernels.presets import PRESETS
+
+        if value not in PRESETS:
+            raise DistillError(f"{opt} {value!r} is not a known layer preset: one of {', '.join(PRESETS)}")
+    if name == "pairs":
+        parse_pairs(value)
+    if name == "lora_targets" and not [t for t in value.split(",") if t.strip()]:
+        raise DistillError(f"{opt} {value!r} names no module")
+    if name in ("student", "teacher") and value.startswith("builtin:"):
+        from mta_kernels.distill.models import parse_builtin
+
+        parse_builtin(value, opt)
 
 
 # Fields that shape the model, the data order or the objective: a checkpoint resumes only when equal.
@@ -306,6 +430,8 @@ def parse_pairs(text: str) -> list[tuple[int, int, str]]:
             s, t = int(parts[0]), int(parts[1])
         except ValueError:
             raise DistillError(f"--pairs item {item!r}: layer indices must be integers") from None
+        if s < 0 or t < 0:
+            raise DistillError(f"--pairs item {item!r}: layer indices must be at least 0 (0 = embeddings)")
         pairs.append((s, t, parts[2]))
     if not pairs:
         raise DistillError(f"--pairs {text!r} names no layer pair")

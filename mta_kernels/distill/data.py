@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from mta_kernels.distill.config import DATA_FORMATS, DistillError
+from mta_kernels.distill.files import read_text, starts_with_bom, text_lines
 
 
 @dataclass(frozen=True)
@@ -45,43 +46,64 @@ class Example:
         return {"text": self.text, "prompt_length_chars": len(self.prompt)}
 
 
-def detect_format(path: str, lines: Sequence[str]) -> str:
-    """``"jsonl"`` or ``"text"`` for a file's lines (see the module docstring)."""
-    first = next((ln.strip() for ln in lines if ln.strip()), "")
-    if first.startswith("{"):
-        try:
-            if isinstance(json.loads(first), dict):
-                return "jsonl"
-        except json.JSONDecodeError:
-            pass
-    return "jsonl" if path.endswith((".jsonl", ".json")) else "text"
+def _is_json_object(line: str) -> bool:
+    text = line.strip()
+    if not text.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def detect_format(path: str, lines: Sequence[str]) -> tuple[str, str]:
+    """``("jsonl" | "text", why)`` for a file's lines (see the module docstring); ``why`` says what
+    was found in the first lines. A JSON array (a first line that opens with ``[``) is an error."""
+    lineno, first = next(((i, ln.strip()) for i, ln in enumerate(lines, 1) if ln.strip()), (0, ""))
+    if first.startswith("[") and not _is_json_object(first):
+        raise DistillError(
+            f"{path}: line {lineno} opens a JSON array ('['): the data must be JSON Lines, one object a "
+            "line (convert it, e.g. jq -c '.[]' FILE > FILE.jsonl), or plain text (--format text)"
+        )
+    if _is_json_object(first):
+        return "jsonl", f"line {lineno} is a JSON object"
+    if path.endswith((".jsonl", ".json")):
+        return "jsonl", f"the file name ends in {os.path.splitext(path)[1]}"
+    return "text", f"line {lineno} is not a JSON object"
 
 
 def read_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 data file; a missing file or another encoding is a :class:`DistillError`."""
-    if not os.path.isfile(path):
-        raise DistillError(f"data file {path!r} does not exist (or is not a file)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.readlines()
-    except UnicodeDecodeError as exc:
-        raise DistillError(
-            f"data file {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
+    """The lines of a UTF-8 data file; unreadable, binary or another encoding is a :class:`DistillError`."""
+    return text_lines(read_text(path, "data file"))
 
 
-def load_examples(path: str, data_format: str = "auto") -> list[Example]:
-    """Read a data file; any problem is a :class:`DistillError` naming the file and line."""
+def load_examples(path: str, data_format: str = "auto", notes: list[str] | None = None) -> list[Example]:
+    """Read a data file; any problem is a :class:`DistillError` naming the file and line.
+
+    ``notes``: receives one line saying how the file was read (the format and why).
+    """
     if data_format not in DATA_FORMATS:
         raise DistillError(f"--format must be one of {DATA_FORMATS}, got {data_format!r}")
     lines = read_lines(path)
+    if data_format == "auto":
+        found, why = detect_format(path, lines)
+    else:
+        found, why = data_format, f"--format {data_format}"
+    jsonl = found == "jsonl"
+    if not jsonl and data_format == "auto":
+        mixed = next((i for i, ln in enumerate(lines, 1) if _is_json_object(ln)), None)
+        if mixed is not None:
+            raise DistillError(
+                f"{path}: read as plain text ({why}), but line {mixed} is a JSON object: the lines "
+                "disagree. Make every line a JSON record (JSON Lines) or pass --format text to read every "
+                "line as text"
+            )
     examples: list[Example] = []
-    jsonl = (detect_format(path, lines) if data_format == "auto" else data_format) == "jsonl"
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         if not jsonl:
-            examples.append(Example("", line.rstrip("\n")))
+            examples.append(Example("", _valid_text(line.rstrip("\n"), f"{path}, line {lineno}")))
             continue
         record = line.rstrip("\r\n")  # the newline would move a parse error to "line 2, column 1"
         try:
@@ -89,7 +111,8 @@ def load_examples(path: str, data_format: str = "auto") -> list[Example]:
         except json.JSONDecodeError as exc:
             raise DistillError(
                 f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno} of {len(record)}); "
-                "pass --format text to read the file as plain text"
+                f"the file is read as JSON Lines ({why}): fix the line, or pass --format text to read "
+                "the file as plain text"
             ) from None
         prompt, references = record_fields(obj, f"{path}, line {lineno}")
         if len(references) != 1:
@@ -102,7 +125,24 @@ def load_examples(path: str, data_format: str = "auto") -> list[Example]:
         examples.append(Example(prompt, references[0]))
     if not examples:
         raise DistillError(f"data file {path!r} holds no example (it is empty or only blank lines)")
+    if notes is not None:
+        kind = "JSON Lines" if jsonl else "plain text"
+        bom = ", a UTF-8 byte-order mark skipped" if starts_with_bom(path) else ""
+        notes.append(f"{path}: {len(examples)} examples read as {kind} ({why}{bom})")
     return examples
+
+
+def _valid_text(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode (JSON's ``\\ud800`` escapes can make unpaired surrogates,
+    which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DistillError(
+            f"{where}: the text holds an unpaired surrogate ({text[exc.start]!r} at character "
+            f"{exc.start}): not valid Unicode"
+        ) from None
+    return text
 
 
 # DistiLLM's Dolly prompt (tools/process_data_dolly.py), without and with the record's input/context.
@@ -151,9 +191,9 @@ def record_fields(obj: object, where: str) -> tuple[str, list[str]]:
         )
     answer = obj.get(answer_key)
     if isinstance(answer, str):
-        return prompt, [answer]
+        return prompt, [_valid_text(answer, where)]
     if isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer):
-        return prompt, list(answer)
+        return prompt, [_valid_text(a, where) for a in answer]
     found = "missing" if answer_key not in obj else f"of type {type(answer).__name__}"
     if isinstance(answer, list):
         found = "an empty list" if not answer else "a list holding non-strings"
@@ -173,7 +213,7 @@ def _string(obj: dict, key: str, where: str) -> str:
     if not isinstance(value, str):
         found = "missing" if key not in obj else f"of type {type(value).__name__}"
         raise DistillError(f"{where}: field {key!r} must be a string but is {found} (keys: {sorted(obj)})")
-    return value
+    return _valid_text(value, where)
 
 
 @dataclass(frozen=True)
@@ -212,11 +252,16 @@ def load_eval_records(path: str, limit: int | None = None) -> list[EvalRecord]:
 
 
 def split_examples(
-    train: list[Example], eval_path: str | None, eval_fraction: float, seed: int, data_format: str = "auto"
+    train: list[Example],
+    eval_path: str | None,
+    eval_fraction: float,
+    seed: int,
+    data_format: str = "auto",
+    notes: list[str] | None = None,
 ) -> tuple[list[Example], list[Example]]:
     """Held-out set: ``eval_path`` when given, else a seeded random ``eval_fraction`` of ``train``."""
     if eval_path:
-        return train, load_examples(eval_path, data_format)
+        return train, load_examples(eval_path, data_format, notes)
     if eval_fraction <= 0 or len(train) < 2:
         return train, []
     order = list(range(len(train)))

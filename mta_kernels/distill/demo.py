@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from mta_kernels.distill.config import TrainConfig
+from mta_kernels.distill.config import DistillError, TrainConfig
 from mta_kernels.distill.data import load_examples, split_examples
 from mta_kernels.distill.evaluation import Protocol
 
@@ -108,7 +108,10 @@ def run_demo(
         # Tiny models: per-op overhead dominates and a second intra-op thread buys little, while on a
         # machine with any other load two spinning threads made the demo 8x slower (measured).
         torch.set_num_threads(1)
+    check_demo_out(out)
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, DEMO_MARKER), "w") as f:
+        f.write("mta-distill demo folder\n")
     tok_dir = _train_tokenizers(out)
 
     teacher_steps, student_steps = (6, 6) if quick else (600, 400)
@@ -252,6 +255,30 @@ USER_COMMANDS = (
     "    data/uinst/11_/valid.jsonl",
     "    # 5 sampling seeds (10..50); ROUGE-L mean and std per file in runs/mine/eval/table.md",
 )
+
+
+DEMO_MARKER = ".mta-distill-demo"
+"""File that marks a folder as the demo's (a later demo may write there again)."""
+DEMO_NAMES = {"tokenizers", "teacher", "student-mta", "student-baseline", "curves.png", "heldout.jsonl"}
+"""What the demo writes in its folder (a folder holding only these is an earlier demo's)."""
+
+
+def check_demo_out(out: str) -> None:
+    """The demo writes into a new or empty folder, or an earlier demo's; never elsewhere (exit 2)."""
+    from mta_kernels.distill.checks import check_out_against_inputs, check_writable
+
+    check_out_against_inputs(out, {"the demo's corpus": CORPUS, "the demo's data": DOLLY})
+    check_writable(out)
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise DistillError(f"--out {out!r} is a file, not a directory")
+    names = set(os.listdir(out))
+    if names and DEMO_MARKER not in names and not names <= DEMO_NAMES:
+        raise DistillError(
+            f"--out {out!r} is not empty and is not an earlier demo's folder: the demo replaces the "
+            "tokenizers, runs and plots it writes there. Pass a new or empty folder"
+        )
 
 
 def write_heldout(path: str) -> str:

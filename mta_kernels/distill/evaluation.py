@@ -34,7 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mta_kernels.distill import faults
 from mta_kernels.distill.checkpoint import atomic_write_bytes
+from mta_kernels.distill.checks import check_out_against_inputs, check_writable
+from mta_kernels.distill.collate import edge_token_ids
 from mta_kernels.distill.config import DistillError
 from mta_kernels.distill.data import EvalRecord, load_eval_records
 from mta_kernels.distill.rouge import REFERENCE_RULES, rouge_l
@@ -91,8 +94,12 @@ class Protocol:
 
 # ------------------------------------------------------------------------------------------ generation
 def encode_prompt(tokenizer: Any, prompt: str, max_prompt_length: int) -> list[int]:
-    """Token ids of a prompt, cut to its first ``max_prompt_length`` (DistiLLM's ``PromptDataset``)."""
-    ids = tokenizer(prompt)["input_ids"][:max_prompt_length]
+    """Token ids of a prompt, cut to its first ``max_prompt_length`` (DistiLLM's ``PromptDataset``).
+
+    A long prompt is tokenized from its start only, as far as the kept tokens need
+    (:func:`~mta_kernels.distill.collate.edge_token_ids`): the cost stays bounded whatever its size.
+    """
+    ids = edge_token_ids(tokenizer, prompt, max_prompt_length)
     if not ids:  # an empty prompt: start from BOS (or EOS), as generate would
         ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
     return ids
@@ -246,6 +253,13 @@ def load_model_for_eval(
         pass
     if not os.path.isdir(model_dir):
         raise DistillError(f"--model {model_dir!r} is not a directory (a saved model, e.g. <run>/model)")
+    from mta_kernels.distill.checks import is_run_dir
+
+    if is_run_dir(model_dir):
+        raise DistillError(
+            f"--model {model_dir!r} is a run folder, not a model: pass {os.path.join(model_dir, 'model')!r} "
+            "(the model at the end of the run) or its 'best' folder (--eval-gen)"
+        )
     want = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise DistillError(f"--device {want} asked for but CUDA is not available on this machine")
@@ -264,6 +278,20 @@ def load_model_for_eval(
         model = M.build_model(model_dir, None, 0)
     tokenizer = M.load_tokenizer(tokenizer_dir, model_dir)
     return model.to(torch.device(want)).eval(), tokenizer
+
+
+def check_eval_model(model: nn.Module, tokenizer: Any, protocol: Protocol) -> None:
+    """Prompt plus answer within the model's positions; the tokenizer's ids within its embedding."""
+    from mta_kernels.distill.checks import check_embedding, max_positions
+
+    positions = max_positions(model)
+    need = protocol.max_prompt_length + protocol.new_tokens
+    if positions is not None and need > positions:
+        raise DistillError(
+            f"--max-prompt-length {protocol.max_prompt_length} + {protocol.new_tokens} new tokens = {need} "
+            f"tokens, more than the model's {positions} positions: lower --max-length / --max-new-tokens"
+        )
+    check_embedding(model, tokenizer, "", "pass the model's own with --tokenizer")
 
 
 def data_names(paths: Sequence[str]) -> list[str]:
@@ -353,9 +381,37 @@ def run_evaluate(
         raise DistillError("no --data file given")
     names = data_names(data)
     several = len(data) > 1
+    inputs = {"--model": model, **({"--tokenizer": tokenizer} if tokenizer else {})}
+    inputs.update({f"--data {p}": p for p in data})
+    check_out_against_inputs(out, inputs)
+    check_writable(out)
     check_eval_out(out, names, several, overwrite)
     records = {n: load_eval_records(p, limit) for n, p in zip(names, data)}  # every file checked first
     net, tok = load_model_for_eval(model, tokenizer, device)
+    check_eval_model(net, tok, protocol)
+    try:
+        results = _score_files(net, tok, model, tokenizer, names, data, records, out, several, seeds,
+                               batch_size, protocol, progress)  # fmt: skip
+    except OSError as exc:  # a full disk, a folder made read-only under the run
+        from mta_kernels.distill.checkpoint import write_failure
+
+        raise DistillError(
+            f"could not write the results ({write_failure(exc)}); {faults.on_disk.describe()}"
+        ) from None
+    table = format_table(results)
+    atomic_write_bytes(os.path.join(out, TABLE_NAME), lambda f: f.write(table.encode()))
+    if show:
+        sys.stdout.write(table)
+    return results
+
+
+def _score_files(
+    net: nn.Module, tok: Any, model: str, tokenizer: str | None, names: Sequence[str], data: Sequence[str],
+    records: dict[str, list[EvalRecord]], out: str, several: bool, seeds: Sequence[int], batch_size: int,
+    protocol: Protocol, progress: bool,
+) -> dict[str, dict]:  # fmt: skip
+    """Generate, score and write the results of each data file (:func:`run_evaluate`'s loop)."""
+    done: list[str] = []
     results: dict[str, dict] = {}
     for name, path in zip(names, data):
         t0 = time.perf_counter()
@@ -382,8 +438,9 @@ def run_evaluate(
         _write_jsonl(os.path.join(where, PREDICTIONS_NAME), rows)
         _write_json(os.path.join(where, SCORES_NAME), scores)
         results[name] = scores
-    table = format_table(results)
-    atomic_write_bytes(os.path.join(out, TABLE_NAME), lambda f: f.write(table.encode()))
-    if show:
-        sys.stdout.write(table)
+        done.append(name)
+        faults.on_disk.note(
+            f"{out!r} holds the results of {', '.join(done)} (of {len(names)} data files): run the same "
+            "command with --overwrite to score them all again"
+        )
     return results

@@ -10,25 +10,77 @@ import numpy as np
 from mta_kernels.distill.checkpoint import atomic_write_bytes
 
 METRICS_NAME = "metrics.jsonl"
+TORN_SUFFIX = ".torn"
+"""Where :func:`trim_metrics` keeps the lines of a metrics file that are not whole records."""
 
 
 def append_records(path: str, records: list[dict]) -> None:
     """Append records to a metrics file (one line each)."""
     if records:
-        with open(path, "a") as f:
+        with open(path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
-def trim_metrics(path: str, step: int) -> None:
-    """On resume, drop the records written after the checkpoint's step (they will be written again)."""
+def trim_metrics(path: str, step: int, expected: int | None = None) -> tuple[list[str], list[str]]:
+    """On resume: keep the records of steps up to the checkpoint's ``step``; returns (notes, warnings).
+
+    Records of later steps are dropped (the resumed run writes them again: a note says how many).
+    A line that is not a whole JSON record (cut short by a kill or a full disk, or edited) is never
+    dropped silently: it is moved to ``<path>.torn`` with a warning. ``expected``: the records the
+    checkpoint's run had written up to ``step``; fewer left (the file deleted or edited) is a warning.
+    A fresh run (``step == 0``) starts the file again.
+    """
+    notes: list[str] = []
+    warnings: list[str] = []
     if not os.path.exists(path):
-        return
-    with open(path) as f:
+        if step and expected:
+            warnings.append(
+                f"{path} is missing: the {expected} records of steps 1..{step} are lost (the curves and "
+                "the summary cover the resumed steps only)"
+            )
+        return notes, warnings
+    with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.readlines()
-    # A line cut short by a killed process is dropped too (it belongs to a step after the checkpoint).
-    keep = [ln for ln in lines if (rec := _parse(ln)) is not None and rec.get("step", 0) <= step]
+    if step == 0:
+        if lines:
+            atomic_write_bytes(path, lambda f: None)
+        return notes, warnings
+    keep, later, torn = [], [], []
+    for lineno, line in enumerate(lines, start=1):
+        rec = _parse(line)
+        if rec is None:
+            if line.strip():
+                torn.append((lineno, line))
+        elif isinstance(rec.get("step"), int) and rec["step"] > step:
+            later.append(line)
+        else:
+            keep.append(line)
+    if torn:
+        with open(path + TORN_SUFFIX, "a", encoding="utf-8") as f:
+            f.write("".join(line if line.endswith("\n") else line + "\n" for _, line in torn))
+        first = torn[0][0]
+        warnings.append(
+            f"{path}: {len(torn)} line(s) are not whole JSON records (line {first} first: cut short by a "
+            f"kill or a full disk?); kept aside in {path + TORN_SUFFIX}"
+        )
+    if later:
+        notes.append(
+            f"{path}: {len(later)} record(s) of steps after the checkpoint's step {step} dropped; the "
+            "resumed run writes them again"
+        )
+    if expected is not None and len(keep) < expected:
+        warnings.append(
+            f"{path} holds {len(keep)} of the {expected} records written up to step {step} (deleted or "
+            "edited?): the curves and the summary miss the others"
+        )
     if len(keep) != len(lines):
         atomic_write_bytes(path, lambda f: f.write("".join(keep).encode()))
+    return notes, warnings
+
+
+def count_records(path: str) -> int:
+    """Whole records in a metrics file (0 when there is none)."""
+    return len(read_metrics(path)) if os.path.exists(path) else 0
 
 
 def _parse(line: str) -> dict | None:
@@ -43,15 +95,15 @@ def _parse(line: str) -> dict | None:
 
 def read_metrics(path: str) -> list[dict]:
     """The records of a metrics file (a last line cut short by a killed process is skipped)."""
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         return [rec for ln in f if ln.strip() and (rec := _parse(ln)) is not None]
 
 
 def summarise(metrics_path: str) -> dict:
     """Medians of the step time and throughput over steps 2.. (step 1 pays for warm-up), final losses."""
     recs = read_metrics(metrics_path)
-    train_recs = [r for r in recs if r["kind"] == "train"]
-    evals = [r for r in recs if r["kind"] == "eval"]
+    train_recs = [r for r in recs if r.get("kind") == "train"]
+    evals = [r for r in recs if r.get("kind") == "eval"]
     timed = train_recs[1:] or train_recs
     out = {
         "step_time_s": float(np.median([r["step_time_s"] for r in timed])) if timed else None,
@@ -60,6 +112,9 @@ def summarise(metrics_path: str) -> dict:
     }
     shares = [r["mta_share"] for r in timed if r.get("mta_share") is not None]
     out["mta_share"] = float(np.median(shares)) if shares else None
+    failed = sum(int(r.get("units_failed") or 0) for r in train_recs)
+    if failed:
+        out["units_failed"] = failed
     covered = [r["unit_coverage"] for r in train_recs if r.get("unit_coverage")]
     if covered:  # mean over the logged steps of each step's fractions
         out["unit_coverage"] = {

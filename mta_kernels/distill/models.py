@@ -16,22 +16,34 @@ from torch import nn
 from mta_kernels.distill.config import DistillError
 
 EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
+# Bounds of the built-in configs (random init, for tests and demos): beyond them the model would not fit.
+MAX_BUILTIN_LAYERS, MAX_BUILTIN_DIM, MAX_BUILTIN_PARAMS = 128, 8192, 2e9
 
 
 def is_builtin(spec: str) -> bool:
     return spec.startswith("builtin:")
 
 
-def _parse_builtin(spec: str) -> tuple[str, int, int]:
+def parse_builtin(spec: str, what: str = "model spec") -> tuple[str, int, int]:
+    """``builtin:FAMILY:LAYERS:DIM`` -> ``(family, layers, dim)``; a :class:`DistillError` naming ``what``."""
     parts = spec.split(":")
     if len(parts) != 4 or parts[1] not in ("gpt2", "llama"):
-        raise DistillError(f"model spec {spec!r} is not builtin:gpt2:LAYERS:DIM or builtin:llama:LAYERS:DIM")
+        raise DistillError(f"{what} {spec!r} is not builtin:gpt2:LAYERS:DIM or builtin:llama:LAYERS:DIM")
     try:
         layers, dim = int(parts[2]), int(parts[3])
     except ValueError:
-        raise DistillError(f"model spec {spec!r}: LAYERS and DIM must be integers") from None
-    if layers < 1 or dim < 8 or dim % 4:
-        raise DistillError(f"model spec {spec!r}: need LAYERS >= 1 and DIM a multiple of 4, at least 8")
+        raise DistillError(f"{what} {spec!r}: LAYERS and DIM must be integers") from None
+    if not (1 <= layers <= MAX_BUILTIN_LAYERS and 8 <= dim <= MAX_BUILTIN_DIM and dim % 4 == 0):
+        raise DistillError(
+            f"{what} {spec!r}: LAYERS must lie in [1, {MAX_BUILTIN_LAYERS}] and DIM in "
+            f"[8, {MAX_BUILTIN_DIM}], a multiple of 4"
+        )
+    if 12 * layers * dim * dim > MAX_BUILTIN_PARAMS:
+        raise DistillError(
+            f"{what} {spec!r}: {layers} blocks of width {dim} hold about {12 * layers * dim * dim:.2g} "
+            f"parameters, more than a built-in model may have ({MAX_BUILTIN_PARAMS:.0e}: they are random "
+            "models for tests and demos); load a real model from its directory instead"
+        )
     return parts[1], layers, dim
 
 
@@ -48,7 +60,7 @@ def build_model(spec: str, tokenizer, max_length: int) -> nn.Module:
             return AutoModelForCausalLM.from_pretrained(spec, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - any loader failure is a user-input problem here
             raise DistillError(f"could not load the model in {spec!r}: {exc}") from None
-    family, layers, dim = _parse_builtin(spec)
+    family, layers, dim = parse_builtin(spec)
     vocab = len(tokenizer)
     heads = max(1, dim // 32)
     positions = max(512, max_length)
@@ -146,12 +158,33 @@ def load_tokenizer(path: str | None, model_spec: str):
         raise DistillError(f"could not load a tokenizer from {src!r}: {exc}") from None
     if not getattr(tok, "is_fast", False):
         raise DistillError(f"tokenizer {src!r} is not a fast tokenizer: offsets are needed to align units")
+    if path is not None and not is_builtin(model_spec):
+        _check_saved_tokenizer(tok, path, model_spec)
     if tok.eos_token is None:
         tok.add_special_tokens({"eos_token": EOS} if EOS in tok.get_vocab() else {})
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def _check_saved_tokenizer(tok: Any, path: str, model_dir: str) -> None:
+    """A tokenizer given for a model directory that holds its own must tokenize as that one does (else
+    the model would read the ids of another vocabulary)."""
+    if not any(
+        os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return
+    try:
+        own = load_tokenizer(None, model_dir)  # read as the given one was (pad and EOS set alike)
+    except DistillError:  # an unreadable saved tokenizer: nothing to compare with
+        return
+    if not same_tokenizer(tok, own):
+        raise DistillError(
+            f"the tokenizer {path!r} ({len(tok)} tokens) is not the one saved with the model {model_dir!r} "
+            f"({len(own)} tokens): the model would read the ids of another vocabulary. Leave the tokenizer "
+            "option out to use the model's own"
+        )
 
 
 def same_tokenizer(a, b) -> bool:

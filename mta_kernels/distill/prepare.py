@@ -6,6 +6,7 @@ Everything here runs before the first step and writes nothing: bad user input is
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -83,6 +84,11 @@ def setup_dist(cfg: TrainConfig) -> DistEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device(want)
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise DistillError(
+                f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistEnv(rank, world, local_rank, device)
@@ -265,8 +271,10 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
         hf_logging.disable_progress_bar()  # weight-loading bars would interleave with ours
     except ImportError:  # pragma: no cover
         pass
-    examples = load_examples(cfg.data, cfg.data_format)
-    train_ex, eval_ex = split_examples(examples, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.data_format)
+    examples = load_examples(cfg.data, cfg.data_format, notes)
+    train_ex, eval_ex = split_examples(
+        examples, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.data_format, notes
+    )
     global_batch = cfg.batch_size * env.world
     if len(train_ex) < global_batch:
         raise DistillError(
@@ -372,6 +380,20 @@ def fingerprint(cfg: TrainConfig, s: Setup) -> dict:
     fp = {k: getattr(cfg, k) for k in RESUME_KEYS}
     fp["pairs"] = None if s.pairs is None else [list(p) for p in s.pairs]
     fp["world_size"] = s.env.world
+    fp["data_digest"] = data_digest(s.train_set, s.eval_set)
     if cfg.student_gen:  # the adaptive schedule moves at each evaluation
         fp["eval_every"] = cfg.eval_every
     return fp
+
+
+def data_digest(*datasets: TextDataset) -> str:
+    """SHA-256 of the examples (texts and prompt lengths, in order): a resumed run must train on the
+    same data, not only on a file of the same name."""
+    h = hashlib.sha256()
+    for dataset in datasets:
+        h.update(f"{len(dataset)}\n".encode())
+        for item in dataset.items:
+            text = item["text"].encode("utf-8")
+            h.update(f"{item.get('prompt_length_chars')}:{len(text)}:".encode())
+            h.update(text)
+    return h.hexdigest()

@@ -20,7 +20,8 @@ import os
 from importlib import resources
 from typing import Any
 
-from mta_kernels.distill.config import DistillError, TrainConfig
+from mta_kernels.distill.config import DistillError, TrainConfig, check_field, field_kinds
+from mta_kernels.distill.files import read_text
 
 RECIPE_KEYS = ("name", "description", "source", "models", "config", "not_reproduced")
 # Fields a recipe may not set: they name this run's files and models, not a published setting.
@@ -29,6 +30,7 @@ RUN_FIELDS = ("mode", "out", "data", "eval_data", "student", "teacher", "student
 # Fields a run configuration file may not set either: the sub-command decides them.
 CONFIG_FILE_FORBIDDEN = ("mode", "recipe")
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+MAX_CONFIG_BYTES = 1 << 20  # a run configuration or recipe is a few hundred bytes
 
 
 def recipe_names() -> list[str]:
@@ -41,10 +43,7 @@ def load_recipe(name: str) -> dict:
     """A shipped recipe by name, or a recipe file by path; checked against :class:`TrainConfig`."""
     if name.endswith(".json") or os.sep in name:
         path = name
-        if not os.path.isfile(path):
-            raise DistillError(f"recipe file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(path, "recipe file", max_bytes=MAX_CONFIG_BYTES)
     else:
         if name not in recipe_names():
             raise DistillError(
@@ -54,7 +53,7 @@ def load_recipe(name: str) -> dict:
         path = f"{name}.json"
     try:
         recipe = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise DistillError(f"recipe {path!r} is not valid JSON ({exc})") from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("config"), dict):
         raise DistillError(f"recipe {path!r} has no 'config' object")
@@ -64,12 +63,22 @@ def load_recipe(name: str) -> dict:
 
 def _check_schema(doc: dict, what: str, forbidden: tuple[str, ...]) -> None:
     """Top-level keys, then every ``config`` key: a known field, not ``forbidden``, of the right type."""
-    unknown = sorted(set(doc) - set(RECIPE_KEYS))
+    unknown = sorted(repr(k) for k in doc if k not in RECIPE_KEYS)
     if unknown:
-        raise DistillError(f"{what}: unknown keys {unknown} (allowed: {list(RECIPE_KEYS)})")
+        raise DistillError(f"{what}: unknown keys {', '.join(unknown)} (allowed: {list(RECIPE_KEYS)})")
+    for key in ("name", "description", "source"):
+        if key in doc and not isinstance(doc[key], str):
+            raise DistillError(f"{what}: {key!r} must be text, got {doc[key]!r}")
+    notes = doc.get("not_reproduced", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise DistillError(f"{what}: 'not_reproduced' must be a list of texts, got {notes!r}")
     fields = TrainConfig.__dataclass_fields__
     valid = sorted(k for k in fields if k not in forbidden)
     for key in doc["config"]:
+        if not isinstance(key, str):
+            raise DistillError(
+                f"{what}: the key {key!r} is not a training setting; valid keys: {', '.join(valid)}"
+            )
         if key not in fields:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -83,38 +92,32 @@ def _check_schema(doc: dict, what: str, forbidden: tuple[str, ...]) -> None:
                 else "is set by the command"
             )
             raise DistillError(f"{what}: {key!r} {why} here")
-        doc["config"][key] = _typed(doc["config"][key], str(fields[key].type), f"{what}: {key!r}")
+        doc["config"][key] = _typed(doc["config"][key], key, what)
 
 
-def _typed(value: Any, annotation: str, what: str) -> Any:
-    """``value`` checked against a field annotation (``"float"``, ``"int | None"``, ...).
-
-    Numbers written as strings are converted: YAML 1.1 reads ``1e-4`` (no dot) as a string.
-    """
-    kinds = [k.strip() for k in annotation.split("|")]
-    if value is None:
-        if "None" in kinds:
-            return None
-        raise DistillError(f"{what} may not be null (a {kinds[0]})")
-    for kind in kinds:
-        if kind == "bool" and isinstance(value, bool):
-            return value
-        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind == "str" and isinstance(value, str):
-            return value
-    if "str" in kinds and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)  # e.g. kd_chunk: 4096
-    if isinstance(value, str):
+def _typed(value: Any, key: str, what: str) -> Any:
+    """``value`` of field ``key`` converted where a file format cannot say it (YAML 1.1 reads ``1e-4``,
+    without a dot, as a string; ``kd_chunk: 4096`` is a number), then checked against the option table
+    (:func:`~mta_kernels.distill.config.check_field`: type, finiteness, range)."""
+    kinds = field_kinds(key)
+    if isinstance(value, str) and "str" not in kinds:
         for kind, conv in (("int", int), ("float", float)):
             if kind in kinds:
                 try:
-                    return conv(value)
+                    value = conv(value)
+                    break
                 except ValueError:
                     pass
-    raise DistillError(f"{what} must be {' or '.join(kinds)}, got {value!r}")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if "str" in kinds:
+            value = str(value)
+        elif "float" in kinds and "int" not in kinds:
+            value = float(value)
+    try:
+        check_field(key, value, repr(key))
+    except DistillError as exc:
+        raise DistillError(f"{what}: {exc}") from None
+    return value
 
 
 def load_config_file(path: str) -> dict:
@@ -124,14 +127,11 @@ def load_config_file(path: str) -> dict:
     """
     if not path.lower().endswith(CONFIG_SUFFIXES):
         raise DistillError(f"--config {path!r}: the file name must end in {', '.join(CONFIG_SUFFIXES)}")
-    if not os.path.isfile(path):
-        raise DistillError(f"--config file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path, "--config file", max_bytes=MAX_CONFIG_BYTES)
     if path.lower().endswith(".json"):
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise DistillError(f"--config {path!r} is not valid JSON ({exc})") from None
     else:
         try:
@@ -143,7 +143,7 @@ def load_config_file(path: str) -> dict:
             ) from None
         try:
             doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, RecursionError) as exc:
             raise DistillError(f"--config {path!r} is not valid YAML ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
         raise DistillError(

@@ -283,7 +283,7 @@ class Stepper:
         if not math.isfinite(rec["loss"]):
             raise DistillError(
                 f"the loss became {rec['loss']} at step {step} (CE {rec['ce']}, KD {rec['kd']}, "
-                f"MTA {rec['mta']}): lower --lr or check the data; the last checkpoint written is intact"
+                f"MTA {rec['mta']}): lower --lr or check the data; {faults.on_disk.describe()}"
             )
         if module.kd == "skew" and self.has_kd:
             # DistiLLM's skewed_forward_kl reports kd + this (the cross-entropy form, same gradient)

@@ -34,16 +34,25 @@ from mta_kernels.distill.checkpoint import (
     check_resume_compatible,
     load_checkpoint,
     make_state,
+    os_error,
     remove_stale_temporaries,
     restore_state,
     save_checkpoint,
+    write_failure,
 )
 from mta_kernels.distill.collate import UnitCollator
 from mta_kernels.distill.config import DistillError, TrainConfig
 from mta_kernels.distill.data import TextDataset, epoch_batches
 from mta_kernels.distill.kd_chunked import head_params, resolve_kd_chunk
 from mta_kernels.distill.lora import save_model
-from mta_kernels.distill.metrics import METRICS_NAME, append_records, read_metrics, summarise, trim_metrics
+from mta_kernels.distill.metrics import (
+    METRICS_NAME,
+    append_records,
+    count_records,
+    read_metrics,
+    summarise,
+    trim_metrics,
+)
 from mta_kernels.distill.prepare import (
     DistEnv,
     Setup,
@@ -146,11 +155,17 @@ def evaluate(s: Setup, cfg: TrainConfig, autocast: Any) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------- loop
-def train(cfg: TrainConfig) -> dict:
-    """Run a whole training (or resume one). Returns the final summary (also in ``<out>/summary.json``)."""
+def train(cfg: TrainConfig, inputs: dict[str, str] | None = None, warnings: list[str] | None = None) -> dict:
+    """Run a whole training (or resume one). Returns the final summary (also in ``<out>/summary.json``).
+
+    ``inputs``: other files the command read (option -> path, e.g. a ``--config`` file): like the
+    models and the data, ``--out`` may not hold them. ``warnings``: printed (and kept in the summary)
+    with the run's own once every check passed.
+    """
     cfg.validate()
     reporting.check_available(cfg.report_to)
-    checks.check_out_dir(cfg)
+    checks.check_out_dir(cfg, inputs)
+    faults.on_disk.start(cfg.out, os.path.join(cfg.out, CHECKPOINT_NAME))
     env = setup_dist(cfg)
     if env.main:  # versions and what runs the ops, in one line (all of it in <out>/config.json)
         print(mta_info.summary(), flush=True)
@@ -163,20 +178,30 @@ def train(cfg: TrainConfig) -> dict:
         else:
             ctx = contextlib.nullcontext()
         with ctx:
-            return _train(cfg, env)
+            return _train(cfg, env, warnings or [])
+    except OSError as exc:  # a full disk, a quota, a folder made read-only or removed under the run
+        raise DistillError(
+            f"the run stopped on an operating-system error ({write_failure(exc)}"
+            f"{f'; file {exc.filename!r}' if exc.filename else ''}); {faults.on_disk.describe()}"
+        ) from None
     finally:
         if env.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _load_resume_state(cfg: TrainConfig, fp: dict) -> dict | None:
+def _load_resume_state(cfg: TrainConfig, fp: dict, notes: list[str]) -> dict | None:
     """The checkpoint to resume (``--resume``), ``None`` for a fresh run; refuses to clobber one."""
     ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
     if not os.path.exists(ckpt_path):
+        if cfg.resume:
+            raise DistillError(
+                f"--resume: {cfg.out!r} holds no checkpoint ({CHECKPOINT_NAME}) to continue: run without "
+                "--resume to start, or give the --out of the run to continue"
+            )
         return None
     if cfg.resume:
         state = load_checkpoint(ckpt_path)
-        check_resume_compatible(state, fp, ckpt_path)
+        notes.extend(check_resume_compatible(state, fp, ckpt_path))
         return state
     if not cfg.overwrite:
         raise DistillError(
@@ -206,10 +231,20 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext
 
 
-def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int) -> None:
+def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int, state: dict | None) -> int:
+    """Mark the run folder, trim the metrics to the checkpoint, write config.json, print the notes.
+
+    Returns the number of metrics records the file holds now.
+    """
+    faults.on_disk.started(step if state is not None else None)
     checks.mark_out_dir(cfg.out)
     remove_stale_temporaries(cfg.out)
-    trim_metrics(os.path.join(cfg.out, METRICS_NAME), step)
+    metrics_path = os.path.join(cfg.out, METRICS_NAME)
+    notes, warnings = trim_metrics(
+        metrics_path, step, None if state is None else state.get("metrics_records")
+    )
+    s.notes.extend(notes)
+    s.warnings.extend(warnings)
     _write_json(
         os.path.join(cfg.out, "config.json"),
         {
@@ -223,6 +258,7 @@ def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int) -> None:
         print(f"note: {note}")
     for warning in s.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    return count_records(metrics_path)
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -230,19 +266,21 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _stat_keys(s: Setup) -> list[str]:
-    keys = ["examples", "tokens"]
+    keys = ["examples", "tokens", "units_failed"]
     for g in s.granularities:
         keys += [f"units_{g}_examples", f"units_{g}_tokens"]
     return keys
 
 
-def _train(cfg: TrainConfig, env: DistEnv) -> dict:
+def _train(cfg: TrainConfig, env: DistEnv, warnings: list[str]) -> dict:
+    faults.at("setup")  # test hook: a signal before anything loads
     seed_everything(cfg.seed)
     s = build(cfg, env)
+    s.warnings[:0] = warnings
     s.notes.extend(resolve_schedule(cfg, len(s.train_set), env.world))
     off = _off_policy(cfg, s)
     fp = fingerprint(cfg, s)
-    state = _load_resume_state(cfg, fp)
+    state = _load_resume_state(cfg, fp, s.notes)
     device = env.device
     _prepare_student(s, cfg)
     module = Trainable(
@@ -275,8 +313,11 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     stepper = Stepper(
         env, module, ddp, s.teacher, optimizer, scheduler, objective, run.autocast, cfg.clip, cfg.accum_mean
     )
+    if state is not None and step >= min(cfg.steps, cfg.stop_at or cfg.steps):
+        s.notes.append(f"the checkpoint is at step {step}: no step left to train (--steps {cfg.steps}"
+                       f"{f', --stop-at {cfg.stop_at}' if cfg.stop_at else ''})")  # fmt: skip
     if env.main:
-        _write_run_start(cfg, s, fp, step)
+        run.records = _write_run_start(cfg, s, fp, step, state)
         if run.gen is not None:  # the best held-out ROUGE-L so far (the metrics are trimmed to `step`)
             run.gen.best = best_rouge(run.metrics_path)
         if cfg.report_to != "none":
@@ -319,6 +360,7 @@ class _Run:
     off: OffPolicy | None = None
     reporter: reporting.Reporter | None = None  # --report-to (rank 0)
     gen: GenerationEval | None = None  # --eval-gen
+    records: int = 0  # metrics records in the file (rank 0), kept in each checkpoint
 
     @property
     def ckpt_path(self) -> str:
@@ -342,6 +384,7 @@ class _Run:
                 scheduler=self.scheduler,
                 device=env.device,
                 student_gen=None if self.off is None else self.off.state_dict(),
+                metrics_records=self.records,
             )
             save_checkpoint(self.ckpt_path, state)
         if env.world > 1:
@@ -378,7 +421,10 @@ def _loop(run: _Run, stepper: Stepper, step: int) -> tuple[int, dict | None]:
             if run.off is not None:
                 rec["student_gen"] = run.off.take_counts()
             if stat_keys:
-                rec["unit_coverage"] = checks.coverage(dict(zip(stat_keys, reduced)), s.granularities)
+                stats = dict(zip(stat_keys, reduced))
+                rec["unit_coverage"] = checks.coverage(stats, s.granularities)
+                if stats["units_failed"]:  # texts spaCy could not parse: trained without units
+                    rec["units_failed"] = int(stats["units_failed"])
             preempted = reduced[-1] > 0
             step += 1
             do_eval = step % cfg.eval_every == 0 or step == cfg.steps
@@ -395,6 +441,7 @@ def _loop(run: _Run, stepper: Stepper, step: int) -> tuple[int, dict | None]:
                 if do_eval and last_eval is not None:
                     records.append({"kind": "eval", "step": step, **last_eval})
                 append_records(run.metrics_path, records)
+                run.records += len(records)
                 if run.reporter is not None:
                     run.reporter.log(records)
                 post = {"loss": f"{rec['loss']:.3f}"}
@@ -402,8 +449,12 @@ def _loop(run: _Run, stepper: Stepper, step: int) -> tuple[int, dict | None]:
                     post["eval_ppl"] = f"{last_eval['eval_ppl']:.1f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
+            # One process has no rank to agree with: a signal that came after the step's all-reduce
+            # (during the evaluation or the metrics) stops the run now, and so does one during the save.
+            preempted = preempted or (env.world == 1 and signal_flag.requested)
             if preempted or step % cfg.save_every == 0 or step == stop:
                 run.save(step)
+                preempted = preempted or (env.world == 1 and signal_flag.requested)
             if preempted:
                 bar.close()
                 raise faults.Preempted(signal_flag.signame or "SIGTERM", step, run.ckpt_path)
@@ -429,14 +480,22 @@ def _finish(cfg: TrainConfig, s: Setup, step: int, last_eval: dict | None, metri
     summary.update(summarise(metrics_path))
     summary["data_checks"] = s.data_checks
     warnings = list(s.warnings)
+    if summary.get("units_failed"):
+        warning = (
+            f"spaCy could not parse {summary['units_failed']} training text(s) in the logged steps: they "
+            "trained without units (the steps' units_failed in metrics.jsonl)"
+        )
+        print(f"warning: {warning}", file=sys.stderr)
+        warnings.append(warning)
     if summary.get("unit_coverage"):
         warning = checks.coverage_warning(summary["unit_coverage"], "the training batches")
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
             warnings.append(warning)
     summary["warnings"] = warnings
+    faults.at("finish")  # test hook: a signal while the final model is written
     if cfg.save_model:
-        save_model(s.student, s.student_tokenizer, os.path.join(cfg.out, "model"))
+        _replace_dir(os.path.join(cfg.out, "model"), lambda d: save_model(s.student, s.student_tokenizer, d))
     _write_json(os.path.join(cfg.out, "summary.json"), summary)
     if cfg.plot:
         from mta_kernels.distill.plot import plot_runs
@@ -523,14 +582,26 @@ def best_rouge(metrics_path: str) -> float | None:
 
 
 def _replace_dir(path: str, write: Any) -> None:
-    """Write a directory next to ``path`` with ``write(tmp)``, then swap it in (a crash leaves one whole)."""
+    """Write a directory next to ``path`` with ``write(tmp)``, then swap it in (a crash leaves one whole).
+
+    A failed write removes the half-written directory and raises the ``OSError`` behind it (a full
+    disk: safetensors reports it as its own error type).
+    """
     tmp, old = path + ".tmp", path + ".old"
     for d in (tmp, old):
         shutil.rmtree(d, ignore_errors=True)
-    write(tmp)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = os_error(exc)
+        if cause is None:
+            raise
+        raise cause from None
+    with faults.signals_blocked():
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
 

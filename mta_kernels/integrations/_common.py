@@ -54,6 +54,183 @@ def resolve_mta(mta: MTALoss | str | None, student: nn.Module, teacher: nn.Modul
     return mta
 
 
+_GREEK = {"lam": "lam (λ)", "beta": "beta (β)", "mta_beta": "mta_beta (β)"}
+
+
+def check_numbers(**values: Any) -> None:
+    """Keyword arguments of a trainer against the CLI's option table (``mta_beta`` is ``beta``'s rule):
+    a ``ValueError`` naming the argument, the value and what it accepts; ``None`` is accepted."""
+    from mta_kernels.distill.config import DistillError, check_field
+
+    for name, value in values.items():
+        if value is None:
+            continue
+        field = "beta" if name == "mta_beta" else name
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        try:
+            check_field(field, value, _GREEK.get(name, name))
+        except DistillError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def _rows(model: nn.Module, side: str) -> int | None:
+    """Rows of a model's input (``side="input"``) or output embedding; ``None`` when it has none."""
+    get = getattr(model, f"get_{side}_embeddings", None)
+    layer = get() if get is not None else None
+    weight = getattr(layer, "weight", None)
+    return None if weight is None else int(weight.shape[0])
+
+
+def _saved_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer saved next to a model's weights (its ``name_or_path``, locally), else ``None``."""
+    path = getattr(model, "name_or_path", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", ""
+    )
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+    except Exception:  # noqa: BLE001 - no tokenizer there (or no hub cache): nothing to compare
+        return None
+
+
+def check_models_and_tokenizers(
+    student: nn.Module,
+    teacher: nn.Module,
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    max_length: int | None,
+    kd: bool,
+) -> bool:
+    """What the CLI checks before a run, for the trainers; returns whether the teacher reads the
+    student's tokens (one tokenization: the logit KD over the shared vocabulary is possible).
+
+    Raises ``ValueError`` when a tokenizer's ids do not fit a model's embedding, when ``max_length``
+    exceeds a model's positions, when no teacher tokenizer is given (the teacher would read the
+    student's ids) but the teacher was saved with another tokenizer, or, when none was saved, its
+    output vocabulary differs from the student's; and, with ``kd``, when the shared vocabulary is wider
+    than an output layer (the distributions cannot be compared).
+    """
+    from mta_kernels.distill.checks import max_positions
+
+    for side, model, tok in (
+        ("student", student, student_tokenizer),
+        ("teacher", teacher, teacher_tokenizer),
+    ):
+        rows = _rows(model, "input")
+        if tok is not None and rows is not None and len(tok) > rows:
+            raise ValueError(
+                f"the {side} tokenizer has {len(tok)} tokens but the {side}'s embedding has {rows} rows: "
+                f"it is not the {side}'s tokenizer"
+            )
+        positions = max_positions(model) if getattr(model, "config", None) is not None else None
+        if max_length is not None and positions is not None and max_length > positions:
+            raise ValueError(
+                f"max_length {max_length} is longer than the {side}'s {positions} positions: "
+                f"build the collator with max_length={positions} or less"
+            )
+    if teacher_tokenizer is not None:
+        shared = M.same_tokenizer(student_tokenizer, teacher_tokenizer)
+    else:
+        shared = True
+        rows = _rows(teacher, "input")
+        if rows is not None and len(student_tokenizer) > rows:
+            raise ValueError(
+                f"the teacher reads the student's tokens (the collator has no teacher_tokenizer), but the "
+                f"student's tokenizer has {len(student_tokenizer)} tokens and the teacher's embedding {rows} "
+                "rows: pass the teacher's tokenizer, MTADataCollator(..., teacher_tokenizer=...)"
+            )
+        own = _saved_tokenizer(teacher)
+        if own is not None and not M.same_tokenizer(student_tokenizer, own):
+            raise ValueError(
+                f"the teacher was saved with its own tokenizer ({getattr(teacher, 'name_or_path', '')!r}, "
+                f"{len(own)} tokens), not the student's ({len(student_tokenizer)} tokens), but the collator "
+                "has no teacher_tokenizer: the teacher would read the student's token ids. Pass it, "
+                "MTADataCollator(student_tokenizer, teacher_tokenizer=...)"
+            )
+        vs, vt = _rows(student, "output"), _rows(teacher, "output")
+        if own is None and vs is not None and vt is not None and vs != vt:
+            raise ValueError(
+                f"the student's output vocabulary has {vs} entries and the teacher's {vt}, and the "
+                "collator has no teacher_tokenizer: the teacher may not read the student's tokens. Pass "
+                "the teacher's tokenizer, MTADataCollator(..., teacher_tokenizer=...) (the student's own "
+                "when they share it: the logit KD then stays on)"
+            )
+    if kd and shared:
+        vocab = len(student_tokenizer)
+        widths = {side: _rows(m, "output") for side, m in (("student", student), ("teacher", teacher))}
+        narrow = {side: w for side, w in widths.items() if w is not None and w < vocab}
+        if narrow:
+            side, w = next(iter(narrow.items()))
+            raise ValueError(
+                f"the logit KD compares distributions over the tokenizer's {vocab} tokens, but the "
+                f"{side}'s output layer has {w}: the vocabularies cannot be compared (kd=None turns the "
+                "term off)"
+            )
+    return shared
+
+
+def check_projectors(mta: MTALoss, shapes: Mapping[str, tuple[int, ...]], checkpoint: str) -> None:
+    """The ``mta_loss`` entries of a checkpoint (name -> shape) are this MTALoss's, shape for shape:
+    another number of layer pairs or other widths is an error naming the first difference."""
+    prefix = f"{MTA_ATTR}."
+    saved = {k[len(prefix) :]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
+    expected = {k: tuple(v.shape) for k, v in mta.state_dict().items()}
+    if not saved and expected:
+        raise ValueError(
+            f"checkpoint {checkpoint!r} has no MTA projector weights ({sorted(expected)[:2]}...): it was "
+            "not written by an MTATrainer with this MTALoss"
+        )
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    wrong = [k for k in sorted(set(expected) & set(saved)) if expected[k] != saved[k]]
+    if missing or extra or wrong:
+        first = (
+            f"{prefix}{wrong[0]} is {list(saved[wrong[0]])} there and {list(expected[wrong[0]])} here"
+            if wrong
+            else f"{len(saved)} projector tensors there, {len(expected)} here"
+        )
+        raise ValueError(
+            f"checkpoint {checkpoint!r} holds the projectors of another MTALoss ({first}; layer pairs "
+            f"{[tuple(p) for p in mta.pairs]} here): resume with the MTALoss it was trained with"
+        )
+
+
+def checkpoint_shapes(folder: str) -> dict[str, tuple[int, ...]] | None:
+    """Tensor names and shapes of a Trainer checkpoint's model (safetensors, sharded or not, or a
+    ``pytorch_model.bin``), read without loading the weights; ``None`` when there is none."""
+    import json
+    import os
+
+    index = next(
+        (os.path.join(folder, n) for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+         if os.path.isfile(os.path.join(folder, n))),
+        None,
+    )  # fmt: skip
+    files = ["model.safetensors", "pytorch_model.bin"]
+    if index is not None:
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f).get("weight_map", {}).values()))
+    shapes: dict[str, tuple[int, ...]] = {}
+    found = False
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        found = True
+        if name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        else:
+            state = torch.load(path, map_location="meta", weights_only=True)
+            shapes.update({k: tuple(v.shape) for k, v in state.items()})
+    return shapes if found else None
+
+
 def granularities_of(mta: MTALoss | None) -> tuple[str, ...]:
     if mta is None:
         return ()

@@ -68,7 +68,7 @@ class MTADataCollator(UnitCollator):
     ) -> None:
         if isinstance(granularities, str):
             granularities = (granularities,)
-        if not isinstance(max_length, int) or max_length < 1:
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         if extractor is not None and not isinstance(extractor, UnitExtractor):
             raise TypeError(f"extractor must be a UnitExtractor, got {type(extractor).__name__}")

@@ -9,7 +9,7 @@ notes: ``docs/design/integrations.md``.
 
 from __future__ import annotations
 
-import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,11 +80,25 @@ class MTATrainer(Trainer):
                 f"got {type(model).__name__}"
             )
         teacher = C.freeze(teacher)
-        _check_objective(lam, beta, kd, temperature, skew_alpha, projector_lr)
+        C.check_numbers(
+            lam=lam, beta=beta, temperature=temperature, skew_alpha=skew_alpha, projector_lr=projector_lr
+        )
+        if kd is not None and kd not in KD_KINDS:
+            raise ValueError(f"kd must be one of {KD_KINDS} or None, got {kd!r}")
         mta = C.resolve_mta(mta, model, teacher)
         data_collator = _checked_collator(
             data_collator, processing_class, C.granularities_of(mta), train_dataset, eval_dataset
         )
+        shared = C.check_models_and_tokenizers(
+            model, teacher, data_collator.student_tokenizer, data_collator.teacher_tokenizer,
+            data_collator.max_length, kd is not None and float(lam) > 0,
+        )  # fmt: skip
+        if kd is not None and not shared:
+            warnings.warn(
+                "student and teacher tokenize differently: the logit KD term is off (MTA aligns units by "
+                "text); pass kd=None to say so",
+                stacklevel=2,
+            )
         if mta is not None:
             C.attach(model, mta)
         self.mta = mta
@@ -102,7 +116,7 @@ class MTATrainer(Trainer):
             **kwargs,
         )
         self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        self.shared_tokenizer = data_collator.teacher_tokenizer is None
+        self.shared_tokenizer = shared
         self.kd_vocab = len(data_collator.student_tokenizer) if self.shared_tokenizer else None
 
     # ------------------------------------------------------------------------------------ columns
@@ -229,41 +243,14 @@ class MTATrainer(Trainer):
 
     # ------------------------------------------------------------------------------ checkpoints
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Loads the student and (as its ``mta_loss`` entries) the projectors; a checkpoint without the
-        projectors of an MTA run is an error, not a silent re-initialisation."""
+        """Loads the student and (as its ``mta_loss`` entries) the projectors. Checked first: a checkpoint
+        without the projectors of an MTA run, or with another MTALoss's (other layer pairs or widths), is
+        an error, not a silent re-initialisation or a shape-mismatch traceback."""
+        if self.mta is not None and any(True for _ in self.mta.parameters()):
+            shapes = C.checkpoint_shapes(resume_from_checkpoint)
+            if shapes is not None:
+                C.check_projectors(self.mta, shapes, resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.mta is None or not any(True for _ in self.mta.parameters()):
-            return
-        from safetensors import safe_open
-
-        path = os.path.join(resume_from_checkpoint, "model.safetensors")
-        if os.path.isfile(path):
-            with safe_open(path, framework="pt") as f:
-                keys = set(f.keys())
-            expected = {f"{C.MTA_ATTR}.{k}" for k in self.mta.state_dict()}
-            if not expected <= keys:
-                raise ValueError(
-                    f"checkpoint {resume_from_checkpoint!r} has no MTA projector weights "
-                    f"({sorted(expected - keys)[:2]}...): it was not written by an MTATrainer with this "
-                    "MTALoss"
-                )
-
-
-def _check_objective(
-    lam: float, beta: float, kd: str | None, temperature: float, skew_alpha: float, projector_lr: float | None
-) -> None:
-    if not 0.0 <= float(lam) <= 1.0:
-        raise ValueError(f"lam (λ) must lie in [0, 1], got {lam}")
-    if float(beta) < 0:
-        raise ValueError(f"beta (β) must be >= 0, got {beta}")
-    if kd is not None and kd not in KD_KINDS:
-        raise ValueError(f"kd must be one of {KD_KINDS} or None, got {kd!r}")
-    if float(temperature) <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= float(skew_alpha) < 1.0:
-        raise ValueError(f"skew_alpha must lie in [0, 1), got {skew_alpha}")
-    if projector_lr is not None and float(projector_lr) <= 0:
-        raise ValueError(f"projector_lr must be > 0, got {projector_lr}")
 
 
 def _checked_collator(

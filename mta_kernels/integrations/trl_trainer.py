@@ -86,8 +86,7 @@ class MTAGKDTrainer(DistillationTrainer):
         extractor: UnitExtractor | None = None,
         **kwargs: Any,
     ) -> None:
-        if float(mta_beta) < 0:
-            raise ValueError(f"mta_beta (β) must be >= 0, got {mta_beta}")
+        C.check_numbers(mta_beta=mta_beta)
         if mta is None:
             raise ValueError("mta is None: without the MTA term use trl.DistillationTrainer itself")
         if extractor is not None and not isinstance(extractor, UnitExtractor):
@@ -100,6 +99,9 @@ class MTAGKDTrainer(DistillationTrainer):
             raise ValueError(
                 "MTAGKDTrainer needs a local teacher_model: the MTA term reads its hidden states"
             )
+        # TRL compares the vocabulary sizes; a teacher saved with another tokenizer of the same size
+        # would still read the student's ids.
+        C.check_models_and_tokenizers(self.model, teacher, self._tokenizer, None, None, kd=True)
         self.mta = C.resolve_mta(mta, self.model, teacher)
         C.attach(self.model, self.mta)
         self.mta_beta = float(mta_beta)

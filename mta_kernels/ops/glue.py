@@ -11,7 +11,7 @@ tensors, ``use_backend("torch")``, and while torch.compile traces, so that the c
   float64, in one program per layer that walks the sequences in order (deterministic).
 - :func:`dsa_finish`: the same launch also sums the structural kernel's numerator partials and returns
   the loss and the gradient factor ``4 / den``.
-- :func:`check_nonnegative`: a value check of a weight input where it reads nothing back from a device.
+- :func:`check_weights`: the value check of a weight input (finite, >= 0), without a host sync.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mta_kernels.ops._dispatch import use_triton
 from mta_kernels.ops._triton import tl, triton
 
 __all__ = [
-    "check_nonnegative",
+    "check_weights",
     "covered_mask",
     "dsa_denominator",
     "dsa_finish",
@@ -265,11 +265,38 @@ def unit_weight_sums(token_weights: torch.Tensor, ranges: torch.Tensor) -> torch
     return sums.to(token_weights.dtype)
 
 
-def check_nonnegative(values: torch.Tensor, message: str) -> None:
-    """ValueError(``message``) when ``values`` holds a negative or non-finite number, checked where that
-    reads nothing back from a device: CPU tensors on the eager torch path (elsewhere nothing is read)."""
-    if values.device.type != "cpu" or torch.compiler.is_compiling() or use_triton(values):
+def check_weights(weights: torch.Tensor | None, name: str, *, device_assert: bool = True) -> None:
+    """Refuse a weight input (any shape, floating point) holding a negative or non-finite value.
+
+    Unit importances and token weights are sums and ratios of non-negative quantities in the method
+    (docs/method.md#the-objective): a negative weight turns the loss negative, an infinite one makes it
+    NaN. Reading the values back costs a host sync, so they are read only where that is free: CPU
+    tensors on the eager torch path. Elsewhere (the Triton path, a GPU, ``torch.compile`` tracing) the
+    check is a device-side assert (``torch._assert_async``: on CUDA the error surfaces at the next
+    synchronisation; no sync is added), or nothing with ``device_assert=False`` (callers that count
+    launches and whose values are checked upstream).
+
+    Args:
+        weights: the tensor to check; ``None`` (no weights) passes.
+        name: how the message names it, e.g. ``"structural_loss: unit_weights"``.
+        device_assert: off the eager CPU path, add the device-side assert.
+    Raises:
+        ValueError: on the eager torch path on the CPU, naming the first bad entry and its value.
+        RuntimeError: elsewhere, from the device-side assert (CUDA reports it asynchronously; on the CPU
+            under the Triton interpreter it is raised at the call).
+    """
+    if weights is None:
         return
-    v = values.detach()
-    if not bool((torch.isfinite(v) & (v >= 0)).all()):
-        raise ValueError(message)
+    w = weights.detach()
+    if w.device.type == "cpu" and not torch.compiler.is_compiling() and not use_triton(w):
+        bad = ~(torch.isfinite(w) & (w >= 0))
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            where = index[0] if len(index) == 1 else index
+            raise ValueError(
+                f"{name} must be finite and >= 0, but entry {where} is {float(w[index])} "
+                f"({int(bad.sum())} of {w.numel()} entries are negative or not finite)"
+            )
+        return
+    if device_assert:
+        torch._assert_async((torch.isfinite(w) & (w >= 0)).all(), f"{name} must be finite and >= 0")

@@ -21,6 +21,7 @@ from mta_kernels._dtypes import accumulation_dtype
 from mta_kernels.ops._common import bf16_rtne_by_hand, pow2_block, same_tensor, tl_acc, to_output
 from mta_kernels.ops._dispatch import use_triton
 from mta_kernels.ops._triton import tl, triton
+from mta_kernels.ops.glue import check_weights
 
 __all__ = ["span_pool"]
 
@@ -422,18 +423,18 @@ def span_pool(
         ranges: int32 ``[U, 2]``, ``[start, end)`` flat token range of each unit; non-empty, inside
             ``[0, N)``, sorted and non-overlapping. Checked here (one device-to-host copy; ValueError
             naming the first bad unit) unless ``plan`` is given.
-        weights: ``None`` (plain mean) or non-negative float token weights ``[N]`` (shared by all
-            layers) or ``[L, N]``; constants for autograd (no gradient flows to them). A negative
-            weight is a RuntimeError (``torch._assert_async``: at the call on the CPU, a device-side
-            assert on CUDA).
+        weights: ``None`` (plain mean) or finite non-negative float token weights ``[N]`` (shared by
+            all layers) or ``[L, N]``; constants for autograd (no gradient flows to them). A negative or
+            non-finite weight is a ValueError on the CPU torch path, a RuntimeError elsewhere (a
+            device-side assert, no host sync: ``ops.glue.check_weights``).
         plan: the :class:`~mta_kernels.layout.SidePlan` of ``ranges`` (``UnitBatch.plan.student`` or
             ``.teacher``, validated on the host when the batch was built): then nothing is read back
             from the device, and ``hidden`` must have the plan's ``N = B*T`` rows (ValueError). A plan
             whose tensors were modified in place since is not used.
         with_mass: also return each unit's weight sum ``Σ_{i in u} w_i`` ``[U]`` / ``[L, U]`` (a
             constant; the token count for ``weights=None``).
-        weights_nonnegative: the caller guarantees ``weights >= 0`` (saliencies): the value check is
-            skipped (it costs launches on the device).
+        weights_nonnegative: the caller guarantees finite ``weights >= 0`` (saliencies): the value
+            check is skipped (it costs launches on the device).
     Returns:
         ``[U, D]`` or ``[L, U, D]`` in hidden's dtype (accumulated in float32); a unit whose weights
         sum to 0 pools to 0. Differentiable w.r.t. ``hidden``. With ``with_mass``, ``(pooled, mass)``.
@@ -446,9 +447,7 @@ def span_pool(
     if weights is not None:
         weights = weights.detach()
         if not weights_nonnegative:
-            # A value check without a host sync: on the CPU it raises here (RuntimeError); on CUDA it is
-            # a device-side assert, reported at the next synchronisation.
-            torch._assert_async((weights >= 0).all(), "span_pool: weights must be non-negative")
+            check_weights(weights, "span_pool: weights")
     plan = _usable_plan(plan, ranges, hidden)
     t2u, covered = (None, None) if plan is None else (plan.token_to_unit, plan.covered_tokens)
     out, inv_den = torch.ops.mta_kernels.span_pool(hidden, ranges, weights, t2u, covered)

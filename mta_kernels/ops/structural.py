@@ -37,7 +37,7 @@ from mta_kernels.constants import DSA_NORM_FLOOR
 from mta_kernels.ops._common import check_gradient_in_forward, grid_1d, pow2_block, same_tensor, tl_acc
 from mta_kernels.ops._dispatch import triton_interpreting, use_triton
 from mta_kernels.ops._triton import tl, triton
-from mta_kernels.ops.glue import dsa_denominator, dsa_finish
+from mta_kernels.ops.glue import check_weights, dsa_denominator, dsa_finish
 
 __all__ = ["structural_loss"]
 
@@ -781,6 +781,7 @@ def structural_loss(
     unit_weights: torch.Tensor | None = None,
     *,
     plan: layout.LayoutPlan | None = None,
+    weights_nonnegative: bool = False,
 ) -> torch.Tensor:
     """DSA loss, block-diagonal: pairwise cosine geometry of the units within each sequence (docs/method.md#dsa-loss).
 
@@ -790,10 +791,14 @@ def structural_loss(
         teacher: ``[U, Dt]`` or ``[L, U, Dt]`` (``Dt`` may differ from ``Ds``); treated as a constant.
         cu_units: int32 ``[B+1]`` CSR offsets: the units of sequence b are rows ``cu_units[b]:cu_units[b+1]``.
             Read and checked inside the op (one device-to-host copy) unless ``plan`` is given.
-        unit_weights: ``None`` (all 1) or ``[U]`` / ``[L, U]`` unit importances (constants).
+        unit_weights: ``None`` (all 1) or ``[U]`` / ``[L, U]`` finite, non-negative unit importances
+            (constants). A negative or non-finite weight is a ValueError on the CPU torch path, a
+            RuntimeError elsewhere (a device-side assert, no host sync: ``ops.glue.check_weights``).
         plan: the :class:`~mta_kernels.layout.LayoutPlan` of ``cu_units`` (``UnitBatch.plan``: bounds and
             work lists computed on the host): then nothing is read back from the device. A plan of
             another unit count, or whose tensors were modified in place since, is not used.
+        weights_nonnegative: the caller guarantees finite ``unit_weights >= 0`` (sums of saliencies):
+            the value check is skipped (it costs launches on the device).
     Returns:
         float32 (float64 for float64 inputs) scalar, or ``[L]`` for stacked inputs. 0 with a zero gradient
         when no sequence has two units.
@@ -803,6 +808,8 @@ def structural_loss(
             decreasing, not ending at U).
     """
     _check_inputs(student, teacher, cu_units, unit_weights)
+    if not weights_nonnegative:
+        check_weights(unit_weights, "structural_loss: unit_weights")
     stacked = student.dim() == 3
     s3 = student if stacked else student.unsqueeze(0)  # [L, U, Ds]
     t3 = teacher.detach() if stacked else teacher.detach().unsqueeze(0)  # [L, U, Dt]
