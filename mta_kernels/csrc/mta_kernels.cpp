@@ -31,22 +31,20 @@ TORCH_LIBRARY(mta_kernels_C, m) {
       "Tensor cu_spans) -> Tensor");
 }
 
+// The ops of device_ops.h, registered from one list for each device namespace (cpu, cuda).
+#define MTA_KERNELS_IMPL_DEVICE_OPS(m, device)                                       \
+  m.impl("validate_layout", &mta_kernels::device::validate_layout);                   \
+  m.impl("token_to_unit", &mta_kernels::device::token_to_unit);                       \
+  m.impl("unit_to_seq", &mta_kernels::device::unit_to_seq);                           \
+  m.impl("offsets_from_lengths", &mta_kernels::device::offsets_from_lengths);         \
+  m.impl("block_diagonal_work_list", &mta_kernels::device::block_diagonal_work_list)
+
 TORCH_LIBRARY_IMPL(mta_kernels_C, CPU, m) {
-  m.impl("validate_layout", &mta_kernels::cpu::validate_layout);
-  m.impl("token_to_unit", &mta_kernels::cpu::token_to_unit);
-  m.impl("unit_to_seq", &mta_kernels::cpu::unit_to_seq);
-  m.impl("offsets_from_lengths", &mta_kernels::cpu::offsets_from_lengths);
-  m.impl("block_diagonal_work_list", &mta_kernels::cpu::block_diagonal_work_list);
+  MTA_KERNELS_IMPL_DEVICE_OPS(m, cpu);
   m.impl("char_spans_to_token_ranges", &mta_kernels::cpu::char_spans_to_token_ranges);
 }
 
 #ifdef WITH_CUDA
 // char_spans_to_token_ranges is CPU only: it is host preprocessing of tokenizer output.
-TORCH_LIBRARY_IMPL(mta_kernels_C, CUDA, m) {
-  m.impl("validate_layout", &mta_kernels::cuda::validate_layout);
-  m.impl("token_to_unit", &mta_kernels::cuda::token_to_unit);
-  m.impl("unit_to_seq", &mta_kernels::cuda::unit_to_seq);
-  m.impl("offsets_from_lengths", &mta_kernels::cuda::offsets_from_lengths);
-  m.impl("block_diagonal_work_list", &mta_kernels::cuda::block_diagonal_work_list);
-}
+TORCH_LIBRARY_IMPL(mta_kernels_C, CUDA, m) { MTA_KERNELS_IMPL_DEVICE_OPS(m, cuda); }
 #endif

@@ -19,11 +19,7 @@ void check_lengths_metadata(const at::Tensor& lengths);
 void raise_lengths_error(int64_t first_negative, int64_t negative_value, int64_t total);
 
 namespace cpu {
-void validate_layout(const at::Tensor& ranges, const at::Tensor& cu_units, int64_t num_tokens, int64_t seq_len);
-at::Tensor token_to_unit(const at::Tensor& ranges, int64_t num_tokens);
-at::Tensor unit_to_seq(const at::Tensor& cu_units, std::optional<int64_t> num_units);
-at::Tensor offsets_from_lengths(const at::Tensor& lengths);
-at::Tensor block_diagonal_work_list(const at::Tensor& cu_units, int64_t block_m);
+#include "device_ops.h"  // NOLINT(build/include): the device ops' declarations, inside this namespace
 at::Tensor char_spans_to_token_ranges(const at::Tensor& codepoints, const at::Tensor& cu_chars,
                                       const at::Tensor& offsets, const at::Tensor& spans,
                                       const at::Tensor& cu_spans);
