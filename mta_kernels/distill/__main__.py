@@ -51,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
         if found:
             action = next((a for a in self._actions if found.group(1) in a.option_strings), None)
             rule = FIELD_RULES.get(getattr(action, "dest", ""))
-            if rule is not None:
+            if rule is not None and "must be" not in message:  # the type's own message may say it
                 message += f" ({found.group(1)} must be {rule.describe()})"
         if found and message.endswith("expected one argument"):
             message += f" (a value that starts with '-' is written {found.group(1)}=VALUE)"
