@@ -5,6 +5,7 @@ the files it writes, a LoRA run that trains adapters and projectors only and who
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -163,6 +164,30 @@ def test_greedy_outputs_do_not_depend_on_the_batch_size(tiny):
     assert len({len(encode_prompt(tok, r.prompt, 96)) for r in records}) > 1  # batch 8 is left-padded
     assert _predictions(one) == _predictions(eight)
     assert len(set(_predictions(one))) == len(records)  # answers that depend on the prompt
+
+
+def test_the_models_own_generation_settings_do_not_apply(tiny):
+    """A saved generation_config.json (a repetition penalty, a minimum length, banned words) does not
+    change the protocol's answers, and the model's config is given back afterwards."""
+    model, tok, records = tiny
+    protocol = Protocol(max_length=108, max_prompt_length=96, greedy=True)
+    plain, _ = score_records(model, tok, records, protocol, [10], batch_size=4, progress=False)
+    ids = torch.tensor([encode_prompt(tok, records[0].prompt, 96)])
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        before = model.generate(ids, **kw)
+    saved = model.generation_config
+    custom = copy.deepcopy(saved)
+    custom.repetition_penalty, custom.min_new_tokens = 5.0, 8
+    model.generation_config = custom
+    try:
+        with torch.no_grad():  # the model's settings do change the answers when generate reads them
+            assert not torch.equal(model.generate(ids, **kw), before)
+        again, _ = score_records(model, tok, records, protocol, [10], batch_size=4, progress=False)
+        assert model.generation_config is custom
+    finally:
+        model.generation_config = saved
+    assert _predictions(again) == _predictions(plain)
 
 
 def test_the_same_seed_gives_the_same_text(tiny):

@@ -22,12 +22,13 @@ sampling) gives outputs that do not depend on the batch size, and runs the first
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -150,6 +151,28 @@ def _generate_kwargs(tokenizer: Any, protocol: Protocol) -> dict:
     return kw
 
 
+@contextlib.contextmanager
+def _protocol_generation_config(model: nn.Module, tokenizer: Any, pad: int) -> Iterator[None]:
+    """Generate with the protocol's settings only: the model's own ``generation_config`` (a saved
+    ``generation_config.json`` may set ``repetition_penalty``, ``min_new_tokens``, ``bad_words_ids``…)
+    is swapped for one that holds the special tokens alone, and put back afterwards. ``generate`` fills
+    every setting it is not given from the model's config, so passing ours is not enough; DistiLLM
+    builds its own ``GenerationConfig`` the same way."""
+    from transformers import GenerationConfig
+
+    target = model
+    while hasattr(target, "get_base_model"):  # a peft wrapper generates with the base model's config
+        target = target.get_base_model()
+    saved = getattr(target, "generation_config", None)
+    target.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad
+    )
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
 @torch.no_grad()
 def generate_answers(
     model: nn.Module,
@@ -163,7 +186,8 @@ def generate_answers(
     """One answer per prompt (token ids), ``batch_size`` prompts a ``generate`` call, left-padded.
 
     The answers are the decoded new tokens cut at ``protocol.stop``. ``on_batch(n)`` is called after
-    each batch of ``n`` prompts (a progress bar). The model is put in eval mode and left so.
+    each batch of ``n`` prompts (a progress bar). The model is put in eval mode and left so. Only the
+    protocol's settings apply (:func:`_protocol_generation_config`), not the model's saved ones.
     """
     from transformers import StoppingCriteriaList
 
@@ -171,7 +195,10 @@ def generate_answers(
     device = next(model.parameters()).device
     kw = _generate_kwargs(tokenizer, protocol)
     answers: list[str] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        _protocol_generation_config(model, tokenizer, kw["pad_token_id"]),
+    ):
         torch.manual_seed(seed)
         for start in range(0, len(prompt_ids), batch_size):
             rows = prompt_ids[start : start + batch_size]
