@@ -263,6 +263,14 @@ def test_evaluate_cli_files_and_refusals(assets, tmp_path, capsys):
     assert main(args) == 2
     assert "already holds evaluation results" in " ".join(capsys.readouterr().err.split())
     assert main([*args, "--overwrite"]) == 0
+    # a file of the user's that evaluate would write (table.md) is not replaced without --overwrite
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "table.md").write_text("my notes\n")
+    out_at = args.index(str(out))
+    assert main([*args[:out_at], str(mine), *args[out_at + 1 :]]) == 2
+    assert (mine / "table.md").read_text() == "my notes\n"
+    assert "already holds evaluation results" in " ".join(capsys.readouterr().err.split())
     bad = [*args[:-1], "--seeds", "10,x", "--no-progress"]
     capsys.readouterr()
     assert main(bad) == 2  # a usage error is an error paragraph too

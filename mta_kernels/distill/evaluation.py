@@ -344,12 +344,8 @@ def check_eval_out(out: str, names: Sequence[str], several: bool, overwrite: boo
             f"--out {out!r} holds a model (config.json): give the evaluation its own directory"
         )
     dirs = [os.path.join(out, n) for n in names] if several else [out]
-    found = [
-        os.path.join(d, f)
-        for d in dirs
-        for f in (PREDICTIONS_NAME, SCORES_NAME)
-        if os.path.exists(os.path.join(d, f))
-    ]
+    written = [os.path.join(d, f) for d in dirs for f in (PREDICTIONS_NAME, SCORES_NAME)]
+    found = [p for p in (*written, os.path.join(out, TABLE_NAME)) if os.path.exists(p)]
     if found and not overwrite:
         raise DistillError(
             f"--out {out!r} already holds evaluation results ({found[0]}): pass --overwrite or another --out"
