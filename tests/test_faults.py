@@ -103,6 +103,24 @@ def test_1_foreign_non_empty_out_needs_overwrite(assets, tmp_path, capsys):
     assert "already holds a checkpoint" in msg
 
 
+def test_1_overwrite_removes_the_earlier_runs_outputs(assets, tmp_path, capsys):
+    """A fresh start over an earlier run leaves none of its checkpoint, model/ or best/ behind (a best/
+    of an --eval-gen run would pass for this run's); other files stay."""
+    out = tmp_path / "run"
+    assert main(_distill_args(assets, out, "--no-mta", steps=1)) == 0
+    (out / "best").mkdir()
+    (out / "best" / "best.json").write_text('{"step": 1}')
+    (out / "model" / "from-the-earlier-run").write_text("")
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(_distill_args(assets, out, "--no-mta", "--overwrite", steps=1)) == 0
+    printed = capsys.readouterr().out
+    assert "removed the earlier run's checkpoint.pt, model, best" in printed
+    assert not (out / "best").exists() and not (out / "model" / "from-the-earlier-run").exists()
+    assert (out / "model" / "config.json").exists() and (out / "checkpoint.pt").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 # ------------------------------------------------------------------------------- 2. truncation
 def test_2_long_prompt_keeps_the_response_and_is_reported(assets, tmp_path, capsys):
     long_prompt = (

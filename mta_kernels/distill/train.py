@@ -30,6 +30,7 @@ from mta_kernels.distill import checks, faults, reporting
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.checkpoint import (
     CHECKPOINT_NAME,
+    SWAPPED_DIRS,
     atomic_write_bytes,
     check_resume_compatible,
     load_checkpoint,
@@ -237,6 +238,8 @@ def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int, state: dic
     Returns the number of metrics records the file holds now.
     """
     faults.on_disk.started(step if state is not None else None)
+    if state is None and checks.is_run_dir(cfg.out):  # a fresh start (--overwrite) over an earlier run
+        s.notes.extend(_remove_earlier_run(cfg.out))
     checks.mark_out_dir(cfg.out)
     remove_stale_temporaries(cfg.out)
     metrics_path = os.path.join(cfg.out, METRICS_NAME)
@@ -259,6 +262,22 @@ def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int, state: dic
     for warning in s.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return count_records(metrics_path)
+
+
+def _remove_earlier_run(out: str) -> list[str]:
+    """Remove an earlier run's checkpoint, ``model/`` and ``best/`` from its run folder, so that none is
+    taken for this run's (``best/`` of a run with --eval-gen would otherwise outlive a run without)."""
+    removed = []
+    for name in (CHECKPOINT_NAME, *SWAPPED_DIRS):
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return [f"--overwrite: removed the earlier run's {', '.join(removed)} from {out!r}"] if removed else []
 
 
 def _write_json(path: str, obj: dict) -> None:
