@@ -24,6 +24,7 @@ from mta_kernels.distill import faults
 from mta_kernels.distill.config import (
     ACCUM_MEANS,
     DATA_FORMATS,
+    DEPENDENT_OPTIONS,
     FIELD_RULES,
     KD_KINDS,
     MAX_SEED,
@@ -32,6 +33,7 @@ from mta_kernels.distill.config import (
     DistillError,
     TrainConfig,
     check_field,
+    idle_options,
 )
 from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
 from mta_kernels.distill.recipe import load_config_file, load_recipe, merge_layers, recipe_names
@@ -470,7 +472,13 @@ def _config(
         )
     else:
         values["mode"] = "distill"
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    cfg.validate()  # each value against its meaning first, then what the values mean together
+    explicit = _explicit_args(sys.argv[1:] if argv is None else argv)
+    for key in sorted(idle_options(cfg) & set(explicit), key=list(DEPENDENT_OPTIONS).index):
+        flag, switch = "--" + key.replace("_", "-"), "--" + DEPENDENT_OPTIONS[key].replace("_", "-")
+        raise DistillError(f"{flag} has no effect without {switch}: add {switch}, or drop {flag}")
+    return cfg
 
 
 def _recipes(show: str | None) -> int:

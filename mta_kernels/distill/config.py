@@ -359,6 +359,28 @@ def _check_syntax(name: str, value: Any, opt: str) -> None:
 
 
 # Fields that shape the model, the data order or the objective: a checkpoint resumes only when equal.
+DEPENDENT_OPTIONS: dict[str, str] = {
+    "lora_r": "lora",
+    "lora_alpha": "lora",
+    "lora_dropout": "lora",
+    "lora_targets": "lora",
+    "eval_gen_limit": "eval_gen",
+    "init_threshold": "student_gen",
+    "loss_eps": "student_gen",
+    "capacity": "student_gen",
+    "gen_top_p": "student_gen",
+    "gen_top_k": "student_gen",
+    "gen_temperature": "student_gen",
+}
+"""Options that mean nothing unless a switch is on (option -> switch): given on the command line without
+it, they are an error (``__main__``); with it off, a checkpoint is not compared on them (``fingerprint``)."""
+
+
+def idle_options(cfg: TrainConfig) -> set[str]:
+    """The :data:`DEPENDENT_OPTIONS` of ``cfg`` whose switch is off (their values have no effect)."""
+    return {k for k, switch in DEPENDENT_OPTIONS.items() if not getattr(cfg, switch)}
+
+
 RESUME_KEYS = (
     "mode",
     "data",

@@ -22,7 +22,7 @@ from mta_kernels.constants import GRANULARITIES
 from mta_kernels.distill import checks
 from mta_kernels.distill import models as M
 from mta_kernels.distill.collate import UnitCollator
-from mta_kernels.distill.config import RESUME_KEYS, DistillError, TrainConfig, parse_pairs
+from mta_kernels.distill.config import RESUME_KEYS, DistillError, TrainConfig, idle_options, parse_pairs
 from mta_kernels.distill.data import TextDataset, load_examples, split_examples
 
 
@@ -377,7 +377,8 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
 
 def fingerprint(cfg: TrainConfig, s: Setup) -> dict:
     """What a checkpoint must share with the run that resumes it (see :data:`RESUME_KEYS`)."""
-    fp = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    idle = idle_options(cfg)  # e.g. the LoRA rank of a run without LoRA: not part of what it trains
+    fp = {k: getattr(cfg, k) for k in RESUME_KEYS if k not in idle}
     fp["pairs"] = None if s.pairs is None else [list(p) for p in s.pairs]
     fp["world_size"] = s.env.world
     fp["data_digest"] = data_digest(s.train_set, s.eval_set)
