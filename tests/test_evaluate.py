@@ -74,8 +74,9 @@ def test_rouge_l_equals_rouge_score():
 # ------------------------------------------------------------------------------------- prompt builder
 def published_prompt_ids(tokenizer, line: dict, max_prompt_length: int) -> list[int]:
     """Transcription of DistiLLM's prompt builder: ``tools/process_data_dolly.py`` (the template, a model
-    other than Qwen) and ``data_utils/prompt_datasets.py`` (``tokenizer.encode(prompt)`` cut to its first
-    ``max_prompt_length`` tokens)."""
+    other than Qwen; ``tokenizer.encode(prompt, add_special_tokens=False)`` cut to its first
+    ``max_prompt_length`` tokens). The demo's BPE adds no special token, so the ids are comparable with
+    ours; a tokenizer that adds a BOS is the documented deviation (the test below)."""
     if "input" not in line or len(line["input"]) == 0:
         template = (
             "Below is an instruction that describes a task. "
@@ -91,7 +92,7 @@ def published_prompt_ids(tokenizer, line: dict, max_prompt_length: int) -> list[
         )
         prompt = template.format(instruction=line["instruction"], input=line["input"])
     prompt = prompt.replace("<n>", "\n")
-    return tokenizer.encode(prompt)[:max_prompt_length]
+    return tokenizer.encode(prompt, add_special_tokens=False)[:max_prompt_length]
 
 
 def _raw_records(n: int = 20) -> list[dict]:
@@ -105,6 +106,17 @@ def _raw_records(n: int = 20) -> list[dict]:
         records.append({"instruction": f"Summarise this: {sents[i + 40]}", "input": context,
                         "output": sents[i + 41]})  # fmt: skip
     return records
+
+
+def test_prompts_keep_the_special_tokens_the_loop_trains_with(wordpiece):
+    """The documented deviation (docs/method.md#evaluation): a prompt is encoded as the loop encodes its
+    training text, with the tokenizer's special tokens (a BOS where it adds one), then cut; DistiLLM's
+    ``add_special_tokens=False`` ids differ by that token."""
+    prompt = "### Instruction:\nSay something about the weather today.\n\n### Response:\n"
+    full = wordpiece(prompt)["input_ids"]
+    assert full[0] == wordpiece.cls_token_id  # this tokenizer adds one at the start
+    assert encode_prompt(wordpiece, prompt, 6) == full[:6]
+    assert encode_prompt(wordpiece, prompt, 6) != wordpiece.encode(prompt, add_special_tokens=False)[:6]
 
 
 def test_prompt_template_and_truncation_match_the_published_builder(assets, tmp_path):
