@@ -35,7 +35,12 @@ PROGRESS_EVERY_S = 30.0
 
 
 class BuildUnavailable(RuntimeError):
-    """The extension cannot be compiled here; the message is one line saying why."""
+    """The extension cannot be compiled here; the message is one line saying why. ``toolchain``: the
+    compiler or ninja is what is missing (installing one is the remedy), not the cache or the sources."""
+
+    def __init__(self, message: str, toolchain: bool = False) -> None:
+        super().__init__(message)
+        self.toolchain = toolchain
 
 
 def say(message: str) -> None:
@@ -51,6 +56,20 @@ def cache_root() -> Path:
         return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mta_kernels"
+
+
+def cache_problem() -> str | None:
+    """Why the cache folder cannot take a build (it is a file, or neither it nor its nearest existing
+    parent is a writable folder), or None. A cheap look before a compile, for ``info``."""
+    root = cache_root()
+    probe = root
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"the cache folder {root} is not usable ({probe} is a file)"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"the cache folder {root} is not usable ({probe} is not writable)"
+    return None
 
 
 def build_folder(with_cuda: bool) -> Path:
@@ -257,7 +276,7 @@ def build(reason: str = "", verbose: bool = False, force: bool = False) -> Built
     if not is_complete(folder):
         problem = toolchain_problem()
         if problem:
-            raise BuildUnavailable(problem)
+            raise BuildUnavailable(problem, toolchain=True)
     kernels = "CPU and CUDA kernels, a few minutes" if with_cuda else "CPU kernels, about 1 min"
     announce = (
         f"{reason}compiling the C++ extension for torch {torch.__version__} ({kernels}), once; "
@@ -273,7 +292,8 @@ def build(reason: str = "", verbose: bool = False, force: bool = False) -> Built
         built = ensure_built(folder, compile_fn, lambda: spec.build_record(with_cuda), announce)
     except OSError as exc:  # a read-only or full cache folder
         raise BuildUnavailable(
-            f"the cache folder {cache_root()} is not usable ({exc}); set MTA_KERNELS_CACHE"
+            f"the cache folder {cache_root()} is not usable ({exc}): point MTA_KERNELS_CACHE (or "
+            "`python -m mta_kernels.build --cache`) at a writable folder"
         ) from exc
     if built.seconds is None and reason:
         say(f"{reason}using the build for this torch in {folder}")

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         built = _jit.build(verbose=args.verbose, force=args.force)
     except _jit.BuildUnavailable as exc:
         print(f"mta_kernels: cannot compile the C++ extension: {exc}", file=sys.stderr)
-        print(f"mta_kernels: {_extension.INSTALL_HINT}", file=sys.stderr)
+        if exc.toolchain:
+            print(f"mta_kernels: {_extension.INSTALL_HINT}", file=sys.stderr)
         return 1
     how = f"compiled in {built.seconds:.0f} s" if built.seconds is not None else "already in the cache"
     print(

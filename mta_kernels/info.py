@@ -54,25 +54,29 @@ def _built_for(record: dict | None) -> str | None:
     return f"torch {record.get('torch')}{cuda}, {record.get('python')}, {kernels}"
 
 
+def _prebuilt_facts() -> dict[str, Any] | None:
+    """The prebuilt extension's file, the torch it was built for and why it cannot run (or None)."""
+    library = _extension.prebuilt_library()
+    if library is None:
+        return None
+    record = spec.read_record(library.with_name(spec.RECORD_NAME))
+    problem = _extension.prebuilt_problem(library)
+    return {"path": str(library), "built_for": _built_for(record), "problem": problem}
+
+
 def _extension_facts(load: bool) -> dict[str, Any]:
     try:
         mode = _extension.mode()
-    except _extension.ExtensionUnavailable as exc:
-        return {"state": "error", "error": str(exc)}
+    except _extension.ExtensionUnavailable as exc:  # what is installed still says where to look
+        return {"mode": os.environ.get("MTA_KERNELS_EXT"), "state": "error", "error": str(exc),
+                "prebuilt": _prebuilt_facts()}  # fmt: skip
     if load:
         try:
             _extension.load()
         except _extension.ExtensionUnavailable as exc:
-            return {"mode": mode, "state": "error", "error": str(exc)}
+            return {"mode": mode, "state": "error", "error": str(exc), "prebuilt": _prebuilt_facts()}
     library = _extension.prebuilt_library()
-    prebuilt = None
-    if library is not None:
-        record = spec.read_record(library.with_name(spec.RECORD_NAME))
-        prebuilt = {
-            "path": str(library),
-            "built_for": _built_for(record),
-            "problem": _extension.prebuilt_problem(library),
-        }
+    prebuilt = _prebuilt_facts()
     with_cuda = spec.want_cuda()
     folder = _jit.build_folder(with_cuda)
     jit = {"folder": str(folder), "built": _jit.is_complete(folder), "cuda_kernels": with_cuda}
@@ -89,7 +93,7 @@ def _extension_facts(load: bool) -> dict[str, Any]:
         )
         return facts
     # Not chosen yet: what the first layout op will do (the same steps as _extension.load).
-    problem = _jit.toolchain_problem()
+    problem = _jit.toolchain_problem() or (None if jit["built"] else _jit.cache_problem())
     facts.update(loaded=False, notes=[])
     if mode == "torch":
         facts.update(

@@ -26,6 +26,18 @@ from mta_kernels import _extension
 _extension.register_ops()
 
 
+def check_extension_choice() -> None:
+    """Check ``MTA_KERNELS_EXT`` before any work: an unknown value is an error, and a forced
+    ``prebuilt`` or ``jit`` implementation is loaded now (compiled if needed), so that one that cannot
+    run fails here, not at the first layout op of a run. ``auto`` and ``torch`` load nothing.
+
+    Raises:
+        RuntimeError (``ExtensionUnavailable``): the value, or why the forced implementation cannot run.
+    """
+    if _extension.mode() in ("prebuilt", "jit"):
+        _extension.load()
+
+
 def extension_path() -> str | None:
     """File of the compiled extension the layout ops run (loading it, compiling it if needed), or None
     when they run the pure-torch fallback."""

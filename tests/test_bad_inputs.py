@@ -190,6 +190,18 @@ def test_option_out_of_its_meaning_is_one_error_paragraph(assets, tmp_path, caps
     assert not out.exists()
 
 
+def test_an_unknown_extension_choice_is_an_error_before_any_work(assets, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("MTA_KERNELS_EXT", "bogus")
+    _refused(capsys, _distill_args(assets, out, "--no-mta", steps=1), "MTA_KERNELS_EXT", "'bogus'",
+             "auto, prebuilt, jit, torch")  # fmt: skip
+    assert not out.exists()
+    from mta_kernels import info
+
+    facts = info.info()["extension"]  # what is installed is still reported
+    assert facts["state"] == "error" and "prebuilt" in facts
+
+
 def test_models_specs_and_missing_options(assets, tmp_path, capsys):
     out = tmp_path / "run"
     args = _distill_args(assets, out, steps=1)

@@ -266,7 +266,7 @@ def test_an_unusable_cache_or_cached_build_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("MTA_KERNELS_CACHE", str(not_a_folder))
     monkeypatch.setattr(_jit, "toolchain_problem", lambda: None)
     with pytest.raises(
-        _jit.BuildUnavailable, match="the cache folder .* is not usable .*set MTA_KERNELS_CACHE"
+        _jit.BuildUnavailable, match="the cache folder .* is not usable .*MTA_KERNELS_CACHE"
     ):
         _jit.build()
     monkeypatch.setenv("MTA_KERNELS_CACHE", str(tmp_path / "cache"))
@@ -276,6 +276,26 @@ def test_an_unusable_cache_or_cached_build_is_one_line(monkeypatch, tmp_path):
     _build_spec.write_record(folder / _jit.RECORD, {"torch": torch.__version__})
     with pytest.raises(_jit.BuildUnavailable, match=r"could not be loaded .*mta_kernels.build --force"):
         _jit.build()
+
+
+def test_an_unusable_cache_is_named_and_not_blamed_on_the_compiler(tmp_path):
+    """``info`` says the cache folder cannot take a build (not "compiles at the first layout op"); the
+    build command names the folder and gives no compiler advice when a compiler is there."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    env = {**os.environ, "MTA_KERNELS_CACHE": str(not_a_folder), "MTA_KERNELS_EXT": "jit"}
+    code = "from mta_kernels import info; print(info.info()['extension'].get('error'))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert f"{not_a_folder} is not usable ({not_a_folder} is a file)" in run.stdout
+    if _jit.toolchain_problem() is None:
+        build = subprocess.run(
+            [sys.executable, "-m", "mta_kernels.build", "--cache", str(not_a_folder)],
+            env={k: v for k, v in env.items() if k != "MTA_KERNELS_EXT"},
+            capture_output=True,
+            text=True,
+        )
+        assert build.returncode == 1 and "is not usable" in build.stderr
+        assert "C++ compiler" not in build.stderr
 
 
 # ------------------------------------------------------------------------------------------- lock

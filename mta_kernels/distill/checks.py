@@ -172,6 +172,17 @@ def mark_out_dir(out: str) -> None:
 
 
 # --------------------------------------------------------------------------------- models, backends
+def check_extension() -> None:
+    """``MTA_KERNELS_EXT`` (an unknown value, or a forced implementation that cannot run) as an error
+    paragraph before any work, not a traceback at the first layout op."""
+    from mta_kernels import layout
+
+    try:
+        layout.check_extension_choice()
+    except RuntimeError as exc:
+        raise DistillError(f"{exc} (`python -m mta_kernels.info` shows what is installed)") from None
+
+
 def max_positions(model: nn.Module) -> int | None:
     """Longest sequence the model's position embeddings allow, ``None`` when the config does not say."""
     cfg = model.config

@@ -165,6 +165,7 @@ def train(cfg: TrainConfig, inputs: dict[str, str] | None = None, warnings: list
     """
     cfg.validate()
     reporting.check_available(cfg.report_to)
+    checks.check_extension()
     checks.check_out_dir(cfg, inputs)
     faults.on_disk.start(cfg.out, os.path.join(cfg.out, CHECKPOINT_NAME))
     env = setup_dist(cfg)
