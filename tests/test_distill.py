@@ -6,6 +6,7 @@ elsewhere and would make these runs minutes long.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -224,6 +225,60 @@ def test_torchrun_two_processes_match_one_with_double_batch(assets, tmp_path):
     for a, b in zip(m1, m2):
         assert b["mta"] == pytest.approx(a["mta"], rel=0.02)
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+
+
+def test_torchrun_eval_gen_shares_the_prompts(assets, tmp_path):
+    """``--eval-gen`` under two processes: each rank answers its share of the held-out prompts (5: 3 and
+    2) and the score is their mean over all of them; rank 0 keeps best/."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "two"
+    args = _distill_args(assets, out, "--no-mta", "--eval-every", "2", "--eval-gen", "--eval-gen-limit", "5",
+                         "--max-prompt-length", "64", student_tok="bpe", batch=4, steps=2)  # fmt: skip
+    args[args.index("--eval-fraction") + 1] = "0.2"  # held-out examples to answer
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    run = subprocess.run([sys.executable, *launcher, "-m", "mta_kernels.distill", *args],
+                         env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [r for r in _metrics(out) if r.get("eval_rougeL") is not None]
+    assert len(rows) == 1 and 0.0 <= rows[0]["eval_rougeL"] <= 100.0
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == 2
+
+
+def test_eval_gen_answers_this_ranks_share_and_sums_over_ranks(monkeypatch, tmp_path):
+    """Rank 1 of 2 answers held-out examples 1, 3, ... (not nothing, waiting for rank 0) and takes the
+    mean over every rank's answers."""
+    from types import SimpleNamespace
+
+    from mta_kernels.distill import evaluation
+    from mta_kernels.distill import train as T
+    from mta_kernels.distill.config import TrainConfig
+
+    seen = []
+
+    def fake_score(model, tok, records, protocol, seeds, **kw):
+        seen.extend(r.id for r in records)
+        return [{"rougeL": 10.0} for _ in records], None
+
+    class Rank1:
+        rank, world, main = 1, 2, False
+
+        def all_reduce(self, values):  # rank 0 answered 3 examples, 20 points each
+            return [values[0] + 60.0, values[1] + 3.0]
+
+    monkeypatch.setattr(evaluation, "score_records", fake_score)
+    monkeypatch.setattr(T.dist, "barrier", lambda: None)
+    items = [{"text": f"Q{i}? A{i}.", "prompt_length_chars": 4} for i in range(5)]
+    s = SimpleNamespace(env=Rank1(), student=torch.nn.Linear(1, 1), student_tokenizer=None,
+                        eval_set=SimpleNamespace(items=items))  # fmt: skip
+    cfg = TrainConfig(data="x", teacher="t", out=str(tmp_path), eval_gen=True, max_length=32)
+    gen = T.GenerationEval(cfg, s)
+    assert gen(2, contextlib.nullcontext) is None  # rank 1 reports nothing; rank 0 writes
+    assert seen == [1, 3]
+    assert gen.best is None
+    s.env = SimpleNamespace(rank=0, world=2, main=True, all_reduce=Rank1.all_reduce.__get__(Rank1()))
+    monkeypatch.setattr(T, "_replace_dir", lambda path, write: None)
+    assert gen(2, contextlib.nullcontext)["eval_rougeL"] == pytest.approx((3 * 10.0 + 60.0) / 6)
 
 
 # ------------------------------------------------------------------------------------- bad inputs

@@ -533,7 +533,8 @@ class GenerationEval:
     The first ``--eval-gen-limit`` held-out examples (their prompts and responses), one pass with seed
     ``--seed`` (RNG forked: training draws are untouched) under the protocol of DistiLLM's in-training
     evaluation: :class:`~mta_kernels.distill.evaluation.Protocol` with the run's ``--max-length`` and
-    ``--max-prompt-length`` and no n-gram blocking. Rank 0 generates; the other ranks wait.
+    ``--max-prompt-length`` and no n-gram blocking. Each rank answers every ``world``-th example and
+    the scores are summed over the ranks; rank 0 keeps the best.
     ``<out>/best`` is rewritten (merged when LoRA) whenever the score beats the best so far.
     """
 
@@ -568,16 +569,23 @@ class GenerationEval:
         from mta_kernels.distill.evaluation import score_records
 
         env, student = self.s.env, self.s.student
-        result = None
-        if env.main:
+        # Every rank answers its share of the prompts (DistiLLM evaluates on every rank too): no rank
+        # waits in a collective, past the process group's timeout, while another generates them all.
+        mine = self.records[env.rank :: env.world]
+        total, count = 0.0, 0.0
+        if mine:
             was_training = student.training
             with autocast():
-                _, rouge = score_records(
-                    student, self.s.student_tokenizer, self.records, self.protocol, [self.cfg.seed],
+                rows, _ = score_records(
+                    student, self.s.student_tokenizer, mine, self.protocol, [self.cfg.seed],
                     batch_size=self.cfg.batch_size, progress=False,
                 )  # fmt: skip
             student.train(was_training)
-            value = rouge["mean"]
+            total, count = sum(r["rougeL"] for r in rows), float(len(rows))
+        total, count = env.all_reduce([total, count])
+        value = total / count
+        result = None
+        if env.main:
             if self.best is None or value > self.best:
                 self.best = value
                 info = {"step": step, "eval_rougeL": value}
