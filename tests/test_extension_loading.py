@@ -265,9 +265,7 @@ def test_an_unusable_cache_or_cached_build_is_one_line(monkeypatch, tmp_path):
     not_a_folder.write_text("")
     monkeypatch.setenv("MTA_KERNELS_CACHE", str(not_a_folder))
     monkeypatch.setattr(_jit, "toolchain_problem", lambda: None)
-    with pytest.raises(
-        _jit.BuildUnavailable, match="the cache folder .* is not usable .*MTA_KERNELS_CACHE"
-    ):
+    with pytest.raises(_jit.BuildUnavailable, match="the cache folder .* is not usable .*MTA_KERNELS_CACHE"):
         _jit.build()
     monkeypatch.setenv("MTA_KERNELS_CACHE", str(tmp_path / "cache"))
     folder = _jit.build_folder(_build_spec.want_cuda())
