@@ -418,7 +418,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # generate's notes on unused sampling flags would hide the table
-        hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
     run_evaluate(

@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from mta_kernels.distill import faults
@@ -172,6 +173,14 @@ def mark_out_dir(out: str) -> None:
 
 
 # --------------------------------------------------------------------------------- models, backends
+def requested_device(device: str | None) -> str:
+    """``--device``, else ``cuda`` when available, else ``cpu``; CUDA asked for without it is an error."""
+    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise DistillError(f"--device {want} asked for but CUDA is not available on this machine")
+    return want
+
+
 def check_extension() -> None:
     """``MTA_KERNELS_EXT`` (an unknown value, or a forced implementation that cannot run) as an error
     paragraph before any work, not a traceback at the first layout op."""

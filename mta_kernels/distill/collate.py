@@ -138,6 +138,16 @@ def edge_token_ids(tokenizer: Any, text: str, n: int, last: bool = False) -> lis
     return ids[-n:] if last else ids[:n]
 
 
+def prompt_token_ids(tokenizer: Any, prompt: str, n: int, last: bool = False) -> list[int]:
+    """A prompt's ids to generate from: its first ``n`` tokens (``last``: its last ``n``), as
+    :func:`edge_token_ids` gives them; a prompt with no token (e.g. only spaces for WordPiece) starts
+    from BOS (or EOS), as ``generate`` would."""
+    ids = edge_token_ids(tokenizer, prompt, n, last)
+    if not ids:
+        ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+    return ids
+
+
 def check_tokenizer(tok: Any, name: str) -> None:
     """A collator's tokenizer must be fast (character offsets) and have a pad token; raise otherwise."""
     if not getattr(tok, "is_fast", False):

@@ -60,7 +60,7 @@ def detect_format(path: str, lines: Sequence[str]) -> tuple[str, str]:
     """``("jsonl" | "text", why)`` for a file's lines (see the module docstring); ``why`` says what
     was found in the first lines. A JSON array (a first line that opens with ``[``) is an error."""
     lineno, first = next(((i, ln.strip()) for i, ln in enumerate(lines, 1) if ln.strip()), (0, ""))
-    if first.startswith("[") and not _is_json_object(first):
+    if first.startswith("["):
         raise DistillError(
             f"{path}: line {lineno} opens a JSON array ('['): the data must be JSON Lines, one object a "
             "line (convert it, e.g. jq -c '.[]' FILE > FILE.jsonl), or plain text (--format text)"
@@ -105,16 +105,11 @@ def load_examples(path: str, data_format: str = "auto", notes: list[str] | None 
         if not jsonl:
             examples.append(Example("", _valid_text(line.rstrip("\n"), f"{path}, line {lineno}")))
             continue
-        record = line.rstrip("\r\n")  # the newline would move a parse error to "line 2, column 1"
-        try:
-            obj = json.loads(record)
-        except json.JSONDecodeError as exc:
-            raise DistillError(
-                f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno} of {len(record)}); "
-                f"the file is read as JSON Lines ({why}): fix the line, or pass --format text to read "
-                "the file as plain text"
-            ) from None
-        prompt, references = record_fields(obj, f"{path}, line {lineno}")
+        hint = (
+            f"; the file is read as JSON Lines ({why}): fix the line, or pass --format text to read the "
+            "file as plain text"
+        )
+        prompt, references = _json_record(path, lineno, line, hint)
         if len(references) != 1:
             raise DistillError(
                 f"{path}, line {lineno}: a training record needs one response, this one has a list of "
@@ -208,6 +203,19 @@ def record_fields(obj: object, where: str) -> tuple[str, list[str]]:
     )
 
 
+def _json_record(path: str, lineno: int, line: str, hint: str = "") -> tuple[str, list[str]]:
+    """The prompt and references of one JSON Lines record (:func:`record_fields`); a line that is not
+    JSON is a :class:`DistillError` naming the file, line and column, followed by ``hint``."""
+    record = line.rstrip("\r\n")  # the newline would move a parse error to "line 2, column 1"
+    try:
+        obj = json.loads(record)
+    except json.JSONDecodeError as exc:
+        raise DistillError(
+            f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno} of {len(record)}){hint}"
+        ) from None
+    return record_fields(obj, f"{path}, line {lineno}")
+
+
 def _string(obj: dict, key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str):
@@ -237,13 +245,7 @@ def load_eval_records(path: str, limit: int | None = None) -> list[EvalRecord]:
             break
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DistillError(
-                f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
-            ) from None
-        prompt, references = record_fields(obj, f"{path}, line {lineno}")
+        prompt, references = _json_record(path, lineno, line)
         # DistiLLM's evaluation reads its exports' "<n>" line marks as newlines (PromptDataset).
         records.append(EvalRecord(len(records), prompt.replace("<n>", "\n"), references))
     if not records:

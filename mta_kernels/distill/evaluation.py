@@ -38,7 +38,7 @@ from torch import nn
 from mta_kernels.distill import faults
 from mta_kernels.distill.checkpoint import atomic_write_bytes
 from mta_kernels.distill.checks import check_out_against_inputs, check_writable
-from mta_kernels.distill.collate import edge_token_ids
+from mta_kernels.distill.collate import prompt_token_ids
 from mta_kernels.distill.config import DistillError
 from mta_kernels.distill.data import EvalRecord, load_eval_records
 from mta_kernels.distill.rouge import REFERENCE_RULES, rouge_l
@@ -98,12 +98,9 @@ def encode_prompt(tokenizer: Any, prompt: str, max_prompt_length: int) -> list[i
     """Token ids of a prompt, cut to its first ``max_prompt_length`` (DistiLLM's ``PromptDataset``).
 
     A long prompt is tokenized from its start only, as far as the kept tokens need
-    (:func:`~mta_kernels.distill.collate.edge_token_ids`): the cost stays bounded whatever its size.
+    (:func:`~mta_kernels.distill.collate.prompt_token_ids`): the cost stays bounded whatever its size.
     """
-    ids = edge_token_ids(tokenizer, prompt, max_prompt_length)
-    if not ids:  # an empty prompt: start from BOS (or EOS), as generate would
-        ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
-    return ids
+    return prompt_token_ids(tokenizer, prompt, max_prompt_length)
 
 
 def cut_at_stop(text: str, stop: str) -> str:
@@ -272,24 +269,17 @@ def load_model_for_eval(
     """A saved causal LM (a LoRA adapter directory is merged into its base) and its tokenizer."""
     from mta_kernels.distill import models as M
 
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # weight-loading bars would interleave with ours
-    except ImportError:  # pragma: no cover
-        pass
+    M.quiet_loading()
     if not os.path.isdir(model_dir):
         raise DistillError(f"--model {model_dir!r} is not a directory (a saved model, e.g. <run>/model)")
-    from mta_kernels.distill.checks import is_run_dir
+    from mta_kernels.distill.checks import is_run_dir, requested_device
 
     if is_run_dir(model_dir):
         raise DistillError(
             f"--model {model_dir!r} is a run folder, not a model: pass {os.path.join(model_dir, 'model')!r} "
             "(the model at the end of the run) or its 'best' folder (--eval-gen)"
         )
-    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise DistillError(f"--device {want} asked for but CUDA is not available on this machine")
+    want = requested_device(device)
     if os.path.exists(os.path.join(model_dir, "adapter_config.json")):
         try:
             from peft import AutoPeftModelForCausalLM

@@ -20,6 +20,16 @@ EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 MAX_BUILTIN_LAYERS, MAX_BUILTIN_DIM, MAX_BUILTIN_PARAMS = 128, 8192, 2e9
 
 
+def quiet_loading() -> None:
+    """No weight-loading progress bars from transformers: they would interleave with ours."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def is_builtin(spec: str) -> bool:
     return spec.startswith("builtin:")
 

@@ -76,9 +76,7 @@ def setup_dist(cfg: TrainConfig) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise DistillError(f"--device {want} asked for but CUDA is not available on this machine")
+    want = checks.requested_device(cfg.device)
     if want == "cuda":
         device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)
@@ -265,12 +263,7 @@ def build(cfg: TrainConfig, env: DistEnv) -> Setup:
     """Load data, tokenizers and models, resolve the objective; raises :class:`DistillError` on bad input."""
     notes: list[str] = []
     warnings: list[str] = []
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # weight-loading bars would interleave with ours
-    except ImportError:  # pragma: no cover
-        pass
+    M.quiet_loading()
     examples = load_examples(cfg.data, cfg.data_format, notes)
     train_ex, eval_ex = split_examples(
         examples, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.data_format, notes

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mta_kernels.distill.collate import edge_token_ids
+from mta_kernels.distill.collate import prompt_token_ids
 from mta_kernels.distill.config import DistillError, TrainConfig
 
 SOURCES = ("data", "fresh", "replay")
@@ -124,9 +124,7 @@ class OffPolicy:
             torch.manual_seed(seed)
             for ex in examples:
                 prompt = ex["text"][: ex["prompt_length_chars"]]
-                ids = edge_token_ids(tok, prompt, self.max_prompt, last=True)  # bounded for any size
-                if not ids:  # a prompt with no token (e.g. only spaces for WordPiece): start from EOS
-                    ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+                ids = prompt_token_ids(tok, prompt, self.max_prompt, last=True)  # bounded for any size
                 input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
                 seq = student.generate(
                     input_ids=input_ids,
