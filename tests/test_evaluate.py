@@ -18,7 +18,7 @@ from mta_kernels.distill.__main__ import main
 from mta_kernels.distill.config import DistillError
 from mta_kernels.distill.data import load_eval_records, record_fields
 from mta_kernels.distill.evaluation import Protocol, data_names, encode_prompt, score_records
-from mta_kernels.distill.rouge import corpus_rouge_l, rouge_l
+from mta_kernels.distill.rouge import rouge_l
 
 pytest.importorskip("transformers")
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
@@ -65,8 +65,6 @@ def test_rouge_l_equals_rouge_score():
     assert rouge_l("the cat sat", ["the cat sat on the mat"]) == pytest.approx(200 / 3)
     # stemming: "running"/"runs" and "students"/"student" match
     assert rouge_l("students running", ["student runs"]) == pytest.approx(100.0)
-    preds, refs = [p for p, _ in PAIRS], [r for _, r in PAIRS]
-    assert corpus_rouge_l(preds, refs) == pytest.approx(sum(rouge_l(p, r) for p, r in PAIRS) / len(PAIRS))
     with pytest.raises(ValueError):
         rouge_l("x", ["y"], "best")
 

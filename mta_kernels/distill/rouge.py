@@ -87,13 +87,3 @@ def lcs_length(long: Sequence[str], short: Sequence[str]) -> int:
             v = ((v + u) | (v - u)) & full
     return len(short) - bin(v).count("1")
 
-
-def corpus_rouge_l(
-    predictions: Sequence[str], references: Sequence[Sequence[str]], rule: str = "max"
-) -> float:
-    """Mean over examples of :func:`rouge_l` (× 100); ``predictions[i]`` answers ``references[i]``."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} examples")
-    if not predictions:
-        raise ValueError("no example to score")
-    return sum(rouge_l(p, r, rule) for p, r in zip(predictions, references)) / len(predictions)
