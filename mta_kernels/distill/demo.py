@@ -47,6 +47,7 @@ EVAL_SEED = 10  # the first of the published seeds
 MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 64  # training window; evaluation: 64 prompt + 64 new tokens
 
 
+EVAL_FRACTION, SPLIT_SEED = 0.1, 0  # the runs' held-out split, which write_heldout writes out again
 EVAL_PROTOCOL = Protocol(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
 
 
@@ -79,22 +80,6 @@ def write_dolly(path: str = DOLLY) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for rec in make_dolly():
             f.write(json.dumps(rec) + "\n")
-
-
-def _config(**kw) -> TrainConfig:
-    base = dict(
-        data=DOLLY,
-        eval_fraction=0.1,
-        max_length=MAX_LENGTH,
-        batch_size=8,
-        seed=0,
-        eval_every=50,
-        save_every=1000,
-        log_every=1,
-        overwrite=True,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def run_demo(
@@ -141,14 +126,15 @@ def run_demo(
         summary["wall_s"] = time.perf_counter() - t0
         runs[name] = summary
     png = plot_runs({n: os.path.join(out, n, "metrics.jsonl") for n in runs}, os.path.join(out, "curves.png"))
-    heldout = write_heldout(os.path.join(out, "heldout.jsonl"))
+    heldout = os.path.join(out, "heldout.jsonl")
+    n_heldout = write_heldout(heldout)
     rouge = _score_rouge(out, ("teacher", *runs), heldout, progress)
 
     with open(os.path.join(teacher_out, "summary.json")) as f:
         teacher_summary = json.load(f)
     rows = [("teacher", teacher_summary, t_teacher)] + [(n, s, s["wall_s"]) for n, s in runs.items()]
     _print_table(rows, rouge)
-    _print_notes(out, heldout, png)
+    _print_notes(out, heldout, n_heldout, png)
     print(f"total demo time: {time.perf_counter() - t_start:.0f} s")
     for name, summary in (("teacher", teacher_summary), *runs.items()):
         summary["rougeL"] = rouge[name]
@@ -176,7 +162,16 @@ def _stage(steps: int, progress: bool, backend: str, **kw) -> dict:
     from mta_kernels.distill.train import train
 
     return train(
-        _config(
+        TrainConfig(
+            data=DOLLY,
+            eval_fraction=EVAL_FRACTION,
+            seed=SPLIT_SEED,
+            max_length=MAX_LENGTH,
+            batch_size=8,
+            eval_every=50,
+            save_every=1000,
+            log_every=1,
+            overwrite=True,
             steps=steps,
             lr=2e-3,
             warmup_steps=max(1, steps // 20),
@@ -219,7 +214,7 @@ def _print_table(rows: list[tuple[str, dict, float]], rouge: dict[str, float]) -
         )
 
 
-def _print_notes(out: str, heldout: str, png: str) -> None:
+def _print_notes(out: str, heldout: str, n_heldout: int, png: str) -> None:
     """How to read the table, where the files are, and the same commands for the user's own models."""
     print()
     print(
@@ -235,7 +230,7 @@ def _print_notes(out: str, heldout: str, png: str) -> None:
         "responses, x 100;"
     )
     print(
-        f"it compares across tokenizers. {len(load_examples(heldout))} examples and one seed: a few points "
+        f"it compares across tokenizers. {n_heldout} examples and one seed: a few points "
         "are noise (evaluate's default is 5 seeds)."
     )
     print("Answers and scores: <run>/eval/predictions.jsonl, scores.json.")
@@ -281,10 +276,11 @@ def check_demo_out(out: str) -> None:
         )
 
 
-def write_heldout(path: str) -> str:
-    """The held-out part of the bundled JSONL the demo's runs leave out (their split), as JSONL."""
-    train, held = split_examples(load_examples(DOLLY), None, 0.1, 0)
+def write_heldout(path: str) -> int:
+    """Write the held-out part of the bundled JSONL the demo's runs leave out (their split) as JSONL;
+    returns its number of examples."""
+    _, held = split_examples(load_examples(DOLLY), None, EVAL_FRACTION, SPLIT_SEED)
     with open(path, "w", encoding="utf-8") as f:
         for ex in held:
             f.write(json.dumps({"prompt": ex.prompt, "output": ex.output}) + "\n")
-    return path
+    return len(held)
