@@ -112,7 +112,9 @@ def kd_rows_sum(
     s = acc(s)
     t = acc(t.detach())
     tau = 1.0 if kind in ("skew", "srkl") else temperature
-    log_ps, log_pt, inf = masked_log_softmax(s / tau, t / tau)
+    if tau != 1.0:  # x / 1.0 is x: no [M, V] copies at the default temperature
+        s, t = s / tau, t / tau
+    log_ps, log_pt, inf = masked_log_softmax(s, t)
     if kind == "skew":
         terms = log_pt.exp() * (log_pt - _log_mix(log_pt, log_ps, skew_alpha))
     elif kind == "srkl":
@@ -157,7 +159,7 @@ def teacher_entropy_sum(teacher_logits: torch.Tensor, labels: torch.Tensor) -> t
 def teacher_entropy_rows_sum(t: torch.Tensor) -> torch.Tensor:
     """``Σ_rows H(softmax(t))`` of teacher logits ``[M, V]`` (``-inf`` entries add 0), float32."""
     log_pt = F.log_softmax(acc(t.detach()), dim=-1).masked_fill(torch.isinf(t), 0.0)
-    return -(log_pt.exp() * log_pt).masked_fill(torch.isinf(t), 0.0).sum()
+    return -(log_pt.exp() * log_pt).sum()  # exp(0) · 0 = 0 where log_pt was masked
 
 
 Term = TypeVar("Term", torch.Tensor, float)
