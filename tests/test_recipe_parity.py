@@ -64,7 +64,7 @@ class _Sums(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.tensor(1.0))
-        self.mta, self.kd, self.kd_vocab, self.kd_chunk = None, "forward", None, None
+        self.mta, self.kd_term, self.kd_chunk = None, None, None
         self.mta_seconds: list = []
         self.teacher_out = None
 

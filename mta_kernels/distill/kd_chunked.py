@@ -215,8 +215,9 @@ def chunked_forward(module: Any, out: Any, teacher_out: Any, labels: torch.Tenso
         _check_head("student", out.hidden_states[-1], student_head, out.logits)
         _check_head("teacher", teacher_out.hidden_states[-1], module.teacher_head, teacher_out.logits)
         module._kd_heads_checked = True
+    term = module.kd_term
     ce, n_tok, kd, ent = chunked_ce_kd_sum(
         out.hidden_states[-1], student_head, teacher_out.hidden_states[-1], module.teacher_head, labels,
-        module.kd, module.temperature, module.skew_alpha, module.kd_vocab, module.kd_chunk,
+        term.kind, term.temperature, term.skew_alpha, term.vocab, module.kd_chunk,
     )  # fmt: skip
     return {"ce_sum": ce, "n_tok": n_tok, "kd_sum": kd, "kd_entropy_sum": ent}

@@ -49,10 +49,8 @@ class Trainable(nn.Module):
         self.entropy_weight = entropy_weight
         self.student = student
         self.mta = mta
-        self.kd = kd
-        self.temperature = temperature
-        self.skew_alpha = skew_alpha
-        self.kd_vocab = kd_vocab
+        # The logit KD term (None: no KD, e.g. the tokenizers differ or --kd none).
+        self.kd_term = None if kd_vocab is None else KDTerm(kd, temperature, skew_alpha, kd_vocab)
         self.mta_seconds: list[Any] = []  # timers of the MTA forward (CUDA event pairs or floats)
         self.teacher_out: Any = None
         # --kd-chunk: rows per chunk of the chunked CE + KD (None: eager), and the teacher's LM head.
@@ -64,7 +62,7 @@ class Trainable(nn.Module):
         # arguments (moving them to the device) and would rebuild a ModelOutput from a dict's items.
         teacher_out, self.teacher_out = self.teacher_out, None
         need_hidden = self.mta is not None
-        chunked = self.kd_chunk is not None and teacher_out is not None and self.kd_vocab is not None
+        chunked = self.kd_chunk is not None and teacher_out is not None and self.kd_term is not None
         out = self.student(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -79,10 +77,9 @@ class Trainable(nn.Module):
             result.update(chunked_forward(self, out, teacher_out, batch["labels"]))
         else:
             result["ce_sum"], result["n_tok"] = O.ce_sum(out.logits, batch["labels"])
-        if teacher_out is not None and self.kd_vocab is not None and not chunked:
-            kd = KDTerm(self.kd, self.temperature, self.skew_alpha, self.kd_vocab)
+        if teacher_out is not None and self.kd_term is not None and not chunked:
             # the skew kind's teacher entropy is logged so that DistiLLM's value (KL + H(p_T)) can be read off
-            result["kd_sum"], result["kd_entropy_sum"] = kd(
+            result["kd_sum"], result["kd_entropy_sum"] = self.kd_term(
                 out.logits, teacher_out.logits, batch["labels"], True
             )
         if self.mta is not None:
@@ -176,7 +173,7 @@ class Stepper:
         self.env, self.module, self.ddp, self.teacher = env, module, ddp, teacher
         self.optimizer, self.scheduler = optimizer, scheduler
         self.objective, self.autocast, self.clip = objective, autocast, clip
-        self.has_kd = module.kd_vocab is not None
+        self.has_kd = module.kd_term is not None
         self.has_mta = module.mta is not None
 
     def _teacher_forward(self, mb: dict) -> Any:
@@ -285,7 +282,7 @@ class Stepper:
                 f"the loss became {rec['loss']} at step {step} (CE {rec['ce']}, KD {rec['kd']}, "
                 f"MTA {rec['mta']}): lower --lr or check the data; {faults.on_disk.describe()}"
             )
-        if module.kd == "skew" and self.has_kd:
+        if self.has_kd and module.kd_term.kind == "skew":
             # DistiLLM's skewed_forward_kl reports kd + this (the cross-entropy form, same gradient)
             rec["kd_teacher_entropy"] = kd_h_sum / n_tok
         return rec, reduced[4:]

@@ -116,8 +116,12 @@ class MTATrainer(Trainer):
             **kwargs,
         )
         self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        self.shared_tokenizer = shared
-        self.kd_vocab = len(data_collator.student_tokenizer) if self.shared_tokenizer else None
+        self.kd_vocab = len(data_collator.student_tokenizer) if shared else None
+        self.kd_term = (
+            None
+            if kd is None or self.kd_vocab is None
+            else KDTerm(kd, self.temperature, self.skew_alpha, self.kd_vocab)
+        )
 
     # ------------------------------------------------------------------------------------ columns
     def _set_signature_columns_if_needed(self) -> None:
@@ -179,7 +183,7 @@ class MTATrainer(Trainer):
         t_ids = inputs.get("teacher_input_ids", inputs["input_ids"])
         t_mask = inputs.get("teacher_attention_mask", inputs["attention_mask"])
         need_hidden = self.mta is not None
-        use_kd = self.kd is not None and self.kd_vocab is not None and self.lam > 0
+        use_kd = self.kd_term is not None and self.lam > 0
         teacher_out = None
         if need_hidden or use_kd:
             with torch.no_grad():
@@ -199,8 +203,7 @@ class MTATrainer(Trainer):
             ce_sum, n_local = O.ce_sum(out.logits, inputs["labels"])
             kd_sum = None
             if use_kd:
-                kd = KDTerm(self.kd, self.temperature, self.skew_alpha, self.kd_vocab)
-                kd_sum, _ = kd(out.logits, teacher_out.logits, inputs["labels"])
+                kd_sum, _ = self.kd_term(out.logits, teacher_out.logits, inputs["labels"])
             mta_out = None
             if self.mta is not None:
                 mta_out = getattr(student, C.MTA_ATTR)(
