@@ -410,7 +410,6 @@ class UnitCollator:
         batch["stats"] = self._stats(student, units)
         if self.granularities:
             batch["stats"]["units_failed"] = failed
-        if self.granularities:
             batch["units"] = units
         return batch
 

@@ -41,6 +41,7 @@ from mta_kernels.distill.checks import check_out_against_inputs, check_writable
 from mta_kernels.distill.collate import prompt_token_ids
 from mta_kernels.distill.config import DistillError
 from mta_kernels.distill.data import EvalRecord, load_eval_records
+from mta_kernels.distill.lora import base_model
 from mta_kernels.distill.rouge import REFERENCE_RULES, rouge_l
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)  # DistiLLM's scripts/*/eval/run_eval.sh
@@ -157,9 +158,7 @@ def _protocol_generation_config(model: nn.Module, tokenizer: Any, pad: int) -> I
     builds its own ``GenerationConfig`` the same way."""
     from transformers import GenerationConfig
 
-    target = model
-    while hasattr(target, "get_base_model"):  # a peft wrapper generates with the base model's config
-        target = target.get_base_model()
+    target = base_model(model)  # a peft wrapper generates with the base model's config
     saved = getattr(target, "generation_config", None)
     target.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad

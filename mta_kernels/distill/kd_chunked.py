@@ -27,6 +27,7 @@ from torch import nn
 
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.config import DistillError
+from mta_kernels.distill.lora import base_model
 
 # auto chunk: at most this many logits per [chunk, V] tensor (64 MiB in fp32; the loss holds ~8 such).
 AUTO_ELEMENTS = 2**24
@@ -45,7 +46,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
         if value not in (None, 1, 1.0):
             return f"{type(model).__name__} scales its logits ({attr}={value})"
     # A peft-wrapped student (--lora) hands its keyword arguments to the base model's forward.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return f"{type(base).__name__}.forward takes no logits_to_keep"
     return None

@@ -54,6 +54,11 @@ def is_lora(model: nn.Module) -> bool:
     return hasattr(model, "merge_and_unload") and hasattr(model, "peft_config")
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (``model`` itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def save_model(model: nn.Module, tokenizer: Any, directory: str) -> None:
     """``save_pretrained`` of the model (LoRA merged, on a copy: training goes on) and the tokenizer."""
     os.makedirs(directory, exist_ok=True)
