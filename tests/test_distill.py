@@ -277,7 +277,7 @@ def test_eval_gen_answers_this_ranks_share_and_sums_over_ranks(monkeypatch, tmp_
     assert seen == [1, 3]
     assert gen.best is None
     s.env = SimpleNamespace(rank=0, world=2, main=True, all_reduce=Rank1.all_reduce.__get__(Rank1()))
-    monkeypatch.setattr(T, "_replace_dir", lambda path, write: None)
+    monkeypatch.setattr(T, "replace_dir", lambda path, write: None)
     assert gen(2, contextlib.nullcontext)["eval_rougeL"] == pytest.approx((3 * 10.0 + 60.0) / 6)
 
 

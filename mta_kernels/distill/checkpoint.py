@@ -45,10 +45,7 @@ def atomic_write_bytes(
                 f.flush()
                 os.fsync(f.fileno())
         except RuntimeError as exc:  # torch.save reports a failed write of its file as "unexpected pos"
-            cause = os_error(exc)
-            if cause is None:
-                raise
-            raise cause from None
+            raise_os_error(exc)
         with faults.signals_blocked():
             os.replace(tmp, path)
             if on_replaced is not None:
@@ -73,6 +70,54 @@ def os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def raise_os_error(exc: BaseException) -> None:
+    """Raise the ``OSError`` behind ``exc`` (:func:`os_error`) in its place, or ``exc`` itself if none.
+    Call from an ``except`` block."""
+    cause = os_error(exc)
+    if cause is None:
+        raise exc
+    raise cause from None
+
+
+def replace_dir(path: str, write: Callable[[str], Any]) -> None:
+    """Write a directory next to ``path`` with ``write(tmp)``, then swap it in (a crash leaves one whole;
+    :func:`remove_stale_temporaries` finishes or undoes a swap a killed process left).
+
+    A failed write removes the half-written directory and raises the ``OSError`` behind it (a full
+    disk: safetensors reports it as its own error type).
+    """
+    tmp, old = path + ".tmp", path + ".old"
+    for d in (tmp, old):
+        shutil.rmtree(d, ignore_errors=True)
+    try:
+        write(tmp)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_os_error(exc)
+    with faults.signals_blocked():
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_earlier_run(out: str) -> list[str]:
+    """Remove an earlier run's checkpoint, ``model/`` and ``best/`` from its run folder, so that none is
+    taken for this run's (``best/`` of a run with --eval-gen would otherwise outlive a run without).
+    Returns a note naming what was removed (empty when nothing was)."""
+    removed = []
+    for name in (CHECKPOINT_NAME, *SWAPPED_DIRS):
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return [f"--overwrite: removed the earlier run's {', '.join(removed)} from {out!r}"] if removed else []
+
+
 def remove_stale_temporaries(out: str) -> None:
     """Remove what a killed process left in ``out``: temporaries of atomic writes, and the half-swapped
     ``model``/``best`` directories (a whole ``.tmp`` one whose swap did not finish is moved in)."""
@@ -89,7 +134,7 @@ def remove_stale_temporaries(out: str) -> None:
 
 
 SWAPPED_DIRS = ("model", "best")
-"""Run directories written next to their place and swapped in (``train._replace_dir``)."""
+"""Run directories written next to their place and swapped in (:func:`replace_dir`)."""
 
 
 def save_checkpoint(path: str, state: dict) -> None:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,13 +29,13 @@ from mta_kernels.distill import checks, faults, reporting
 from mta_kernels.distill import objective as O
 from mta_kernels.distill.checkpoint import (
     CHECKPOINT_NAME,
-    SWAPPED_DIRS,
     atomic_write_bytes,
     check_resume_compatible,
     load_checkpoint,
     make_state,
-    os_error,
+    remove_earlier_run,
     remove_stale_temporaries,
+    replace_dir,
     restore_state,
     save_checkpoint,
     write_failure,
@@ -240,7 +239,7 @@ def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int, state: dic
     """
     faults.on_disk.started(step if state is not None else None)
     if state is None and checks.is_run_dir(cfg.out):  # a fresh start (--overwrite) over an earlier run
-        s.notes.extend(_remove_earlier_run(cfg.out))
+        s.notes.extend(remove_earlier_run(cfg.out))
     checks.mark_out_dir(cfg.out)
     remove_stale_temporaries(cfg.out)
     metrics_path = os.path.join(cfg.out, METRICS_NAME)
@@ -263,22 +262,6 @@ def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int, state: dic
     for warning in s.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return count_records(metrics_path)
-
-
-def _remove_earlier_run(out: str) -> list[str]:
-    """Remove an earlier run's checkpoint, ``model/`` and ``best/`` from its run folder, so that none is
-    taken for this run's (``best/`` of a run with --eval-gen would otherwise outlive a run without)."""
-    removed = []
-    for name in (CHECKPOINT_NAME, *SWAPPED_DIRS):
-        path = os.path.join(out, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.remove(path)
-        else:
-            continue
-        removed.append(name)
-    return [f"--overwrite: removed the earlier run's {', '.join(removed)} from {out!r}"] if removed else []
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -515,7 +498,7 @@ def _finish(cfg: TrainConfig, s: Setup, step: int, last_eval: dict | None, metri
     summary["warnings"] = warnings
     faults.at("finish")  # test hook: a signal while the final model is written
     if cfg.save_model:
-        _replace_dir(os.path.join(cfg.out, "model"), lambda d: save_model(s.student, s.student_tokenizer, d))
+        replace_dir(os.path.join(cfg.out, "model"), lambda d: save_model(s.student, s.student_tokenizer, d))
     _write_json(os.path.join(cfg.out, "summary.json"), summary)
     if cfg.plot:
         from mta_kernels.distill.plot import plot_runs
@@ -594,7 +577,7 @@ class GenerationEval:
                     save_model(student, self.s.student_tokenizer, d)
                     _write_json(os.path.join(d, "best.json"), info)
 
-                _replace_dir(os.path.join(self.cfg.out, "best"), write)
+                replace_dir(os.path.join(self.cfg.out, "best"), write)
             result = {"eval_rougeL": value, "eval_rougeL_best": self.best}
         if env.world > 1:
             dist.barrier()
@@ -607,30 +590,6 @@ def best_rouge(metrics_path: str) -> float | None:
         return None
     values = [r["eval_rougeL"] for r in read_metrics(metrics_path) if r.get("eval_rougeL") is not None]
     return max(values) if values else None
-
-
-def _replace_dir(path: str, write: Any) -> None:
-    """Write a directory next to ``path`` with ``write(tmp)``, then swap it in (a crash leaves one whole).
-
-    A failed write removes the half-written directory and raises the ``OSError`` behind it (a full
-    disk: safetensors reports it as its own error type).
-    """
-    tmp, old = path + ".tmp", path + ".old"
-    for d in (tmp, old):
-        shutil.rmtree(d, ignore_errors=True)
-    try:
-        write(tmp)
-    except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        cause = os_error(exc)
-        if cause is None:
-            raise
-        raise cause from None
-    with faults.signals_blocked():
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _desc(cfg: TrainConfig, s: Setup) -> str:
