@@ -33,6 +33,7 @@ from mta_kernels.distill.config import (
     DistillError,
     TrainConfig,
     check_field,
+    flag,
     idle_options,
 )
 from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
@@ -445,9 +446,9 @@ def _config(
     the recipe or file does not reproduce (printed once the run starts, after every check passed)."""
     fields = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
+    explicit = _explicit_args(sys.argv[1:] if argv is None else argv)  # the flags given, not defaults
     if args.command == "distill" and (args.recipe or args.config):
         # Layers, later wins: recipe < config file < the flags given on the command line.
-        explicit = _explicit_args(sys.argv[1:] if argv is None else argv)
         layers, notes = [], []
         if args.recipe:
             recipe = load_recipe(args.recipe)
@@ -473,10 +474,9 @@ def _config(
         values["mode"] = "distill"
     cfg = TrainConfig(**values)
     cfg.validate()  # each value against its meaning first, then what the values mean together
-    explicit = _explicit_args(sys.argv[1:] if argv is None else argv)
     for key in sorted(idle_options(cfg) & set(explicit), key=list(DEPENDENT_OPTIONS).index):
-        flag, switch = "--" + key.replace("_", "-"), "--" + DEPENDENT_OPTIONS[key].replace("_", "-")
-        raise DistillError(f"{flag} has no effect without {switch}: add {switch}, or drop {flag}")
+        given, switch = flag(key), flag(DEPENDENT_OPTIONS[key])
+        raise DistillError(f"{given} has no effect without {switch}: add {switch}, or drop {given}")
     return cfg
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mta_kernels.distill import faults
-from mta_kernels.distill.config import DistillError, TrainConfig, flag
+from mta_kernels.distill.config import PATH_FIELDS, DistillError, TrainConfig, flag
 
 RUN_MARKER = ".mta-distill-run"
 """File that marks a directory as a run directory of this tool (written before anything else)."""
@@ -101,8 +101,7 @@ def check_out_dir(cfg: TrainConfig, extra_inputs: dict[str, str] | None = None) 
 
 
 # The TrainConfig fields that name something a run reads (files, model and tokenizer directories).
-INPUT_FIELDS = ("data", "eval_data", "student", "student_tokenizer", "teacher", "teacher_tokenizer",
-                "spacy_pipeline")  # fmt: skip
+INPUT_FIELDS = tuple(f for f in PATH_FIELDS if f != "out")
 
 
 FILE_OPTIONS = ("--data", "--eval-data", "--config", "--recipe")

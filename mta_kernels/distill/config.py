@@ -322,11 +322,10 @@ def check_field(name: str, value: Any, opt: str | None = None) -> None:
         raise DistillError(f"{opt} must be {wanted}, got {value!r} ({type(value).__name__})")
     if value is None:
         return
+    rule = FIELD_RULES.get(name)
     if isinstance(value, float) and not math.isfinite(value):
-        rule = FIELD_RULES.get(name)
         allowed = f" ({rule.describe()})" if rule else ""
         raise DistillError(f"{opt} must be a finite number{allowed}, got {value}")
-    rule = FIELD_RULES.get(name)
     if rule is not None and not rule.accepts(value):
         raise DistillError(f"{opt} must be {rule.describe()}, got {value!r}")
     if name in PATH_FIELDS:
