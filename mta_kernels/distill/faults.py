@@ -110,20 +110,28 @@ def _raise_stopped(signum: int, _frame: Any) -> None:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT raise :class:`Stopped` (the training loop's
-    :func:`catch_signals` turns the first one into a flag instead). No-op outside the main thread."""
+def _handlers(handler: Any) -> Iterator[None]:
+    """``handler`` for SIGTERM and SIGINT within the block, the previous ones restored after it. No-op
+    outside the main thread (where Python cannot install handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = {s: signal.getsignal(s) for s in _SIGNALS}
     for s in _SIGNALS:
-        signal.signal(s, _raise_stopped)
+        signal.signal(s, handler)
     try:
         yield
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        for s, previous in old.items():
+            signal.signal(s, previous)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise :class:`Stopped` (the training loop's
+    :func:`catch_signals` turns the first one into a flag instead). No-op outside the main thread."""
+    with _handlers(_raise_stopped):
+        yield
 
 
 @contextmanager
@@ -160,7 +168,7 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signame is not None:  # the second signal: stop now
-            raise Stopped(signal.Signals(signum).name)
+            _raise_stopped(signum, frame)
         self.signame = signal.Signals(signum).name
 
 
@@ -171,17 +179,8 @@ def catch_signals() -> Iterator[StopFlag]:
     Outside the main thread (where Python cannot install handlers) the flag never rises.
     """
     flag = StopFlag()
-    if threading.current_thread() is not threading.main_thread():
+    with _handlers(flag._handle):
         yield flag
-        return
-    old = {s: signal.getsignal(s) for s in _SIGNALS}
-    for s in old:
-        signal.signal(s, flag._handle)
-    try:
-        yield flag
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 def ignore_signals_in_worker(_worker_id: int) -> None:
