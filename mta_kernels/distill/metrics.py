@@ -21,8 +21,9 @@ def append_records(path: str, records: list[dict]) -> None:
             f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
-def trim_metrics(path: str, step: int, expected: int | None = None) -> tuple[list[str], list[str]]:
-    """On resume: keep the records of steps up to the checkpoint's ``step``; returns (notes, warnings).
+def trim_metrics(path: str, step: int, expected: int | None = None) -> tuple[list[str], list[str], int]:
+    """On resume: keep the records of steps up to the checkpoint's ``step``; returns (notes, warnings,
+    the number of records the file holds now).
 
     Records of later steps are dropped (the resumed run writes them again: a note says how many).
     A line that is not a whole JSON record (cut short by a kill or a full disk, or edited) is never
@@ -38,13 +39,13 @@ def trim_metrics(path: str, step: int, expected: int | None = None) -> tuple[lis
                 f"{path} is missing: the {expected} records of steps 1..{step} are lost (the curves and "
                 "the summary cover the resumed steps only)"
             )
-        return notes, warnings
+        return notes, warnings, 0
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.readlines()
     if step == 0:
         if lines:
             atomic_write_bytes(path, lambda f: None)
-        return notes, warnings
+        return notes, warnings, 0
     keep, later, torn = [], [], []
     for lineno, line in enumerate(lines, start=1):
         rec = _parse(line)
@@ -73,14 +74,17 @@ def trim_metrics(path: str, step: int, expected: int | None = None) -> tuple[lis
             f"{path} holds {len(keep)} of the {expected} records written up to step {step} (deleted or "
             "edited?): the curves and the summary miss the others"
         )
-    if len(keep) != len(lines):
+    if len(keep) != len(lines):  # blank lines go too: only whole records are kept
         atomic_write_bytes(path, lambda f: f.write("".join(keep).encode()))
-    return notes, warnings
+    return notes, warnings, len(keep)
 
 
-def count_records(path: str) -> int:
-    """Whole records in a metrics file (0 when there is none)."""
-    return len(read_metrics(path)) if os.path.exists(path) else 0
+def best_rouge(path: str) -> float | None:
+    """The best ``eval_rougeL`` of a metrics file (``None``: none yet)."""
+    if not os.path.exists(path):
+        return None
+    values = [r["eval_rougeL"] for r in read_metrics(path) if r.get("eval_rougeL") is not None]
+    return max(values) if values else None
 
 
 def _parse(line: str) -> dict | None:

@@ -48,7 +48,7 @@ from mta_kernels.distill.lora import save_model
 from mta_kernels.distill.metrics import (
     METRICS_NAME,
     append_records,
-    count_records,
+    best_rouge,
     read_metrics,
     summarise,
     trim_metrics,
@@ -243,7 +243,7 @@ def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int, state: dic
     checks.mark_out_dir(cfg.out)
     remove_stale_temporaries(cfg.out)
     metrics_path = os.path.join(cfg.out, METRICS_NAME)
-    notes, warnings = trim_metrics(
+    notes, warnings, records = trim_metrics(
         metrics_path, step, None if state is None else state.get("metrics_records")
     )
     s.notes.extend(notes)
@@ -261,7 +261,7 @@ def _write_run_start(cfg: TrainConfig, s: Setup, fp: dict, step: int, state: dic
         print(f"note: {note}")
     for warning in s.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    return count_records(metrics_path)
+    return records
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -582,14 +582,6 @@ class GenerationEval:
         if env.world > 1:
             dist.barrier()
         return result
-
-
-def best_rouge(metrics_path: str) -> float | None:
-    """The best ``eval_rougeL`` of a metrics file (``None``: none yet)."""
-    if not os.path.exists(metrics_path):
-        return None
-    values = [r["eval_rougeL"] for r in read_metrics(metrics_path) if r.get("eval_rougeL") is not None]
-    return max(values) if values else None
 
 
 def _desc(cfg: TrainConfig, s: Setup) -> str:
