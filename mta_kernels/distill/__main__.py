@@ -37,7 +37,13 @@ from mta_kernels.distill.config import (
     idle_options,
 )
 from mta_kernels.distill.faults import PREEMPTED_EXIT_CODE, Preempted
-from mta_kernels.distill.recipe import load_config_file, load_recipe, merge_layers, recipe_names
+from mta_kernels.distill.recipe import (
+    is_recipe_path,
+    load_config_file,
+    load_recipe,
+    merge_layers,
+    recipe_names,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -497,7 +503,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, str]:
     if getattr(args, "config", None):
         found["--config"] = args.config
     recipe = getattr(args, "recipe", None)
-    if recipe and (recipe.endswith(".json") or "/" in recipe):
+    if recipe and is_recipe_path(recipe):
         found["--recipe"] = recipe
     return found
 

@@ -156,6 +156,12 @@ class TrainConfig:
                 "there), not both"
             )
 
+    @property
+    def generation_prompt_length(self) -> int:
+        """Prompt tokens kept for sampling (--student-gen, --eval-gen): --max-prompt-length, else half
+        of --max-length."""
+        return self.max_prompt_length or self.max_length // 2
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

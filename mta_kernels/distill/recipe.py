@@ -39,9 +39,14 @@ def recipe_names() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in root.iterdir() if p.name.endswith(".json"))
 
 
+def is_recipe_path(name: str) -> bool:
+    """Whether ``--recipe`` names a file (a ``.json`` path) rather than a shipped recipe."""
+    return name.endswith(".json") or os.sep in name
+
+
 def load_recipe(name: str) -> dict:
     """A shipped recipe by name, or a recipe file by path; checked against :class:`TrainConfig`."""
-    if name.endswith(".json") or os.sep in name:
+    if is_recipe_path(name):
         path = name
         text = read_text(path, "recipe file", max_bytes=MAX_CONFIG_BYTES)
     else:

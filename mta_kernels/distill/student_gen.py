@@ -85,7 +85,7 @@ class OffPolicy:
         self.schedule = AdaptiveSchedule(cfg.init_threshold, cfg.loss_eps)
         self.buffer: deque[dict] = deque(maxlen=cfg.capacity)
         self.rng = random.Random(cfg.seed)
-        self.max_prompt = cfg.max_prompt_length or cfg.max_length // 2
+        self.max_prompt = cfg.generation_prompt_length
         self.max_new_tokens = cfg.max_length - self.max_prompt
         self.counts = dict.fromkeys(SOURCES, 0)
 

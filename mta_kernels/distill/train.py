@@ -541,7 +541,7 @@ class GenerationEval:
         ]
         self.protocol = Protocol(
             max_length=cfg.max_length,
-            max_prompt_length=cfg.max_prompt_length or cfg.max_length // 2,
+            max_prompt_length=cfg.generation_prompt_length,
             no_repeat_ngram_size=0,
         )
         self.cfg, self.s = cfg, s
