@@ -16,19 +16,18 @@ import codecs
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from mta_kernels.distill.__main__ import main
 from mta_kernels.distill.checkpoint import load_checkpoint
-from mta_kernels.distill.config import FIELD_RULES, DistillError, TrainConfig
+from mta_kernels.distill.config import FIELD_RULES, DistillError, TrainConfig, field_kinds
 from tests.test_distill import STUDENT, TEACHER, _distill_args, _metrics, _train_losses, make_assets
+from tests.test_faults import _cli, _snapshot
 
 pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -63,14 +62,6 @@ def assets(tmp_path_factory):
     return root
 
 
-def _snapshot(root) -> dict[str, bytes]:
-    return {
-        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-        for d, _, files in os.walk(root)
-        for f in files
-    }
-
-
 def _refused(capsys, argv: list[str], *needles: str) -> str:
     """``main(argv)`` exits 2 with one ``error:`` paragraph holding every needle; returns it joined."""
     capsys.readouterr()
@@ -82,19 +73,6 @@ def _refused(capsys, argv: list[str], *needles: str) -> str:
     for needle in needles:
         assert needle in text, (needle, text)
     return text
-
-
-def _cli(args: list[str], env_extra: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MTA_DISTILL_FAULT")}
-    env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "mta_kernels.distill", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 # ---------------------------------------------------------------------------------- 1. every option
@@ -227,7 +205,7 @@ def test_every_rule_names_its_range():
         if rule.choices or rule.low is None:
             continue
         below = rule.low if rule.low_open else rule.low - 1
-        below = int(below) if "int" in str(TrainConfig.__dataclass_fields__[name].type) else float(below)
+        below = int(below) if "int" in field_kinds(name) else float(below)
         if any(below == v for v, _ in rule.special):
             below -= 1
         with pytest.raises(DistillError, match=name.replace("_", "-")):
@@ -796,7 +774,7 @@ def _fault_args(assets, d32, out, *extra) -> list[str]:
 def test_a_signal_at_any_moment_says_what_is_on_disk(assets, d32, tmp_path, fault, code, on_disk):
     out = tmp_path / "run"
     every = "100" if "step" in fault else "2"
-    r = _cli(_fault_args(assets, d32, out, "--save-every", every), {"MTA_DISTILL_FAULT": fault})
+    r = _cli(_fault_args(assets, d32, out, "--save-every", every), {"MTA_DISTILL_FAULT": fault}, 180)
     assert r.returncode == code, r.stderr[-3000:]
     text = " ".join(r.stderr.split())
     message = text[text.index("stopped by ") :]
@@ -814,7 +792,7 @@ def test_a_signal_at_any_moment_says_what_is_on_disk(assets, d32, tmp_path, faul
 
 def test_a_signal_during_a_checkpoint_stops_on_that_checkpoint(assets, d32, tmp_path):
     out = tmp_path / "run"
-    r = _cli(_fault_args(assets, d32, out), {"MTA_DISTILL_FAULT": "sigterm@save:2"})
+    r = _cli(_fault_args(assets, d32, out), {"MTA_DISTILL_FAULT": "sigterm@save:2"}, 180)
     assert r.returncode == 75, r.stderr[-3000:]
     assert "pre-empted (SIGTERM): step 4 finished and checkpointed" in r.stderr
     assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 4

@@ -196,20 +196,24 @@ def test_resume_reproduces_uninterrupted_run(assets, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- DDP
-def test_torchrun_two_processes_match_one_with_double_batch(assets, tmp_path):
-    pytest.importorskip("spacy")
+def _launch(args: list[str], port: int | None = None) -> subprocess.CompletedProcess:
+    """``mta-distill ARGS`` in a subprocess: one process, or two under torchrun on ``port``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
+    launcher = [] if port is None else ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                        "--master_port", str(port)]  # fmt: skip
+    return subprocess.run([sys.executable, *launcher, "-m", "mta_kernels.distill", *args],
+                          env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+
+
+def test_torchrun_two_processes_match_one_with_double_batch(assets, tmp_path):
+    pytest.importorskip("spacy")
     common = ["--pairs", "1:1:word,2:2:phrase", "--steps", "4"]
     one = _distill_args(assets, tmp_path / "one", *common, student_tok="bpe", batch=8)
     two = _distill_args(assets, tmp_path / "two", *common, student_tok="bpe", batch=4)
-    run = lambda launcher, a: subprocess.run(  # noqa: E731
-        [sys.executable, *launcher, "-m", "mta_kernels.distill", *a],
-        env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    r1 = run([], one)
+    r1 = _launch(one)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"], two)
+    r2 = _launch(two, port=29517)
     assert r2.returncode == 0, r2.stderr[-3000:]
     m1 = [r for r in _metrics(tmp_path / "one") if r["kind"] == "train"]
     m2 = [r for r in _metrics(tmp_path / "two") if r["kind"] == "train"]
@@ -230,15 +234,11 @@ def test_torchrun_two_processes_match_one_with_double_batch(assets, tmp_path):
 def test_torchrun_eval_gen_shares_the_prompts(assets, tmp_path):
     """``--eval-gen`` under two processes: each rank answers its share of the held-out prompts (5: 3 and
     2) and the score is their mean over all of them; rank 0 keeps best/."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "two"
     args = _distill_args(assets, out, "--no-mta", "--eval-every", "2", "--eval-gen", "--eval-gen-limit", "5",
                          "--max-prompt-length", "64", student_tok="bpe", batch=4, steps=2)  # fmt: skip
     args[args.index("--eval-fraction") + 1] = "0.2"  # held-out examples to answer
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
-    run = subprocess.run([sys.executable, *launcher, "-m", "mta_kernels.distill", *args],
-                         env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    run = _launch(args, port=29519)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [r for r in _metrics(out) if r.get("eval_rougeL") is not None]
     assert len(rows) == 1 and 0.0 <= rows[0]["eval_rougeL"] <= 100.0

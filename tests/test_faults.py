@@ -62,7 +62,9 @@ def _model_dir(path, tokenizer_dir, n_positions: int = 128) -> str:
 
 
 def _cli(args: list[str], env_extra: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    """``python -m mta_kernels.distill ARGS`` in a subprocess, with no fault inherited (``env_extra`` may
+    set one)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MTA_DISTILL_FAULT")}
     env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run(
         [sys.executable, "-m", "mta_kernels.distill", *args],
